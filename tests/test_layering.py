@@ -1,0 +1,42 @@
+"""The layering rules of docs/architecture: enforced, not hoped for."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: The sans-IO protocol core: no I/O libraries, ever.
+CORE_MODULES = ["_frames.py", "_ids.py", "_errors.py"]
+CORE_PREFIXES = ("_proto_",)
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "transport").glob("*.py")), ids=lambda p: p.name)
+def test_transport_never_imports_actors(path: Path) -> None:
+    assert "actors" not in _imports(path)
+
+
+def _core_files() -> list[Path]:
+    files = [ROOT / "transport" / name for name in CORE_MODULES]
+    files += [p for p in (ROOT / "transport").glob("*.py") if p.name.startswith(CORE_PREFIXES)]
+    return sorted(files)
+
+
+@pytest.mark.parametrize("path", _core_files(), ids=lambda p: p.name)
+def test_protocol_core_is_sans_io(path: Path) -> None:
+    forbidden = {"trio", "zmq", "cbor2", "socket", "asyncio", "threading", "time", "random"}
+    assert not (_imports(path) & forbidden), f"{path.name} imports {_imports(path) & forbidden}"

@@ -1,0 +1,236 @@
+"""Every frame of the wire protocol, as frozen values.
+
+One module holds them all (h11's ``_events.py`` habit), so the wire
+vocabulary is in one obvious place. ``docs/protocol.md`` gives the CDDL;
+``_codec.py`` turns these into CBOR and back. The protocol core only ever
+sees these values, never bytes.
+
+Conventions that hold for every frame:
+
+* ``node`` and ``incarnation`` name the node that *sent this frame* and the
+  process start it comes from.
+* Answers to DATA (RECEIVED, ACK, ERR, RETRY_LATER) come from the receiving
+  node and also carry ``peer_incarnation``: the incarnation of the sender
+  whose DATA they answer, so a restarted sender never takes an answer meant
+  for its previous life. They carry ``credit`` too: the highest link sequence
+  number the sender may use for *new* DATA (resends are always allowed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any, TypeAlias
+
+from ._ids import Incarnation, LinkSeq, NodeId, StreamId, StreamSeq
+
+#: What a message can carry: bytes (numpy arrays travel as bytes) or plain
+#: CBOR data: None, bool, int, float, str, bytes, lists and str-keyed maps.
+Payload: TypeAlias = Any
+
+
+class FrameKind(IntEnum):
+    """The first element of every encoded frame."""
+
+    HELLO = 1
+    DATA = 2
+    RECEIVED = 3
+    ACK = 4
+    ERR = 5
+    RETRY_LATER = 6
+    REQ = 7
+    REQ_ANSWER = 8
+    BATCH = 9
+
+
+class ErrCode(IntEnum):
+    """ERR codes reserved by the protocol. Application codes are >= 100."""
+
+    #: The compute actor raised something other than ``Reject``.
+    COMPUTE_FAILED = 1
+    #: No compute actor on the receiving node takes this stream.
+    NO_HANDLER = 2
+    #: The DATA names an older incarnation of its sender than the live one.
+    STALE_SESSION = 3
+    #: The stream's gap policy is ``fail`` and an earlier message is missing.
+    GAP_FAILED = 4
+    #: The receiving node is shutting down and will not process the message.
+    SHUTTING_DOWN = 5
+
+
+#: The smallest code an application may use in ``Reject(code, ...)``.
+APP_ERR_MIN = 100
+
+
+class RetryReason(IntEnum):
+    """Why a RETRY_LATER was sent. It always means "not held: send again"."""
+
+    #: The DATA's link sequence number is beyond the credit granted.
+    WINDOW_FULL = 1
+    #: The stream's reorder buffer is full.
+    BUFFER_FULL = 2
+
+
+class MissingStatus(IntEnum):
+    """The sender's answer about one message a receiver asked for."""
+
+    #: Sent again now, in answer to this request.
+    RESENT = 1
+    #: Still in flight and waiting for its retry timer.
+    IN_FLIGHT = 2
+    #: Its deadline passed: it will never be sent again.
+    GIVEN_UP = 3
+    #: No message with this stream sequence number was ever sent.
+    NEVER_SENT = 4
+    #: The sender already holds a final answer for it.
+    ANSWERED = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """Session announcement and heartbeat, in both directions.
+
+    A HELLO with ``reply=False`` asks for a HELLO with ``reply=True`` and the
+    same ``nonce`` back; the round trip measures latency and proves liveness.
+    """
+
+    node: NodeId
+    incarnation: Incarnation
+    nonce: int
+    reply: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Data:
+    """One application message on a link.
+
+    Attributes:
+        seq: link sequence number, from 1, in send order.
+        stream: the ordered stream it belongs to.
+        stream_seq: its place in that stream, from 1.
+        stream_floor: the lowest stream sequence number of this stream that
+            the sender still waits on; everything below has a final outcome
+            at the sender (answered or given up).
+        frame_no: the application's own frame number, delivered with it.
+        payload: the message body.
+        watermark: every link sequence number below it has a final outcome
+            at the sender; the receiver may forget those answers.
+    """
+
+    node: NodeId
+    incarnation: Incarnation
+    seq: LinkSeq
+    stream: StreamId
+    stream_seq: StreamSeq
+    stream_floor: StreamSeq
+    frame_no: int | None
+    payload: Payload
+    watermark: LinkSeq
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """The receiver holds the DATA; its final answer follows later."""
+
+    node: NodeId
+    incarnation: Incarnation
+    peer_incarnation: Incarnation
+    seq: LinkSeq
+    credit: LinkSeq
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """Final answer: handed to the compute layer and processed without error."""
+
+    node: NodeId
+    incarnation: Incarnation
+    peer_incarnation: Incarnation
+    seq: LinkSeq
+    credit: LinkSeq
+    result: Payload = None
+
+
+@dataclass(frozen=True, slots=True)
+class Err:
+    """Final answer: received, but it could not be processed."""
+
+    node: NodeId
+    incarnation: Incarnation
+    peer_incarnation: Incarnation
+    seq: LinkSeq
+    credit: LinkSeq
+    code: int
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class RetryLater:
+    """Not held (window or buffer full): back off and send it again."""
+
+    node: NodeId
+    incarnation: Incarnation
+    peer_incarnation: Incarnation
+    seq: LinkSeq
+    credit: LinkSeq
+    reason: RetryReason
+
+
+@dataclass(frozen=True, slots=True)
+class Req:
+    """A question to the sender of a link.
+
+    With ``missing`` empty it is a status query ("why haven't I heard from
+    you?"); otherwise it names the stream sequence numbers of ``stream`` that
+    the asker is waiting for.
+    """
+
+    node: NodeId
+    incarnation: Incarnation
+    query_id: int
+    stream: StreamId | None
+    missing: tuple[StreamSeq, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class MissingItem:
+    """What became of one message a REQ asked for."""
+
+    stream_seq: StreamSeq
+    status: MissingStatus
+
+
+@dataclass(frozen=True, slots=True)
+class StreamStatus:
+    """The sender's view of one of its streams on a link."""
+
+    stream: StreamId
+    last_sent: StreamSeq
+    in_flight: int
+    given_up: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReqAnswer:
+    """The answer to a :class:`Req`, matched by ``query_id``."""
+
+    node: NodeId
+    incarnation: Incarnation
+    query_id: int
+    stream: StreamId | None
+    missing: tuple[MissingItem, ...]
+    streams: tuple[StreamStatus, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Several frames in one ZeroMQ message. Batches do not nest."""
+
+    frames: tuple[Frame, ...]
+
+
+#: Anything that can stand alone in a ZeroMQ message.
+Frame: TypeAlias = Hello | Data | Received | Ack | Err | RetryLater | Req | ReqAnswer | Batch
+
+#: The answers a receiver gives to DATA.
+Answer: TypeAlias = Received | Ack | Err | RetryLater
