@@ -56,6 +56,9 @@ class ErrCode(IntEnum):
     GAP_FAILED = 4
     #: The receiving node is shutting down and will not process the message.
     SHUTTING_DOWN = 5
+    #: The stream's gap policy is ``skip`` and this message arrived after the
+    #: receiver had already skipped past it: it was not processed.
+    SKIPPED = 6
 
 
 #: The smallest code an application may use in ``Reject(code, ...)``.
