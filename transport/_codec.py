@@ -1,0 +1,989 @@
+"""CBOR (RFC 8949) encoding of frames, with strict validation on decode.
+
+Wire format
+===========
+
+One frame, or one batch of frames, travels as one ZeroMQ multipart message::
+
+    part 0        the header: one CBOR data item (a frame or a batch)
+    part 1..n     out-of-band buffers, referenced from the header
+
+A frame is a CBOR array whose first element is its :class:`FrameKind` and
+whose other elements are the dataclass fields, in declaration order. Arrays,
+not maps: no key strings on the wire, and a fixed shape to check. In CDDL::
+
+    frame       = hello / data / received / ack / err / retry-later / req / req-answer
+    message     = frame / batch
+    batch       = [9, [1*4096 frame]]          ; never nests, never empty
+    hello       = [1, node, incarnation, nonce: u63, reply: bool]
+    data        = [2, node, incarnation, seq: u63, stream, stream_seq: u63,
+                   stream_floor: u63, frame_no: u63 / null, payload, watermark: u63]
+    received    = [3, node, incarnation, peer_incarnation: u63, seq: u63, credit: u63]
+    ack         = [4, node, incarnation, peer_incarnation: u63, seq: u63, credit: u63,
+                   result: payload]
+    err         = [5, node, incarnation, peer_incarnation: u63, seq: u63, credit: u63,
+                   code: 1..5 / 100..u63max, detail: tstr]
+    retry-later = [6, node, incarnation, peer_incarnation: u63, seq: u63, credit: u63,
+                   reason: 1..2]
+    req         = [7, node, incarnation, query_id: u63, stream / null, missing: [* u63]]
+    req-answer  = [8, node, incarnation, query_id: u63, stream / null,
+                   missing: [* [stream_seq: u63, status: 1..5]],
+                   streams: [* [stream, last_sent: u63, in_flight: u63, given_up: u63]]]
+    node        = tstr .size (1..256)          ; UTF-8 bytes, Limits.max_id_bytes
+    stream      = tstr .size (1..256)
+    incarnation = u63
+    u63         = 0..9223372036854775807       ; fits a signed 64-bit integer
+    payload     = null / bool / int / float / tstr / bstr / [* payload]
+                  / {* tstr => payload} / oob
+    oob         = #6.52753(uint)               ; index of a ZeroMQ part, from 1
+
+Enums travel as their integer values; a REQ or REQ_ANSWER whose ``missing``
+list is not empty must name its ``stream``.
+
+Payloads
+--------
+
+A payload is plain data (``int`` from -2**64 to 2**64-1, ``float`` including
+NaN and infinities, ``str``, ``bytes``, lists and maps with ``str`` keys,
+nested at most ``Limits.max_depth`` containers deep) or binary data. Binary
+data of at least ``oob_threshold`` bytes (4 KiB by default) and any object
+with the buffer protocol (``bytearray``, ``memoryview``, numpy arrays) of
+that size never enters the CBOR stream: it becomes an extra ZeroMQ part and
+the header holds ``#6.52753(i)``, the index of that part. The k-th reference
+met in a depth-first, left-to-right walk of the header must name part k, and
+every extra part must be referenced: one layout per message, nothing
+dangling. Smaller buffers are inlined as byte strings. Either way they come
+back as ``bytes`` (or as the ``memoryview`` part the caller handed to
+:func:`decode`): a numpy array arrives as its bytes in C order, and its
+dtype and shape are the application's business. Tuples travel as arrays and
+come back as lists; ``int``/``float``/``str`` subclasses (``IntEnum``,
+``numpy.float64``) travel as the plain type. Zero-dimensional buffers (numpy
+scalars) are refused: they would arrive as raw bytes, which is never what
+was meant.
+
+Strictness
+----------
+
+The decoder accepts exactly what this docstring describes and raises
+:class:`RemoteProtocolError` for everything else, before any frame object is
+built. ``reason`` is one of:
+
+``too-large``     message, header, part count, batch, list, id or detail
+                  over its limit (checked before the CBOR is parsed when the
+                  size alone tells);
+``truncated``     the CBOR item ends early, or there is no header part;
+``too-deep``      nesting over ``Limits.max_depth``;
+``malformed``     not well-formed CBOR, indefinite lengths, duplicate map
+                  keys, invalid UTF-8, bytes after the item;
+``bad-tag``       any CBOR tag other than ours: no tag ever builds an object
+                  (datetime, bignum, decimal, set, shared references, ...);
+``bad-part``      an out-of-band reference out of range or out of order, or
+                  an extra part that no reference names;
+``unknown-kind``  the first element is not a known :class:`FrameKind`;
+``nested-batch``  a batch inside a batch;
+``bad-field``     wrong field count, wrong type (``bool`` is never an
+                  ``int``), value out of range, undefined or simple values,
+                  non-``str`` map keys.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from operator import attrgetter
+from typing import Any, Final, NoReturn
+
+import cbor2
+
+from ._errors import LocalProtocolError, RemoteProtocolError
+from ._frames import (
+    APP_ERR_MIN,
+    Ack,
+    Batch,
+    Data,
+    Err,
+    ErrCode,
+    Frame,
+    FrameKind,
+    Hello,
+    MissingItem,
+    MissingStatus,
+    Received,
+    Req,
+    ReqAnswer,
+    RetryLater,
+    RetryReason,
+    StreamStatus,
+)
+
+__all__ = ["OOB_THRESHOLD", "OUT_OF_BAND_TAG", "Limits", "decode", "encode"]
+
+#: Our private CBOR tag: its content is the index of a ZeroMQ part. It lies in
+#: IANA's first-come-first-served range; only this protocol ever reads it.
+OUT_OF_BAND_TAG: Final = 52753
+
+#: Binary payloads of at least this many bytes travel as their own ZeroMQ part.
+#: Below it, one copy into the header costs less than another part's framing.
+OOB_THRESHOLD: Final = 4096
+
+_U63: Final = 2**63 - 1
+_CBOR_INT_MIN: Final = -(2**64)
+_CBOR_INT_MAX: Final = 2**64 - 1
+_MIB: Final = 1024 * 1024
+
+#: Beyond this the payload walk and cbor2 would recurse deeper than is sane.
+_DEPTH_CEILING: Final = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What the decoder accepts, and what the encoder refuses to produce.
+
+    Both ends should use the same values: the encoder raises
+    :class:`LocalProtocolError` for anything the peer's decoder would reject.
+
+    Attributes:
+        max_message_bytes: total size of all parts of one message
+            (default 64 MiB).
+        max_header_bytes: size of the CBOR part (default 16 MiB). It is
+            decoded into Python objects, which can take several times its
+            size in memory; large binary data goes out of band and does not
+            count here.
+        max_parts: ZeroMQ parts in one message, header included (default
+            4097: a full batch with one out-of-band buffer per frame).
+        max_batch: frames in one batch (default 4096).
+        max_items: entries of the lists inside REQ and REQ_ANSWER (default
+            4096).
+        max_depth: containers nested in one payload (default 32); a scalar
+            payload has depth 0, ``[1]`` has depth 1. At most 256.
+        max_id_bytes: UTF-8 size of node and stream ids (default 256).
+        max_detail_bytes: UTF-8 size of an ERR's detail text (default 4096).
+
+    Raises:
+        ValueError: a limit is not a positive ``int``, ``max_depth`` is over
+            256, or ``max_header_bytes`` is over ``max_message_bytes``.
+    """
+
+    max_message_bytes: int = 64 * _MIB
+    max_header_bytes: int = 16 * _MIB
+    max_parts: int = 4097
+    max_batch: int = 4096
+    max_items: int = 4096
+    max_depth: int = 32
+    max_id_bytes: int = 256
+    max_detail_bytes: int = 4096
+
+    def __post_init__(self) -> None:
+        for name in self.__slots__:
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise ValueError(f"Limits.{name} must be a positive int, got {value!r}")
+        if self.max_depth > _DEPTH_CEILING:
+            raise ValueError(f"Limits.max_depth must be at most {_DEPTH_CEILING}")
+        if self.max_header_bytes > self.max_message_bytes:
+            raise ValueError("Limits.max_header_bytes must not exceed max_message_bytes")
+
+
+_DEFAULT_LIMITS: Final = Limits()
+
+
+# --------------------------------------------------------------------------
+# Shared checks. They report the problem; each side raises its own error
+# class (remote on decode, local on encode). Ints are always tested with
+# ``type(v) is int``: ``True`` is an int to ``isinstance``.
+
+
+def _utf8_size_over(s: str, limit: int) -> bool:
+    # A code point takes 1 to 4 UTF-8 bytes: only encode when length is unclear.
+    n = len(s)
+    if n > limit:
+        return True
+    if 4 * n <= limit:
+        return False
+    return len(s.encode("utf-8", "surrogatepass")) > limit
+
+
+def _id_problem(v: object, limit: int) -> str | None:
+    if type(v) is not str:
+        return f"must be a str, got {type(v).__name__}"
+    if not v:
+        return "must not be empty"
+    if _utf8_size_over(v, limit):
+        return f"is over {limit} UTF-8 bytes"
+    return None
+
+
+_ERR_CODES: Final[dict[int, ErrCode]] = {c.value: c for c in ErrCode}
+_RETRY_REASONS: Final[dict[int, RetryReason]] = {r.value: r for r in RetryReason}
+_MISSING_STATUSES: Final[dict[int, MissingStatus]] = {s.value: s for s in MissingStatus}
+
+
+# --------------------------------------------------------------------------
+# Decoding
+
+
+class _BadTag(Exception):
+    """Raised inside cbor2 by a tag decoder; cbor2 chains it as the cause."""
+
+
+class _PartRef:
+    """What our out-of-band tag decodes to, until the walk swaps in the part."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+
+def _decode_oob_tag(value: object, immutable: bool) -> _PartRef:
+    if type(value) is not int:
+        raise _BadTag(f"out-of-band tag must hold an int, got {type(value).__name__}")
+    return _PartRef(value)
+
+
+def _reject_tag(value: object, immutable: bool) -> NoReturn:
+    raise _BadTag("CBOR tags other than the out-of-band tag are not accepted")
+
+
+class _TagDecoders(dict[int, Callable[[object, bool], object]]):
+    """cbor2 looks every tag up here first; unknown ones hit ``__missing__``.
+
+    Answering every lookup keeps cbor2's built-in decoders (datetime, bignum,
+    set, regex, shared references that build cycles, string references...)
+    from ever running: the tagged content is decoded as plain data and then
+    refused, so no tag constructs an object.
+    """
+
+    def __missing__(self, tag: int) -> Callable[[object, bool], object]:
+        return _reject_tag
+
+
+_TAG_DECODERS: Final = _TagDecoders({OUT_OF_BAND_TAG: _decode_oob_tag})
+
+#: Decoded CBOR values that are payload leaves. ``undefined``, simple values
+#: and everything else cbor2 can return are not in it.
+_LEAF_TYPES: Final = frozenset({type(None), bool, int, float, str, bytes})
+
+#: Header nesting around a payload: batch, frame list, frame, plus one for
+#: the out-of-band tag, which cbor2 counts as a level.
+_HEADER_DEPTH: Final = 4
+
+
+def _remote(message: str, reason: str) -> RemoteProtocolError:
+    return RemoteProtocolError(message, reason=reason)
+
+
+class _Decoding:
+    """Per-message state: the parts and the next out-of-band index expected."""
+
+    __slots__ = ("id_quick", "limits", "next_part", "parts")
+
+    def __init__(self, parts: Sequence[bytes | memoryview], limits: Limits) -> None:
+        self.parts = parts
+        self.limits = limits
+        self.next_part = 1
+        # Ids up to this many characters fit max_id_bytes whatever they hold.
+        self.id_quick = limits.max_id_bytes // 4
+
+    def part(self, ref: _PartRef) -> bytes | memoryview:
+        if ref.index != self.next_part or ref.index >= len(self.parts):
+            raise _remote(
+                f"out-of-band reference to part {ref.index}, expected part {self.next_part}"
+                f" of {len(self.parts) - 1}",
+                "bad-part",
+            )
+        self.next_part += 1
+        return self.parts[ref.index]
+
+    def payload(self, value: Any, depth: int) -> Any:
+        """Check a decoded payload, swapping parts in for references."""
+        t = type(value)
+        if t in _LEAF_TYPES:
+            return value
+        if t is _PartRef:
+            return self.part(value)
+        if depth >= self.limits.max_depth:
+            raise _remote(f"payload nested over {self.limits.max_depth} deep", "too-deep")
+        if t is list:
+            for i, item in enumerate(value):
+                if type(item) not in _LEAF_TYPES:
+                    value[i] = self.payload(item, depth + 1)
+            return value
+        if t is dict:
+            for key, item in value.items():
+                if type(key) is not str:
+                    raise _remote(f"map key must be a str, got {type(key).__name__}", "bad-field")
+                if type(item) not in _LEAF_TYPES:
+                    # Replacing the value of an existing key is safe mid-iteration.
+                    value[key] = self.payload(item, depth + 1)
+            return value
+        raise _remote(f"payload holds an unsupported CBOR value ({t.__name__})", "bad-field")
+
+
+_Decoder = Callable[[Any, _Decoding], Any]
+
+
+def _bad_field(problem: str) -> RemoteProtocolError:
+    return _remote(problem, "bad-field")
+
+
+def _d_u63(v: Any, st: _Decoding) -> int:
+    if type(v) is int and 0 <= v <= _U63:
+        return v
+    raise _bad_field(f"must be an int in 0..2**63-1, got {type(v).__name__}")
+
+
+def _d_opt_u63(v: Any, st: _Decoding) -> int | None:
+    return None if v is None else _d_u63(v, st)
+
+
+def _d_bool(v: Any, st: _Decoding) -> bool:
+    if type(v) is bool:
+        return v
+    raise _bad_field(f"must be a bool, got {type(v).__name__}")
+
+
+def _d_id(v: Any, st: _Decoding) -> str:
+    problem = _id_problem(v, st.limits.max_id_bytes)
+    if problem is None:
+        return v  # type: ignore[no-any-return]
+    raise _remote(problem, "too-large" if type(v) is str and v else "bad-field")
+
+
+def _d_opt_id(v: Any, st: _Decoding) -> str | None:
+    return None if v is None else _d_id(v, st)
+
+
+def _d_payload(v: Any, st: _Decoding) -> Any:
+    return st.payload(v, 0)
+
+
+def _d_detail(v: Any, st: _Decoding) -> str:
+    if type(v) is not str:
+        raise _bad_field(f"must be a str, got {type(v).__name__}")
+    if _utf8_size_over(v, st.limits.max_detail_bytes):
+        raise _remote(f"is over {st.limits.max_detail_bytes} UTF-8 bytes", "too-large")
+    return v
+
+
+def _d_err_code(v: Any, st: _Decoding) -> int:
+    if type(v) is int:
+        code = _ERR_CODES.get(v)
+        if code is not None:
+            return code
+        if APP_ERR_MIN <= v <= _U63:
+            return v
+    raise _bad_field(f"must be an ErrCode or an int in {APP_ERR_MIN}..2**63-1")
+
+
+def _d_enum(table: dict[int, Any]) -> _Decoder:
+    def check(v: Any, st: _Decoding) -> Any:
+        if type(v) is int:
+            member = table.get(v)
+            if member is not None:
+                return member
+        raise _bad_field(f"must be one of {sorted(table)}")
+
+    return check
+
+
+def _d_list(v: Any, st: _Decoding) -> list[Any]:
+    if type(v) is not list:
+        raise _bad_field(f"must be an array, got {type(v).__name__}")
+    if len(v) > st.limits.max_items:
+        raise _remote(f"has {len(v)} entries, over {st.limits.max_items}", "too-large")
+    return v
+
+
+def _d_seqs(v: Any, st: _Decoding) -> tuple[int, ...]:
+    return tuple([_d_u63(x, st) for x in _d_list(v, st)])
+
+
+_d_missing_status: Final = _d_enum(_MISSING_STATUSES)
+
+
+def _d_missing_items(v: Any, st: _Decoding) -> tuple[MissingItem, ...]:
+    items = []
+    for x in _d_list(v, st):
+        if type(x) is not list or len(x) != 2:
+            raise _bad_field("entries must be [stream_seq, status]")
+        items.append(MissingItem(_d_u63(x[0], st), _d_missing_status(x[1], st)))  # type: ignore[arg-type]
+    return tuple(items)
+
+
+def _d_stream_statuses(v: Any, st: _Decoding) -> tuple[StreamStatus, ...]:
+    items = []
+    for x in _d_list(v, st):
+        if type(x) is not list or len(x) != 4:
+            raise _bad_field("entries must be [stream, last_sent, in_flight, given_up]")
+        items.append(
+            StreamStatus(
+                _d_id(x[0], st),  # type: ignore[arg-type]
+                _d_u63(x[1], st),  # type: ignore[arg-type]
+                _d_u63(x[2], st),
+                _d_u63(x[3], st),
+            )
+        )
+    return tuple(items)
+
+
+# --------------------------------------------------------------------------
+# Encoding
+
+
+#: Payload leaves the encoder passes on unchanged without a closer look.
+_ENC_PLAIN: Final = frozenset({type(None), bool, float, str})
+
+
+class _Encoding:
+    """Per-message state: the out-of-band parts collected so far."""
+
+    __slots__ = ("id_quick", "limits", "oob", "oob_bytes", "threshold")
+
+    def __init__(self, limits: Limits, threshold: int) -> None:
+        self.limits = limits
+        self.id_quick = limits.max_id_bytes // 4
+        self.threshold = threshold
+        self.oob: list[bytes | memoryview] = []
+        self.oob_bytes = 0
+
+    def out_of_band(self, buf: bytes | memoryview, nbytes: int) -> cbor2.CBORTag:
+        self.oob.append(buf)
+        self.oob_bytes += nbytes
+        return cbor2.CBORTag(OUT_OF_BAND_TAG, len(self.oob))
+
+    def payload(self, value: Any, depth: int) -> Any:
+        """Check a payload; return it with large buffers swapped for tags."""
+        t = type(value)
+        if t is bytes:
+            n = len(value)
+            return self.out_of_band(value, n) if n >= self.threshold else value
+        if t is int:
+            if _CBOR_INT_MIN <= value <= _CBOR_INT_MAX:
+                return value
+            raise LocalProtocolError(
+                "payload ints must lie in -2**64..2**64-1 (CBOR's integer range)"
+            )
+        if t is str or t is float or t is bool or value is None:
+            return value
+        if t is list or t is tuple or t is dict:
+            if depth >= self.limits.max_depth:
+                raise LocalProtocolError(
+                    f"payload nested over Limits.max_depth={self.limits.max_depth} deep"
+                    " (or it contains itself)"
+                )
+            if t is dict:
+                return self._dict(value, depth + 1)
+            return self._sequence(value, depth + 1)
+        return self._other(value)
+
+    def _sequence(self, value: list[Any] | tuple[Any, ...], depth: int) -> Any:
+        out: list[Any] | None = None
+        for i, item in enumerate(value):
+            # Inline test for the common leaves: a method call per number adds up.
+            new = item if type(item) in _ENC_PLAIN else self.payload(item, depth)
+            if out is None and new is not item:
+                # Copy only when something changed: most payloads pass as is.
+                out = list(value[:i])
+            if out is not None:
+                out.append(new)
+        return value if out is None else out
+
+    def _dict(self, value: dict[Any, Any], depth: int) -> Any:
+        out: dict[str, Any] | None = None
+        for i, (key, item) in enumerate(value.items()):
+            new_key = key
+            if type(key) is not str:
+                if not isinstance(key, str):
+                    raise LocalProtocolError(
+                        f"payload map keys must be str, got {type(key).__name__}"
+                    )
+                new_key = str(key)
+            new = item if type(item) in _ENC_PLAIN else self.payload(item, depth)
+            if out is None and (new is not item or new_key is not key):
+                out = dict(list(value.items())[:i])
+            if out is not None:
+                out[new_key] = new
+        return value if out is None else out
+
+    def _other(self, value: Any) -> Any:
+        # Subclasses of the plain types (IntEnum, numpy.float64) travel as them.
+        if isinstance(value, bool):
+            return bool(value)
+        if isinstance(value, int):
+            return self.payload(int(value), 0)
+        if isinstance(value, float):
+            return float(value)
+        if isinstance(value, str):
+            return str(value)
+        try:
+            view = memoryview(value)
+        except TypeError:
+            raise LocalProtocolError(
+                f"payloads hold None, bool, int, float, str, bytes, lists, str-keyed dicts"
+                f" and buffers; got {type(value).__name__}"
+            ) from None
+        if view.ndim == 0:
+            raise LocalProtocolError(
+                f"zero-dimensional buffer ({type(value).__name__}) would travel as raw"
+                " bytes: convert it with .item() or wrap it in an array"
+            )
+        # pyzmq needs one contiguous buffer: a strided view is the one case copied.
+        view = view.cast("B") if view.c_contiguous else memoryview(view.tobytes())
+        n = view.nbytes
+        if n >= self.threshold:
+            return self.out_of_band(view, n)
+        return view.tobytes()
+
+
+_Encoder = Callable[[Any, _Encoding], Any]
+
+
+def _e_u63(v: Any, st: _Encoding) -> int:
+    if type(v) is int and 0 <= v <= _U63:
+        return v
+    raise LocalProtocolError(f"must be an int in 0..2**63-1, got {v!r}")
+
+
+def _e_opt_u63(v: Any, st: _Encoding) -> int | None:
+    return None if v is None else _e_u63(v, st)
+
+
+def _e_bool(v: Any, st: _Encoding) -> bool:
+    if type(v) is bool:
+        return v
+    raise LocalProtocolError(f"must be a bool, got {type(v).__name__}")
+
+
+def _e_id(v: Any, st: _Encoding) -> str:
+    problem = _id_problem(v, st.limits.max_id_bytes)
+    if problem is None:
+        return v  # type: ignore[no-any-return]
+    raise LocalProtocolError(f"{problem} (see Limits.max_id_bytes)")
+
+
+def _e_opt_id(v: Any, st: _Encoding) -> str | None:
+    return None if v is None else _e_id(v, st)
+
+
+def _e_payload(v: Any, st: _Encoding) -> Any:
+    return st.payload(v, 0)
+
+
+def _e_detail(v: Any, st: _Encoding) -> str:
+    if type(v) is not str:
+        raise LocalProtocolError(f"must be a str, got {type(v).__name__}")
+    if _utf8_size_over(v, st.limits.max_detail_bytes):
+        raise LocalProtocolError(f"is over Limits.max_detail_bytes={st.limits.max_detail_bytes}")
+    return v
+
+
+def _e_err_code(v: Any, st: _Encoding) -> int:
+    if type(v) is ErrCode or (type(v) is int and (v in _ERR_CODES or APP_ERR_MIN <= v <= _U63)):
+        return int(v)
+    raise LocalProtocolError(f"must be an ErrCode or an int in {APP_ERR_MIN}..2**63-1, got {v!r}")
+
+
+def _e_enum(table: dict[int, Any]) -> _Encoder:
+    enum_type = type(next(iter(table.values())))
+
+    def check(v: Any, st: _Encoding) -> int:
+        if type(v) is enum_type or (type(v) is int and v in table):
+            return int(v)
+        raise LocalProtocolError(f"must be one of {sorted(table)}, got {v!r}")
+
+    return check
+
+
+def _e_list(v: Any, st: _Encoding) -> Sequence[Any]:
+    if type(v) is not tuple:
+        raise LocalProtocolError(f"must be a tuple, got {type(v).__name__}")
+    if len(v) > st.limits.max_items:
+        raise LocalProtocolError(f"has {len(v)} entries, over Limits.max_items")
+    return v
+
+
+def _e_seqs(v: Any, st: _Encoding) -> list[int]:
+    return [_e_u63(x, st) for x in _e_list(v, st)]
+
+
+_e_missing_status: Final = _e_enum(_MISSING_STATUSES)
+
+
+def _e_missing_items(v: Any, st: _Encoding) -> list[list[int]]:
+    out = []
+    for x in _e_list(v, st):
+        if type(x) is not MissingItem:
+            raise LocalProtocolError(f"entries must be MissingItem, got {type(x).__name__}")
+        out.append([_e_u63(x.stream_seq, st), _e_missing_status(x.status, st)])
+    return out
+
+
+def _e_stream_statuses(v: Any, st: _Encoding) -> list[list[Any]]:
+    out = []
+    for x in _e_list(v, st):
+        if type(x) is not StreamStatus:
+            raise LocalProtocolError(f"entries must be StreamStatus, got {type(x).__name__}")
+        out.append(
+            [
+                _e_id(x.stream, st),
+                _e_u63(x.last_sent, st),
+                _e_u63(x.in_flight, st),
+                _e_u63(x.given_up, st),
+            ]
+        )
+    return out
+
+
+# --------------------------------------------------------------------------
+# The schema: one table drives both directions, in dataclass field order.
+# u63 and id fields, most of every frame, are checked inline by position;
+# the others go through their converter pair.
+
+_U63_FIELD: Final = "u63"
+_ID_FIELD: Final = "id"
+
+_FieldSpec = tuple[str, "str | tuple[_Decoder, _Encoder]"]
+
+
+@dataclass(frozen=True, slots=True)
+class _Schema:
+    kind: FrameKind
+    cls: type[Any]
+    #: Field names by wire position (position 0 is the kind).
+    names: tuple[str, ...]
+    u63: tuple[int, ...]
+    ids: tuple[int, ...]
+    others: tuple[tuple[int, _Decoder, _Encoder], ...]
+    getter: Callable[[Any], tuple[Any, ...]]
+
+    def named(self, position: int, problem: str) -> str:
+        """Name a field as the wire does (``DATA.seq``), for decode errors."""
+        return f"{self.kind.name}.{self.names[position]} {problem}"
+
+    def named_local(self, position: int, problem: str) -> str:
+        """Name a field as the caller wrote it (``Data.seq``), for encode errors."""
+        return f"{self.cls.__name__}.{self.names[position]} {problem}"
+
+
+def _schema(kind: FrameKind, cls: type[Any], *fields: _FieldSpec) -> _Schema:
+    names = tuple(name for name, _ in fields)
+    # Wire order is declaration order: a reordered dataclass must fail loudly here.
+    if names != cls.__slots__:
+        raise AssertionError(f"{cls.__name__} fields {cls.__slots__} do not match {names}")
+    u63, ids, others = [], [], []
+    for position, (_, spec) in enumerate(fields, start=1):
+        if spec == _U63_FIELD:
+            u63.append(position)
+        elif spec == _ID_FIELD:
+            ids.append(position)
+        else:
+            assert not isinstance(spec, str)
+            others.append((position, *spec))
+    return _Schema(
+        kind, cls, ("kind", *names), tuple(u63), tuple(ids), tuple(others), attrgetter(*names)
+    )
+
+
+_ANSWER_HEAD: Final[tuple[_FieldSpec, ...]] = (
+    ("node", _ID_FIELD),
+    ("incarnation", _U63_FIELD),
+    ("peer_incarnation", _U63_FIELD),
+    ("seq", _U63_FIELD),
+    ("credit", _U63_FIELD),
+)
+_PAYLOAD_FIELD: Final = (_d_payload, _e_payload)
+_OPT_ID_FIELD: Final = (_d_opt_id, _e_opt_id)
+
+_SCHEMAS: Final = (
+    _schema(
+        FrameKind.HELLO,
+        Hello,
+        ("node", _ID_FIELD),
+        ("incarnation", _U63_FIELD),
+        ("nonce", _U63_FIELD),
+        ("reply", (_d_bool, _e_bool)),
+    ),
+    _schema(
+        FrameKind.DATA,
+        Data,
+        ("node", _ID_FIELD),
+        ("incarnation", _U63_FIELD),
+        ("seq", _U63_FIELD),
+        ("stream", _ID_FIELD),
+        ("stream_seq", _U63_FIELD),
+        ("stream_floor", _U63_FIELD),
+        ("frame_no", (_d_opt_u63, _e_opt_u63)),
+        ("payload", _PAYLOAD_FIELD),
+        ("watermark", _U63_FIELD),
+    ),
+    _schema(FrameKind.RECEIVED, Received, *_ANSWER_HEAD),
+    _schema(FrameKind.ACK, Ack, *_ANSWER_HEAD, ("result", _PAYLOAD_FIELD)),
+    _schema(
+        FrameKind.ERR,
+        Err,
+        *_ANSWER_HEAD,
+        ("code", (_d_err_code, _e_err_code)),
+        ("detail", (_d_detail, _e_detail)),
+    ),
+    _schema(
+        FrameKind.RETRY_LATER,
+        RetryLater,
+        *_ANSWER_HEAD,
+        ("reason", (_d_enum(_RETRY_REASONS), _e_enum(_RETRY_REASONS))),
+    ),
+    _schema(
+        FrameKind.REQ,
+        Req,
+        ("node", _ID_FIELD),
+        ("incarnation", _U63_FIELD),
+        ("query_id", _U63_FIELD),
+        ("stream", _OPT_ID_FIELD),
+        ("missing", (_d_seqs, _e_seqs)),
+    ),
+    _schema(
+        FrameKind.REQ_ANSWER,
+        ReqAnswer,
+        ("node", _ID_FIELD),
+        ("incarnation", _U63_FIELD),
+        ("query_id", _U63_FIELD),
+        ("stream", _OPT_ID_FIELD),
+        ("missing", (_d_missing_items, _e_missing_items)),
+        ("streams", (_d_stream_statuses, _e_stream_statuses)),
+    ),
+)
+
+_BY_KIND: Final[dict[int, _Schema]] = {s.kind.value: s for s in _SCHEMAS}
+_BY_CLASS: Final[dict[type[Any], _Schema]] = {s.cls: s for s in _SCHEMAS}
+#: REQ and REQ_ANSWER: wire positions of ``stream`` and ``missing``.
+_ASKS_STREAM: Final = frozenset({FrameKind.REQ.value, FrameKind.REQ_ANSWER.value})
+_STREAM_AT: Final = 4
+_MISSING_AT: Final = 5
+_U63_PROBLEM: Final = "must be an int in 0..2**63-1"
+
+
+def _decode_frame(item: Any, st: _Decoding) -> Frame:
+    if type(item) is not list or not item:
+        raise _bad_field(f"a frame must be a non-empty array, got {type(item).__name__}")
+    kind = item[0]
+    if type(kind) is not int:
+        raise _remote(f"frame kind must be an int, got {type(kind).__name__}", "unknown-kind")
+    schema = _BY_KIND.get(kind)
+    if schema is None:
+        if kind == FrameKind.BATCH:
+            raise _remote("a batch may not contain a batch", "nested-batch")
+        raise _remote(f"unknown frame kind {kind}", "unknown-kind")
+    if len(item) != len(schema.names):
+        raise _bad_field(
+            f"{schema.kind.name} has {len(item) - 1} fields, expected {len(schema.names) - 1}"
+        )
+    # The decoded list is ours: converted values replace raw ones in place.
+    for i in schema.u63:
+        v = item[i]
+        if type(v) is not int or not 0 <= v <= _U63:
+            raise _bad_field(schema.named(i, f"{_U63_PROBLEM}, got {type(v).__name__}"))
+    quick = st.id_quick
+    for i in schema.ids:
+        v = item[i]
+        if type(v) is not str or not 0 < len(v) <= quick:
+            try:
+                _d_id(v, st)
+            except RemoteProtocolError as exc:
+                raise _remote(schema.named(i, str(exc)), exc.reason) from None
+    for i, dec, _ in schema.others:
+        try:
+            item[i] = dec(item[i], st)
+        except RemoteProtocolError as exc:
+            raise _remote(schema.named(i, str(exc)), exc.reason) from None
+    if kind in _ASKS_STREAM and item[_STREAM_AT] is None and item[_MISSING_AT]:
+        raise _bad_field(f"{schema.kind.name} lists missing messages but names no stream")
+    return schema.cls(*item[1:])  # type: ignore[no-any-return]
+
+
+def _encode_frame(frame: Frame, st: _Encoding) -> list[Any]:
+    schema = _BY_CLASS.get(type(frame))
+    if schema is None:
+        if type(frame) is Batch:
+            raise LocalProtocolError("a Batch may not contain a Batch")
+        raise LocalProtocolError(f"not a frame: {type(frame).__name__}")
+    out: list[Any] = [schema.kind.value, *schema.getter(frame)]
+    for i in schema.u63:
+        v = out[i]
+        if type(v) is not int or not 0 <= v <= _U63:
+            raise LocalProtocolError(schema.named_local(i, f"{_U63_PROBLEM}, got {v!r}"))
+    quick = st.id_quick
+    for i in schema.ids:
+        v = out[i]
+        if type(v) is not str or not 0 < len(v) <= quick:
+            try:
+                _e_id(v, st)
+            except LocalProtocolError as exc:
+                raise LocalProtocolError(schema.named_local(i, str(exc))) from None
+    for i, _, enc in schema.others:
+        try:
+            out[i] = enc(out[i], st)
+        except LocalProtocolError as exc:
+            raise LocalProtocolError(schema.named_local(i, str(exc))) from None
+    if schema.kind.value in _ASKS_STREAM and out[_STREAM_AT] is None and out[_MISSING_AT]:
+        raise LocalProtocolError(f"{schema.cls.__name__} lists missing messages: name its stream")
+    return out
+
+
+def _decode_error(exc: Exception) -> RemoteProtocolError:
+    """Translate anything cbor2 raised into our single error type."""
+    if isinstance(exc, cbor2.CBORDecodeEOF):
+        return _remote("header ends before its CBOR item does", "truncated")
+    if isinstance(exc.__cause__, _BadTag):
+        return _remote(str(exc.__cause__), "bad-tag")
+    text = str(exc)
+    if "nesting depth" in text:
+        return _remote(f"header nested too deep: {text}", "too-deep")
+    return _remote(f"not a valid header: {text}", "malformed")
+
+
+def _nbytes(part: bytes | memoryview) -> int:
+    if type(part) is bytes:
+        return len(part)
+    try:
+        return memoryview(part).nbytes
+    except TypeError:
+        raise LocalProtocolError(
+            f"message parts must be bytes-like objects, got {type(part).__name__}"
+        ) from None
+
+
+def decode(parts: Sequence[bytes | memoryview], limits: Limits = _DEFAULT_LIMITS) -> Frame:
+    """Turn the parts of one ZeroMQ message into the frame it carries.
+
+    Args:
+        parts: the message parts as received: the CBOR header first, then any
+            out-of-band buffers. ``bytes``, ``bytearray`` and ``memoryview``
+            are accepted.
+        limits: what to accept. Sizes are checked before anything is parsed.
+
+    Returns:
+        The frame or :class:`Batch`. Out-of-band payloads are the part
+        objects themselves, not copies.
+
+    Raises:
+        RemoteProtocolError: the message breaks the wire format in any way;
+            ``reason`` says how (see the module docstring). Nothing else is
+            raised for any content of the parts.
+        LocalProtocolError: a part is not a bytes-like object.
+    """
+    n_parts = len(parts)
+    if n_parts == 0:
+        raise _remote("message has no header part", "truncated")
+    if n_parts > limits.max_parts:
+        raise _remote(f"message has {n_parts} parts, over {limits.max_parts}", "too-large")
+    header_size = _nbytes(parts[0])
+    total = header_size
+    if n_parts > 1:
+        total += sum([_nbytes(p) for p in parts[1:]])
+    if total > limits.max_message_bytes:
+        raise _remote(f"message has {total} bytes, over {limits.max_message_bytes}", "too-large")
+    if header_size > limits.max_header_bytes:
+        raise _remote(
+            f"header has {header_size} bytes, over {limits.max_header_bytes}", "too-large"
+        )
+    # A seekable stream gives cbor2 the whole buffer at once and tells us where
+    # the item ended: ``loads`` alone silently ignores trailing bytes.
+    stream = io.BytesIO(parts[0])
+    try:
+        top = cbor2.CBORDecoder(
+            stream,
+            semantic_decoders=_TAG_DECODERS,
+            max_depth=limits.max_depth + _HEADER_DEPTH,
+            allow_indefinite=False,
+            allow_duplicate_keys=False,
+            strict_hashable_types=True,
+        ).decode()
+    except Exception as exc:
+        # cbor2 signals bad input with CBORDecodeError but may also raise
+        # ValueError, OverflowError or MemoryError: all of it is the peer's fault.
+        raise _decode_error(exc) from None
+    if stream.tell() != header_size:
+        raise _remote(
+            f"{header_size - stream.tell()} bytes after the header's CBOR item", "malformed"
+        )
+    st = _Decoding(parts, limits)
+    if type(top) is list and top and type(top[0]) is int and top[0] == FrameKind.BATCH:
+        frame: Frame = _decode_batch(top, st)
+    else:
+        frame = _decode_frame(top, st)
+    if st.next_part != n_parts:
+        raise _remote(
+            f"{n_parts - st.next_part} out-of-band parts are never referenced", "bad-part"
+        )
+    return frame
+
+
+def _decode_batch(top: list[Any], st: _Decoding) -> Batch:
+    if len(top) != 2 or type(top[1]) is not list:
+        raise _bad_field("a batch must be [9, [frame, ...]]")
+    items = top[1]
+    if not items:
+        raise _bad_field("a batch must hold at least one frame")
+    if len(items) > st.limits.max_batch:
+        raise _remote(f"batch has {len(items)} frames, over {st.limits.max_batch}", "too-large")
+    return Batch(tuple([_decode_frame(item, st) for item in items]))
+
+
+def encode(
+    frame: Frame,
+    *,
+    limits: Limits = _DEFAULT_LIMITS,
+    oob_threshold: int = OOB_THRESHOLD,
+) -> list[bytes | memoryview]:
+    """Turn a frame into the parts of one ZeroMQ message.
+
+    Args:
+        frame: any frame, or a :class:`Batch` of non-batch frames.
+        limits: the peer's limits: nothing it would reject is produced.
+        oob_threshold: binary payloads of at least this many bytes become
+            their own part instead of being copied into the header.
+
+    Returns:
+        The CBOR header, then one part per out-of-band buffer: the caller's
+        ``bytes`` object itself, or a byte-format ``memoryview`` of its
+        buffer, ready for ``send_multipart(..., copy=False)``. Buffers are
+        not copied, so they must not change until the message is sent.
+
+    Raises:
+        LocalProtocolError: a field has the wrong type or is out of range, a
+            payload holds something CBOR data cannot, or the message would
+            exceed ``limits``.
+    """
+    st = _Encoding(limits, oob_threshold)
+    if type(frame) is Batch:
+        frames = frame.frames
+        if type(frames) is not tuple or not frames:
+            raise LocalProtocolError("Batch.frames must be a non-empty tuple of frames")
+        if len(frames) > limits.max_batch:
+            raise LocalProtocolError(
+                f"Batch has {len(frames)} frames, over Limits.max_batch={limits.max_batch}"
+            )
+        top: list[Any] = [FrameKind.BATCH.value, [_encode_frame(f, st) for f in frames]]
+    else:
+        top = _encode_frame(frame, st)
+    try:
+        header = cbor2.dumps(top)
+    except (cbor2.CBOREncodeError, ValueError, TypeError) as exc:
+        # Lone surrogates in a str are the one thing the checks above let by.
+        raise LocalProtocolError(f"payload cannot be encoded as CBOR: {exc}") from None
+    if len(header) > limits.max_header_bytes:
+        raise LocalProtocolError(
+            f"header is {len(header)} bytes, over Limits.max_header_bytes: send large"
+            " binary data as bytes or arrays so it goes out of band"
+        )
+    if len(header) + st.oob_bytes > limits.max_message_bytes:
+        raise LocalProtocolError(
+            f"message is {len(header) + st.oob_bytes} bytes,"
+            f" over Limits.max_message_bytes={limits.max_message_bytes}"
+        )
+    if len(st.oob) + 1 > limits.max_parts:
+        raise LocalProtocolError(
+            f"message needs {len(st.oob) + 1} parts, over Limits.max_parts={limits.max_parts}"
+        )
+    return [header, *st.oob]
