@@ -1,0 +1,572 @@
+"""ZeroMQ sockets driven from Trio, without threads.
+
+A pyzmq socket made from a plain (synchronous) ``zmq.Context`` is wrapped so
+that one Trio task, the socket's *owner*, can drive it:
+
+* ``recv_multipart_nowait`` / ``send_multipart_nowait`` never block and raise
+  :class:`trio.WouldBlock` when libzmq has nothing queued or no room;
+* ``wait_ready`` sleeps until the socket is readable (or writable), or until
+  another task calls :meth:`Socket.wake`.
+
+``ZMQ_FD`` is edge-triggered and only means "``ZMQ_EVENTS`` may have changed";
+any zmq call, reading ``EVENTS`` included, may consume the edge
+(design.md §5). So ``EVENTS`` is always re-read right before sleeping on the
+fd, with no checkpoint in between, and again after every wake-up: the same
+discipline as pyzmq's ``zmq/_future.py`` (``_handle_recv``,
+``_schedule_remaining_events``). Trio allows one waiter per fd, which is why
+one task owns each socket; a second task waiting at the same time gets
+:class:`trio.BusyResourceError` instead of a silent hang.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType, TracebackType
+from typing import TYPE_CHECKING, Final, Self, TypeAlias, cast
+
+import trio
+import zmq
+
+if TYPE_CHECKING:
+    from typing import Any, Protocol
+
+    from typing_extensions import Buffer
+
+    class _ArrayBuffer(Protocol):
+        # numpy's stubs declare __buffer__ only for Python >= 3.12.
+        @property
+        def __array_interface__(self) -> dict[str, Any]: ...
+
+    #: Anything with the buffer protocol: bytes, memoryview, numpy arrays.
+    BytesLike: TypeAlias = Buffer | _ArrayBuffer
+else:
+    BytesLike: TypeAlias = bytes
+
+__all__ = [
+    "DEALER_OPTIONS",
+    "ROUTER_OPTIONS",
+    "Socket",
+    "SocketStatistics",
+    "Unroutable",
+    "dealer_socket",
+    "router_socket",
+]
+
+_POLLIN: Final = int(zmq.POLLIN)
+_POLLOUT: Final = int(zmq.POLLOUT)
+_EVENTS: Final = zmq.EVENTS
+_NOBLOCK: Final = int(zmq.NOBLOCK)
+_SNDMORE_NOBLOCK: Final = int(zmq.SNDMORE | zmq.NOBLOCK)
+
+#: How long a blocked ``send_multipart`` on a ROUTER naps when ``EVENTS``
+#: already shows POLLOUT yet the send still fails: with ROUTER_MANDATORY,
+#: POLLOUT means "some peer's queue has room", not necessarily the target's,
+#: so waiting for POLLOUT alone would spin.
+_ROUTER_FULL_NAP: Final = 0.001
+
+_COMMON_OPTIONS: Final[dict[zmq.SocketOption, int]] = {
+    # Closing must never wait for unsent messages: our protocol resends anyway.
+    zmq.LINGER: 0,
+    # First reconnect after 100 ms, then back off to 2 s (libzmq's default
+    # never backs off, so a dead peer would be redialled ten times a second).
+    zmq.RECONNECT_IVL: 100,
+    zmq.RECONNECT_IVL_MAX: 2_000,
+    # ZMTP heartbeats: a frozen (SIGSTOPped) peer is noticed in ~1.5 s, and
+    # TTL tells the peer to drop us after 3 s of silence. Off by default.
+    zmq.HEARTBEAT_IVL: 500,
+    zmq.HEARTBEAT_TIMEOUT: 1_500,
+    zmq.HEARTBEAT_TTL: 3_000,
+    # A peer cannot make us allocate more than 64 MiB for one message
+    # (libzmq's default is unlimited); the codec's own limit is the same.
+    zmq.MAXMSGSIZE: 64 * 1024 * 1024,
+    # Counted in messages, per peer. The protocol's credit window is the
+    # backpressure users see; these only need to sit above it so zmq rarely
+    # pushes back first, while still bounding memory if a peer stops reading.
+    zmq.SNDHWM: 10_000,
+    zmq.RCVHWM: 10_000,
+}
+
+#: Options applied by :func:`dealer_socket` (zmq option -> value).
+DEALER_OPTIONS: Final[Mapping[zmq.SocketOption, int]] = MappingProxyType(
+    {
+        **_COMMON_OPTIONS,
+        # Queue only to completed connections: while the peer is away, sends
+        # raise WouldBlock (visible backpressure) instead of piling stale
+        # copies into a pipe that is lost if the peer restarts anyway; the
+        # protocol's retransmission is what makes delivery reliable.
+        zmq.IMMEDIATE: 1,
+    }
+)
+
+#: Options applied by :func:`router_socket` (zmq option -> value).
+ROUTER_OPTIONS: Final[Mapping[zmq.SocketOption, int]] = MappingProxyType(
+    {
+        **_COMMON_OPTIONS,
+        # An unroutable message raises EHOSTUNREACH (our Unroutable) and a full
+        # peer queue raises EAGAIN, instead of both being dropped silently.
+        zmq.ROUTER_MANDATORY: 1,
+        # A restarted peer reconnecting with the same routing id takes over the
+        # old connection instead of being ignored until the old one times out.
+        zmq.ROUTER_HANDOVER: 1,
+    }
+)
+
+
+class Unroutable(Exception):
+    """A ROUTER was asked to send to a routing id with no connected peer.
+
+    The peer is gone or has not connected yet; the message was not queued.
+    Retry after the peer reconnects, or treat the peer as down.
+
+    Attributes:
+        routing_id: The routing id (first message part) that had no route.
+    """
+
+    def __init__(self, routing_id: bytes) -> None:
+        super().__init__(f"no connected peer with routing id {routing_id!r}")
+        self.routing_id = routing_id
+
+
+@dataclass(frozen=True, slots=True)
+class SocketStatistics:
+    """Counters of one :class:`Socket`, as returned by ``statistics()``.
+
+    Attributes:
+        messages_sent: Multipart messages handed to libzmq.
+        messages_received: Multipart messages taken from libzmq.
+        fd_waits: Times a task slept on ``ZMQ_FD`` (each is a trip through
+            Trio's I/O manager; few per message means batching works).
+        wakes: Calls to :meth:`Socket.wake`.
+    """
+
+    messages_sent: int
+    messages_received: int
+    fd_waits: int
+    wakes: int
+
+
+class Socket:
+    """A pyzmq socket driven by one owning Trio task.
+
+    The owner makes every zmq call; other tasks only call :meth:`wake`. The
+    owner's loop drains with the ``_nowait`` calls until they raise
+    :class:`trio.WouldBlock`, handles its other work, then awaits
+    :meth:`wait_ready`. Simple single-task users may use the async
+    :meth:`send_multipart` / :meth:`recv_multipart` instead.
+
+    Use it as an async context manager, or call :meth:`close`.
+    """
+
+    def __init__(self, zmq_socket: zmq.Socket[bytes]) -> None:
+        """Wrap an open pyzmq socket; the wrapper now owns and closes it.
+
+        Args:
+            zmq_socket: A socket from a synchronous ``zmq.Context``
+                (not ``zmq.asyncio``).
+        """
+        self._zsock = zmq_socket
+        self._fd = cast(int, zmq_socket.getsockopt(zmq.FD))
+        self._closed = False
+        # Set while a task sleeps on the fd; cancelling it makes that task
+        # re-read EVENTS (wake(), or a zmq call that may have eaten the edge).
+        self._wait_scope: trio.CancelScope | None = None
+        # A wake() that found nobody waiting is remembered, never lost.
+        self._wake_pending = False
+        self._sent = 0
+        self._received = 0
+        self._fd_waits = 0
+        self._wakes = 0
+
+    # -- lifetime ---------------------------------------------------------
+
+    @property
+    def zmq_socket(self) -> zmq.Socket[bytes]:
+        """The wrapped pyzmq socket, for options and monitoring only.
+
+        Sending or receiving on it directly bypasses the wake-up bookkeeping.
+        """
+        return self._zsock
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` has been called."""
+        return self._closed
+
+    def close(self) -> None:
+        """Close the socket now, dropping anything unsent (``LINGER=0``).
+
+        Idempotent. A task blocked in :meth:`wait_ready`, :meth:`recv_multipart`
+        or :meth:`send_multipart` gets :class:`trio.ClosedResourceError`.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        # Trio must forget the fd before libzmq closes (and may reuse) it.
+        # Outside a Trio run (cleanup after trio.run) nobody can be waiting.
+        if trio.lowlevel.in_trio_run():
+            trio.lowlevel.notify_closing(self._fd)
+        self._zsock.close(linger=0)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- endpoints --------------------------------------------------------
+
+    def bind(self, endpoint: str) -> str:
+        """Bind to a ``tcp://`` or ``ipc://`` endpoint.
+
+        Args:
+            endpoint: Where to listen; ``tcp://127.0.0.1:*`` picks a free port.
+
+        Returns:
+            The endpoint actually bound (``ZMQ_LAST_ENDPOINT``), to give peers.
+
+        Raises:
+            trio.ClosedResourceError: The socket is closed.
+            zmq.ZMQError: libzmq refused the endpoint (in use, malformed, ...).
+        """
+        self._check_open()
+        self._zsock.bind(endpoint)
+        return cast(bytes, self._zsock.getsockopt(zmq.LAST_ENDPOINT)).decode()
+
+    def connect(self, endpoint: str) -> None:
+        """Connect to a peer's endpoint; libzmq dials and redials in background.
+
+        Raises:
+            trio.ClosedResourceError: The socket is closed.
+            zmq.ZMQError: The endpoint is malformed.
+        """
+        self._check_open()
+        self._zsock.connect(endpoint)
+
+    def disconnect(self, endpoint: str) -> None:
+        """Stop dialling ``endpoint`` and drop its connection.
+
+        Raises:
+            trio.ClosedResourceError: The socket is closed.
+            zmq.ZMQError: The socket is not connected to ``endpoint``.
+        """
+        self._check_open()
+        self._zsock.disconnect(endpoint)
+
+    # -- owner-task API ---------------------------------------------------
+
+    def recv_multipart_nowait(self) -> list[bytes]:
+        """Take one queued multipart message, without blocking.
+
+        Returns:
+            The message's parts (on a ROUTER, the peer's routing id first).
+
+        Raises:
+            trio.WouldBlock: Nothing is queued; await :meth:`wait_ready`.
+            trio.ClosedResourceError: The socket or its context is closed.
+        """
+        if self._closed:
+            raise trio.ClosedResourceError("socket is closed")
+        try:
+            parts = self._zsock.recv_multipart(_NOBLOCK)
+        except zmq.Again:
+            raise trio.WouldBlock from None
+        except zmq.ContextTerminated:
+            raise trio.ClosedResourceError("the zmq context was terminated") from None
+        finally:
+            if self._wait_scope is not None:
+                self._wait_scope.cancel()
+        self._received += 1
+        return parts
+
+    def send_multipart_nowait(self, parts: Sequence[BytesLike]) -> None:
+        """Queue one multipart message, without blocking.
+
+        Parts may be bytes, memoryviews or any buffer (contiguous numpy arrays
+        included). Parts of ``zmq.COPY_THRESHOLD`` (64 KiB) or more are sent
+        without a copy: libzmq keeps a reference until its I/O thread has
+        written them, so do not mutate such a buffer after sending it.
+
+        libzmq takes or refuses a multipart message as a whole at its first
+        part, so a WouldBlock never leaves half a message queued.
+
+        Args:
+            parts: At least one part. On a ROUTER the first is the routing id.
+
+        Raises:
+            trio.WouldBlock: The peer's queue is at its high-water mark, or (on
+                a DEALER) no connection is complete yet; await
+                :meth:`wait_ready` with ``writable=True``.
+            Unroutable: (ROUTER) no connected peer has that routing id.
+            trio.ClosedResourceError: The socket or its context is closed.
+            ValueError: ``parts`` is empty.
+        """
+        if self._closed:
+            raise trio.ClosedResourceError("socket is closed")
+        if not parts:
+            raise ValueError("a message needs at least one part")
+        # Typed loosely once: numpy arrays are buffers, though not to mypy on 3.11.
+        send = cast("Callable[..., object]", self._zsock.send)
+        last = len(parts) - 1
+        try:
+            for i, part in enumerate(parts):
+                # copy=False lets pyzmq copy small parts and share large ones.
+                send(part, _NOBLOCK if i == last else _SNDMORE_NOBLOCK, copy=False)
+        except zmq.Again:
+            raise trio.WouldBlock from None
+        except zmq.ContextTerminated:
+            raise trio.ClosedResourceError("the zmq context was terminated") from None
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                raise Unroutable(bytes(cast("Buffer", parts[0]))) from None
+            raise
+        finally:
+            if self._wait_scope is not None:
+                self._wait_scope.cancel()
+        self._sent += 1
+
+    async def wait_ready(self, *, readable: bool = True, writable: bool = False) -> None:
+        """Wait until the socket is readable/writable, or :meth:`wake` is called.
+
+        Returns at once if the condition already holds or a wake is pending.
+        It does not say which happened: afterwards the owner checks all of
+        its sources (drain the socket, then its mailbox). A pending wake is
+        consumed by every return.
+
+        On a ROUTER with ROUTER_MANDATORY, writable means *some* peer's queue
+        has room, not necessarily the one a failed send was aimed at.
+
+        Args:
+            readable: Return when a message can be received.
+            writable: Return when a message can be sent. With both False,
+                only :meth:`wake` (or close/cancel) ends the wait.
+
+        Raises:
+            trio.ClosedResourceError: The socket is closed, before or during
+                the wait.
+            trio.BusyResourceError: Another task is already waiting on this
+                socket (one task owns each socket).
+        """
+        want = (_POLLIN if readable else 0) | (_POLLOUT if writable else 0)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self._check_open()
+        if self._wake_pending or cast(int, self._zsock.getsockopt(_EVENTS)) & want:
+            self._wake_pending = False
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        await self._sleep_until(want, wakeable=True)
+        self._wake_pending = False
+
+    def wake(self) -> None:
+        """Make the owner's pending or next :meth:`wait_ready` return promptly.
+
+        Sync and cheap; callable from any task (e.g. after putting work in the
+        owner's mailbox). Wakes are not counted up: many wakes before the owner
+        waits make one early return.
+        """
+        self._wakes += 1
+        self._wake_pending = True
+        if self._wait_scope is not None:
+            self._wait_scope.cancel()
+
+    # -- convenience API for single-task users -----------------------------
+
+    async def recv_multipart(self) -> list[bytes]:
+        """Receive one multipart message, waiting for it if needed.
+
+        Always a checkpoint. Cancellation loses nothing: a message is either
+        returned or left queued.
+
+        Returns:
+            The message's parts (on a ROUTER, the peer's routing id first).
+
+        Raises:
+            trio.ClosedResourceError: The socket is closed, before or during
+                the wait.
+            trio.BusyResourceError: Another task is waiting on this socket.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            parts = self.recv_multipart_nowait()
+        except trio.WouldBlock:
+            pass
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return parts
+        while True:
+            if not cast(int, self._zsock.getsockopt(_EVENTS)) & _POLLIN:
+                await self._sleep_until(_POLLIN, wakeable=False)
+            try:
+                return self.recv_multipart_nowait()
+            except trio.WouldBlock:
+                continue
+
+    async def send_multipart(self, parts: Sequence[BytesLike]) -> None:
+        """Send one multipart message, waiting for room if needed.
+
+        Always a checkpoint; at the high-water mark it sleeps on the socket
+        rather than blocking the event loop. Cancellation means not sent.
+        See :meth:`send_multipart_nowait` for the parts and zero-copy rules.
+
+        Raises:
+            Unroutable: (ROUTER) no connected peer has that routing id.
+            trio.ClosedResourceError: The socket is closed, before or during
+                the wait.
+            trio.BusyResourceError: Another task is waiting on this socket.
+            ValueError: ``parts`` is empty.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            self.send_multipart_nowait(parts)
+        except trio.WouldBlock:
+            pass
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        while True:
+            if cast(int, self._zsock.getsockopt(_EVENTS)) & _POLLOUT:
+                # Writable yet refused: a ROUTER whose target queue is full.
+                # Nap instead of spinning; the fd also ends the nap early.
+                with trio.move_on_after(_ROUTER_FULL_NAP):
+                    await self._sleep_on_fd()
+            else:
+                await self._sleep_until(_POLLOUT, wakeable=False)
+            try:
+                self.send_multipart_nowait(parts)
+            except trio.WouldBlock:
+                continue
+            return
+
+    def statistics(self) -> SocketStatistics:
+        """Return a snapshot of this socket's counters."""
+        return SocketStatistics(
+            messages_sent=self._sent,
+            messages_received=self._received,
+            fd_waits=self._fd_waits,
+            wakes=self._wakes,
+        )
+
+    # -- internals --------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("socket is closed")
+
+    async def _sleep_until(self, want: int, *, wakeable: bool) -> None:
+        """Sleep on the fd until ``EVENTS & want`` (or a wake, if wakeable).
+
+        The caller has just read ``EVENTS`` without the wanted bits, with no
+        checkpoint since: any change after that read re-arms the fd, so going
+        straight to sleep misses no edge.
+        """
+        while True:
+            if wakeable:
+                await self._sleep_on_fd_wakeable()
+                if self._wake_pending:
+                    return
+            else:
+                await self._sleep_on_fd()
+            if cast(int, self._zsock.getsockopt(_EVENTS)) & want:
+                return
+
+    async def _sleep_on_fd_wakeable(self) -> None:
+        """One sleep on ``ZMQ_FD`` that :meth:`wake` (or a zmq call made by
+        another task, which may have eaten the edge) can end early."""
+        # A cancel scope per wait costs a few µs, so only wait_ready pays it.
+        with trio.CancelScope() as scope:
+            self._wait_scope = scope
+            try:
+                await self._sleep_on_fd()
+            finally:
+                self._wait_scope = None
+
+    async def _sleep_on_fd(self) -> None:
+        """One sleep on ``ZMQ_FD``, until libzmq signals that EVENTS changed."""
+        self._check_open()
+        self._fd_waits += 1
+        try:
+            await trio.lowlevel.wait_readable(self._fd)
+        except trio.ClosedResourceError:
+            raise trio.ClosedResourceError("socket was closed while waiting") from None
+
+
+def _apply_options(
+    zsock: zmq.Socket[bytes],
+    defaults: Mapping[zmq.SocketOption, int],
+    overrides: Mapping[str, int | bytes],
+) -> None:
+    options: dict[zmq.SocketOption, int | bytes] = dict(defaults)
+    for name, value in overrides.items():
+        try:
+            option = zmq.SocketOption[name.upper()]
+        except KeyError:
+            raise ValueError(f"unknown zmq socket option {name!r}") from None
+        options[option] = value
+    for option, value in options.items():
+        zsock.setsockopt(option, value)
+
+
+def _new_socket(
+    ctx: zmq.Context[zmq.Socket[bytes]],
+    kind: zmq.SocketType,
+    defaults: Mapping[zmq.SocketOption, int],
+    overrides: Mapping[str, int | bytes],
+    routing_id: bytes | None = None,
+) -> Socket:
+    zsock = ctx.socket(kind)
+    try:
+        _apply_options(zsock, defaults, overrides)
+        if routing_id is not None:
+            zsock.setsockopt(zmq.ROUTING_ID, routing_id)
+    except BaseException:
+        zsock.close(linger=0)
+        raise
+    return Socket(zsock)
+
+
+def dealer_socket(
+    ctx: zmq.Context[zmq.Socket[bytes]],
+    *,
+    routing_id: bytes | None = None,
+    **overrides: int | bytes,
+) -> Socket:
+    """Make a DEALER socket with :data:`DEALER_OPTIONS` applied.
+
+    Args:
+        ctx: A synchronous ``zmq.Context``.
+        routing_id: How ROUTER peers address this socket (e.g. the node id);
+            libzmq picks a random one if None.
+        **overrides: zmq options by name, e.g. ``sndhwm=100`` or ``LINGER=10``;
+            they replace the defaults.
+
+    Returns:
+        The new, unconnected socket.
+
+    Raises:
+        ValueError: An override names no zmq socket option.
+        zmq.ZMQError: libzmq rejected an option value.
+    """
+    return _new_socket(ctx, zmq.DEALER, DEALER_OPTIONS, overrides, routing_id)
+
+
+def router_socket(ctx: zmq.Context[zmq.Socket[bytes]], **overrides: int | bytes) -> Socket:
+    """Make a ROUTER socket with :data:`ROUTER_OPTIONS` applied.
+
+    Args:
+        ctx: A synchronous ``zmq.Context``.
+        **overrides: zmq options by name, e.g. ``rcvhwm=100``; they replace
+            the defaults.
+
+    Returns:
+        The new, unbound socket.
+
+    Raises:
+        ValueError: An override names no zmq socket option.
+        zmq.ZMQError: libzmq rejected an option value.
+    """
+    return _new_socket(ctx, zmq.ROUTER, ROUTER_OPTIONS, overrides)
