@@ -1,0 +1,297 @@
+"""A deterministic terrible network between one LinkSender and one LinkReceiver.
+
+After trio's ``test_dtls.py::test_handshake_over_terrible_network``: every frame
+(or batch) in either direction is dropped, duplicated and delayed by a seeded
+``random.Random``, and the spread of delays reorders them. Virtual time is a
+float that jumps to the next thing due, so a run of minutes takes milliseconds.
+
+The compute layer on the receiving node answers each delivery after a random
+processing time, by a deterministic rule on the payload, so the test can check
+every answer. Either process can be restarted mid-run: a new object with a
+greater incarnation replaces it, and what the dead process held is gone.
+
+The simulator records everything the properties need and asserts the
+invariants that must hold at every step as it goes.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from dataclasses import dataclass, field
+
+from transport import Ack, Batch, Data, Err, Frame, Incarnation, LinkSeq, NodeId, StreamId
+from transport._proto_link import (
+    Answered,
+    Deliver,
+    GaveUp,
+    ReceiverConfig,
+    SenderConfig,
+    SessionEnded,
+)
+from transport._proto_receiver import LinkReceiver
+from transport._proto_sender import LinkSender
+
+A = NodeId("a")
+B = NodeId("b")
+STREAMS = (StreamId("halo"), StreamId("ctl"))
+
+
+def decision(payload: int) -> tuple[str, int]:
+    """What the compute layer answers to ``payload``: ("ack", result) or ("err", code)."""
+    if payload % 7 == 3:
+        return "err", 100 + payload % 5
+    return "ack", payload * 2
+
+
+@dataclass
+class SimResult:
+    """What a run observed."""
+
+    now: float = 0.0
+    sent: int = 0
+    #: (sender generation, seq) -> the outcome ("ack", result) / ("err", code) / ("gave_up", 0).
+    outcomes: dict[tuple[int, int], tuple[str, int]] = field(default_factory=dict)
+    #: Messages that were in flight when their sender process died.
+    died: int = 0
+    #: (receiver generation, sender incarnation, seq) of every Deliver.
+    deliveries: set[tuple[int, int, int]] = field(default_factory=set)
+    sessions_ended: list[SessionEnded] = field(default_factory=list)
+    max_sender_in_flight: int = 0
+    max_receiver_entries: int = 0
+    frames_a_to_b: int = 0
+    frames_b_to_a: int = 0
+    steps: int = 0
+
+
+class SimNet:
+    """One sender node ``a`` sending ``count`` messages to receiver node ``b``.
+
+    Args:
+        seed: seeds the network and the jitter.
+        count: messages the application on ``a`` sends, as fast as the window allows.
+        drop, dup: probability that a frame is lost / arrives twice.
+        delay: (min, max) one-way delay in seconds; its spread reorders frames.
+        compute: (min, max) processing time of one message on ``b``.
+        timeout: per-message deadline relative to its send, or ``math.inf``.
+        restart_receiver_at, restart_sender_at: virtual times of process restarts.
+    """
+
+    def __init__(
+        self,
+        seed: int,
+        *,
+        count: int,
+        drop: float = 0.0,
+        dup: float = 0.0,
+        delay: tuple[float, float] = (0.001, 0.02),
+        compute: tuple[float, float] = (0.0, 0.03),
+        timeout: float = math.inf,
+        sender_config: SenderConfig | None = None,
+        receiver_config: ReceiverConfig | None = None,
+        restart_receiver_at: float | None = None,
+        restart_sender_at: float | None = None,
+    ) -> None:
+        self.rng = random.Random(seed)
+        self.jitter_rng = random.Random(seed + 1)
+        self.count = count
+        self.drop = drop
+        self.dup = dup
+        self.delay = delay
+        self.compute = compute
+        self.timeout = timeout
+        self.sender_config = sender_config or SenderConfig()
+        self.receiver_config = receiver_config or ReceiverConfig()
+        self.restart_receiver_at = restart_receiver_at
+        self.restart_sender_at = restart_sender_at
+
+        self.now = 0.0
+        self.sender_gen = 0
+        self.receiver_gen = 0
+        self.sender = self._new_sender()
+        self.receiver = LinkReceiver(B, Incarnation(1000), config=self.receiver_config)
+        self._seq = 0
+        self._wire: list[tuple[float, int, str, Frame]] = []
+        self._work: list[tuple[float, int, int, Deliver]] = []
+        self._order = 0
+        self.result = SimResult()
+        #: (sender generation, seq) -> (payload, deadline) of every send.
+        self.sends: dict[tuple[int, int], tuple[int, float]] = {}
+        #: (sender incarnation, seq) -> payload, to check what was delivered.
+        self._payload_by_inc: dict[tuple[int, int], int] = {}
+        self._given_up: set[int] = set()
+
+    def _new_sender(self) -> LinkSender:
+        return LinkSender(
+            A,
+            Incarnation(100 + self.sender_gen),
+            B,
+            now=self.now,
+            rng=self.jitter_rng.random,
+            config=self.sender_config,
+        )
+
+    # --- the network -----------------------------------------------------------------
+
+    def _transmit(self, direction: str, frames: list[Frame]) -> None:
+        if not frames:
+            return
+        if direction == "ab":
+            self.result.frames_a_to_b += len(frames)
+        else:
+            self.result.frames_b_to_a += len(frames)
+        unit: Frame = frames[0] if len(frames) == 1 else Batch(tuple(frames))
+        if self.rng.random() < self.drop:
+            return
+        copies = 2 if self.rng.random() < self.dup else 1
+        for _ in range(copies):
+            arrival = self.now + self.rng.uniform(*self.delay)
+            self._order += 1
+            heapq.heappush(self._wire, (arrival, self._order, direction, unit))
+
+    def _arrive(self, direction: str, frame: Frame) -> None:
+        if direction == "ab":
+            self.receiver.receive_frame(A, frame, self.now)
+        else:
+            self.sender.receive_frame(frame, self.now)
+
+    # --- the two nodes ---------------------------------------------------------------
+
+    def _app_send(self) -> None:
+        sender = self.sender
+        while self._seq < self.count and sender.window_open():
+            payload = self._seq
+            self._seq += 1
+            deadline = self.now + self.timeout
+            stream = STREAMS[payload % 2]
+            seq = sender.send(stream, payload, now=self.now, deadline=deadline, frame_no=payload)
+            self.sends[(self.sender_gen, seq)] = (payload, deadline)
+            self._payload_by_inc[(sender.incarnation, seq)] = payload
+            self.result.sent += 1
+
+    def _flush_sender(self) -> None:
+        frames = self.sender.frames_to_send(self.now)
+        for frame in frames:
+            if isinstance(frame, Data):
+                assert frame.seq not in self._given_up, f"seq {frame.seq} sent after GaveUp"
+                assert frame.watermark <= frame.seq
+        self._transmit("ab", frames)
+        for event in self.sender.take_events():
+            if isinstance(event, Answered):
+                self._outcome(event.seq, _answer_outcome(event.answer))
+            elif isinstance(event, GaveUp):
+                _, deadline = self.sends[(self.sender_gen, event.seq)]
+                assert self.now >= deadline, "gave up before the deadline"
+                self._given_up.add(event.seq)
+                self._outcome(event.seq, ("gave_up", 0))
+
+    def _outcome(self, seq: LinkSeq, outcome: tuple[str, int]) -> None:
+        key = (self.sender_gen, seq)
+        assert key in self.sends, f"outcome for unknown seq {seq}"
+        assert key not in self.result.outcomes, f"second outcome for seq {seq}"
+        if outcome[0] != "gave_up":
+            payload, _ = self.sends[key]
+            assert outcome == decision(payload), f"seq {seq}: {outcome} != {decision(payload)}"
+        self.result.outcomes[key] = outcome
+
+    def _flush_receiver(self) -> None:
+        pairs = self.receiver.frames_to_send(self.now)
+        for peer, _ in pairs:
+            assert peer == A
+        self._transmit("ba", [frame for _, frame in pairs])
+        for event in self.receiver.take_events():
+            if isinstance(event, Deliver):
+                key = (self.receiver_gen, event.peer_incarnation, event.seq)
+                assert key not in self.result.deliveries, f"delivered twice: {key}"
+                self.result.deliveries.add(key)
+                sent = self._payload_by_inc[(event.peer_incarnation, event.seq)]
+                assert event.payload == sent
+                assert event.frame_no == sent
+                self._order += 1
+                done = self.now + self.rng.uniform(*self.compute)
+                heapq.heappush(self._work, (done, self._order, self.receiver_gen, event))
+            elif isinstance(event, SessionEnded):
+                self.result.sessions_ended.append(event)
+
+    def _finish_work(self, gen: int, event: Deliver) -> None:
+        if gen != self.receiver_gen:
+            return
+        kind, value = decision(event.payload)
+        if kind == "ack":
+            self.receiver.complete(event.peer, event.peer_incarnation, event.seq, result=value)
+        else:
+            self.receiver.fail(event.peer, event.peer_incarnation, event.seq, value, "odd")
+
+    def _restart_receiver(self) -> None:
+        self.receiver_gen += 1
+        self.receiver = LinkReceiver(
+            B, Incarnation(1000 + self.receiver_gen), config=self.receiver_config
+        )
+
+    def _restart_sender(self) -> None:
+        in_flight = self.sender.statistics().in_flight
+        self.result.died += in_flight
+        self.sender_gen += 1
+        self._given_up.clear()
+        self.sender = self._new_sender()
+
+    def _check_bounds(self) -> None:
+        stats = self.sender.statistics()
+        assert stats.in_flight <= self.sender_config.max_in_flight
+        self.result.max_sender_in_flight = max(self.result.max_sender_in_flight, stats.in_flight)
+        for session in self.receiver.statistics().sessions:
+            entries = session.held + session.cached_answers
+            assert entries <= self.receiver_config.max_entries
+            self.result.max_receiver_entries = max(self.result.max_receiver_entries, entries)
+
+    def _all_done(self) -> bool:
+        return self._seq == self.count and len(self.result.outcomes) + self.result.died == (
+            self.result.sent
+        )
+
+    # --- the event loop --------------------------------------------------------------
+
+    def run(self, *, max_time: float = 3600.0, max_steps: int = 2_000_000) -> SimResult:
+        """Run until every message has its outcome, or a bound is hit (then fail)."""
+        for step in range(max_steps):
+            self._app_send()
+            self._flush_sender()
+            self._flush_receiver()
+            self._check_bounds()
+            if self._all_done():
+                self.result.now = self.now
+                self.result.steps = step
+                return self.result
+            due = [self.sender.next_deadline()]
+            receiver_due = self.receiver.next_deadline()
+            if receiver_due is not None:
+                due.append(receiver_due)
+            if self._wire:
+                due.append(self._wire[0][0])
+            if self._work:
+                due.append(self._work[0][0])
+            for restart in (self.restart_receiver_at, self.restart_sender_at):
+                if restart is not None:
+                    due.append(restart)
+            self.now = max(self.now, min(due))
+            assert self.now <= max_time, f"not finished by t={max_time}"
+            if self.restart_receiver_at is not None and self.now >= self.restart_receiver_at:
+                self.restart_receiver_at = None
+                self._restart_receiver()
+            if self.restart_sender_at is not None and self.now >= self.restart_sender_at:
+                self.restart_sender_at = None
+                self._restart_sender()
+            while self._wire and self._wire[0][0] <= self.now:
+                _, _, direction, frame = heapq.heappop(self._wire)
+                self._arrive(direction, frame)
+            while self._work and self._work[0][0] <= self.now:
+                _, _, gen, event = heapq.heappop(self._work)
+                self._finish_work(gen, event)
+        raise AssertionError(f"not finished in {max_steps} steps")
+
+
+def _answer_outcome(answer: Ack | Err) -> tuple[str, int]:
+    if isinstance(answer, Ack):
+        return "ack", answer.result
+    return "err", answer.code

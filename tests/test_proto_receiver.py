@@ -1,0 +1,328 @@
+"""Rules of the receiving side of links, one test per rule."""
+
+from __future__ import annotations
+
+import pytest
+
+from transport import (
+    APP_ERR_MIN,
+    Ack,
+    Batch,
+    Data,
+    Err,
+    ErrCode,
+    Frame,
+    Hello,
+    Incarnation,
+    LinkSeq,
+    LocalProtocolError,
+    MissingItem,
+    MissingStatus,
+    NodeId,
+    Received,
+    Req,
+    ReqAnswer,
+    RetryLater,
+    RetryReason,
+    StreamId,
+    StreamSeq,
+)
+from transport._proto_link import (
+    Deliver,
+    QueryAnswered,
+    ReceiverConfig,
+    Rejected,
+    SessionEnded,
+    SessionStarted,
+    SessionStatistics,
+)
+from transport._proto_receiver import LinkReceiver
+from transport._proto_sender import LinkSender
+
+A = NodeId("a")
+B = NodeId("b")
+C = NodeId("c")
+INC_A = Incarnation(7)
+INC_B = Incarnation(50)
+HALO = StreamId("halo")
+
+
+def make(window: int = 8, max_entries: int = 16) -> LinkReceiver:
+    return LinkReceiver(B, INC_B, config=ReceiverConfig(window=window, max_entries=max_entries))
+
+
+def data(
+    seq: int,
+    watermark: int = 1,
+    inc: Incarnation = INC_A,
+    node: NodeId = A,
+    payload: object = None,
+) -> Data:
+    return Data(
+        node,
+        inc,
+        LinkSeq(seq),
+        HALO,
+        StreamSeq(seq),
+        StreamSeq(1),
+        seq * 10,
+        payload if payload is not None else f"p{seq}",
+        LinkSeq(watermark),
+    )
+
+
+def flush(r: LinkReceiver, now: float = 0.0) -> list[Frame]:
+    pairs = r.frames_to_send(now)
+    assert all(peer == A for peer, _ in pairs)
+    return [frame for _, frame in pairs]
+
+
+def session(r: LinkReceiver) -> SessionStatistics:
+    (s,) = r.statistics().sessions
+    return s
+
+
+def test_first_copy_is_delivered_and_received_is_queued() -> None:
+    r = make()
+    r.receive_frame(A, data(1), 0.0)
+    assert r.take_events() == [
+        SessionStarted(A, INC_A),
+        Deliver(A, INC_A, LinkSeq(1), HALO, StreamSeq(1), StreamSeq(1), 10, "p1"),
+    ]
+    assert r.next_deadline() == 0.0
+    assert flush(r) == [Received(B, INC_B, INC_A, LinkSeq(1), LinkSeq(8))]
+    assert r.next_deadline() is None
+    assert r.complete(A, INC_A, LinkSeq(1), result="r1")
+    assert flush(r) == [Ack(B, INC_B, INC_A, LinkSeq(1), LinkSeq(9), "r1")]
+
+
+def test_final_answer_known_at_flush_replaces_received() -> None:
+    r = make()
+    r.receive_frame(A, data(1), 0.0)
+    r.receive_frame(A, data(2), 0.0)
+    r.complete(A, INC_A, LinkSeq(1))
+    r.fail(A, INC_A, LinkSeq(2), APP_ERR_MIN + 1, "bad cell")
+    assert flush(r) == [
+        Ack(B, INC_B, INC_A, LinkSeq(1), LinkSeq(10), None),
+        Err(B, INC_B, INC_A, LinkSeq(2), LinkSeq(10), APP_ERR_MIN + 1, "bad cell"),
+    ]
+
+
+def test_duplicate_gets_received_then_the_same_final_answer() -> None:
+    r = make()
+    r.receive_frame(A, data(1), 0.0)
+    flush(r)
+    r.receive_frame(A, data(1), 0.1)
+    assert flush(r, 0.1) == [Received(B, INC_B, INC_A, LinkSeq(1), LinkSeq(8))]
+    r.complete(A, INC_A, LinkSeq(1), result=[1, 2])
+    first = flush(r, 0.2)
+    r.receive_frame(A, data(1), 0.3)
+    r.receive_frame(A, data(1), 0.3)
+    assert flush(r, 0.3) == first == [Ack(B, INC_B, INC_A, LinkSeq(1), LinkSeq(9), [1, 2])]
+    delivers = [e for e in r.take_events() if isinstance(e, Deliver)]
+    assert len(delivers) == 1
+    assert session(r).duplicates == 3
+
+
+def test_watermark_prunes_cached_answers_and_drops_old_copies() -> None:
+    r = make()
+    for seq in (1, 2, 3):
+        r.receive_frame(A, data(seq), 0.0)
+        r.complete(A, INC_A, LinkSeq(seq))
+    flush(r)
+    assert session(r).cached_answers == 3
+    r.receive_frame(A, data(4, watermark=3), 0.1)
+    s = session(r)
+    assert (s.cached_answers, s.held, s.watermark) == (1, 1, 3)
+    flush(r, 0.1)
+    r.receive_frame(A, data(2, watermark=2), 0.2)
+    assert flush(r, 0.2) == [], "below the watermark: nobody waits for that answer"
+    assert session(r).dropped_below_watermark == 1
+
+
+def test_beyond_credit_gets_retry_later_and_is_not_held() -> None:
+    r = make(window=2, max_entries=4)
+    r.receive_frame(A, data(1), 0.0)
+    r.receive_frame(A, data(2), 0.0)
+    r.receive_frame(A, data(3), 0.0)
+    out = flush(r)
+    assert RetryLater(B, INC_B, INC_A, LinkSeq(3), LinkSeq(2), RetryReason.WINDOW_FULL) in out
+    assert [e.seq for e in r.take_events() if isinstance(e, Deliver)] == [1, 2]
+    # The compute layer drains: the floor advances and the credit with it.
+    r.complete(A, INC_A, LinkSeq(2))
+    assert flush(r) == [Ack(B, INC_B, INC_A, LinkSeq(2), LinkSeq(2), None)]
+    r.complete(A, INC_A, LinkSeq(1))
+    assert flush(r) == [Ack(B, INC_B, INC_A, LinkSeq(1), LinkSeq(4), None)]
+    r.receive_frame(A, data(3), 0.1)
+    assert [e.seq for e in r.take_events() if isinstance(e, Deliver)] == [3]
+    assert session(r).retry_later_sent == 1
+
+
+def test_table_cap_needs_the_watermark_to_move() -> None:
+    r = make(window=2, max_entries=2)
+    for seq in (1, 2):
+        r.receive_frame(A, data(seq), 0.0)
+        r.complete(A, INC_A, LinkSeq(seq))
+    flush(r)
+    assert session(r).credit == 4
+    # Within the credit, but two unconfirmed answers fill the table.
+    r.receive_frame(A, data(3), 0.0)
+    assert [type(f) for f in flush(r)] == [RetryLater]
+    # The same DATA with a watermark past 1 and 2 frees the room first.
+    r.receive_frame(A, data(3, watermark=3), 0.0)
+    assert [type(f) for f in flush(r)] == [Received]
+    assert session(r).cached_answers + session(r).held == 1
+
+
+def test_new_sender_incarnation_ends_the_old_session() -> None:
+    r = make()
+    r.receive_frame(A, data(1), 0.0)
+    r.receive_frame(A, data(2), 0.0)
+    r.receive_frame(A, data(3), 0.0)
+    r.complete(A, INC_A, LinkSeq(2))
+    r.take_events()
+    new = Incarnation(8)
+    r.receive_frame(A, data(1, inc=new, payload="fresh"), 1.0)
+    events = r.take_events()
+    assert events[:2] == [
+        SessionEnded(A, INC_A, (LinkSeq(1), LinkSeq(3))),
+        SessionStarted(A, new),
+    ]
+    assert isinstance(events[2], Deliver)
+    assert (events[2].peer_incarnation, events[2].payload) == (new, "fresh")
+    # Nothing of the old session is answered or mixed in.
+    assert flush(r, 1.0) == [Received(B, INC_B, new, LinkSeq(1), LinkSeq(8))]
+    assert not r.complete(A, INC_A, LinkSeq(1))
+    assert r.statistics().ignored_completions == 1
+    assert r.session_incarnation(A) == new
+
+
+def test_older_sender_incarnation_is_refused_stale() -> None:
+    r = make()
+    r.receive_frame(A, data(1, inc=Incarnation(8)), 0.0)
+    r.take_events()
+    flush(r)
+    r.receive_frame(A, data(5, inc=INC_A), 0.1)
+    assert r.take_events() == []
+    (answer,) = flush(r, 0.1)
+    assert isinstance(answer, Err)
+    assert (answer.code, answer.peer_incarnation, answer.seq) == (
+        ErrCode.STALE_SESSION,
+        INC_A,
+        5,
+    )
+    assert r.statistics().stale_refused == 1
+    assert r.session_incarnation(A) == Incarnation(8)
+
+
+def test_frame_naming_another_node_is_impersonation() -> None:
+    r = make()
+    r.receive_frame(C, data(1, node=A), 0.0)
+    assert r.take_events() == [Rejected(C, "impersonation")]
+    assert flush(r) == []
+    assert r.statistics().rejected == {"impersonation": 1}
+    assert r.statistics().sessions == ()
+
+
+def test_malformed_and_unexpected_frames_are_counted_not_raised() -> None:
+    r = make()
+    r.receive_frame(A, data(3, watermark=4), 0.0)
+    r.receive_frame(
+        A, Data(A, INC_A, LinkSeq(1), HALO, StreamSeq(1), StreamSeq(2), 0, 0, LinkSeq(1)), 0.0
+    )
+    r.receive_frame(A, Ack(A, INC_A, INC_B, LinkSeq(1), LinkSeq(1), None), 0.0)
+    r.receive_frame(A, Batch((Batch(()),)), 0.0)
+    assert r.statistics().rejected == {"bad-data": 2, "unexpected-frame": 1, "nested-batch": 1}
+    assert not any(isinstance(e, Deliver) for e in r.take_events())
+
+
+def test_batch_is_unpacked_in_order() -> None:
+    r = make()
+    r.receive_frame(A, Batch((data(1), data(2), Hello(A, INC_A, 3, False))), 0.0)
+    assert [e.seq for e in r.take_events() if isinstance(e, Deliver)] == [1, 2]
+    out = flush(r)
+    assert Hello(B, INC_B, 3, True) in out
+    assert [f.seq for f in out if isinstance(f, Received)] == [1, 2]
+
+
+def test_hello_from_newer_incarnation_ends_the_session() -> None:
+    r = make()
+    r.receive_frame(A, data(1), 0.0)
+    r.take_events()
+    r.receive_frame(A, Hello(A, Incarnation(9), 1, False), 0.5)
+    assert r.take_events() == [SessionEnded(A, INC_A, (LinkSeq(1),))]
+    assert r.session_incarnation(A) is None
+    assert Hello(B, INC_B, 1, True) in flush(r, 0.5)
+
+
+def test_completion_misuse_raises() -> None:
+    r = make()
+    r.receive_frame(A, data(1), 0.0)
+    with pytest.raises(LocalProtocolError, match="never"):
+        r.complete(A, INC_A, LinkSeq(2))
+    r.complete(A, INC_A, LinkSeq(1))
+    with pytest.raises(LocalProtocolError, match="already"):
+        r.fail(A, INC_A, LinkSeq(1), ErrCode.COMPUTE_FAILED)
+    with pytest.raises(LocalProtocolError, match="reserved"):
+        r.fail(A, INC_A, LinkSeq(1), 42)
+    with pytest.raises(LocalProtocolError, match="stream"):
+        r.request(A, None, [StreamSeq(1)], 0.0)
+
+
+def test_completion_after_sender_gave_up_is_ignored() -> None:
+    r = make()
+    r.receive_frame(A, data(1), 0.0)
+    r.receive_frame(A, data(2, watermark=2), 0.1)
+    assert not r.complete(A, INC_A, LinkSeq(1))
+    assert session(r).held == 1
+
+
+def test_request_and_route_the_answer() -> None:
+    r = make()
+    qid = r.request(A, HALO, [StreamSeq(4)], 0.0)
+    assert r.frames_to_send(0.0) == [(A, Req(B, INC_B, qid, HALO, (StreamSeq(4),)))]
+    answer = ReqAnswer(
+        A, INC_A, qid, HALO, (MissingItem(StreamSeq(4), MissingStatus.GIVEN_UP),), ()
+    )
+    r.receive_frame(C, ReqAnswer(C, INC_A, qid, HALO, (), ()), 0.1)
+    r.receive_frame(A, answer, 0.1)
+    r.receive_frame(A, answer, 0.1)
+    assert r.take_events() == [
+        Rejected(C, "unknown-query"),
+        QueryAnswered(A, answer),
+        Rejected(A, "unknown-query"),
+    ]
+    assert r.statistics().queries_answered == 1
+
+
+def test_status_query_round_trip_with_a_real_sender() -> None:
+    sender = LinkSender(A, INC_A, B, now=0.0, rng=lambda: 0.5)
+    r = make()
+    sender.send(HALO, "x", now=0.0)
+    for frame in sender.frames_to_send(0.0):
+        r.receive_frame(A, frame, 0.0)
+    qid = r.request(A, None, (), 0.0)
+    for peer, frame in r.frames_to_send(0.0):
+        assert peer == A
+        sender.receive_frame(frame, 0.01)
+    for frame in sender.frames_to_send(0.01):
+        r.receive_frame(A, frame, 0.02)
+    (answered,) = [e for e in r.take_events() if isinstance(e, QueryAnswered)]
+    assert answered.answer.query_id == qid
+    # Held (RECEIVED went with the REQ) but not answered: still in flight.
+    assert [(s.stream, s.last_sent, s.in_flight) for s in answered.answer.streams] == [(HALO, 1, 1)]
+    assert sender.statistics().held == 1
+
+
+def test_memory_stays_within_max_entries_over_a_long_session() -> None:
+    r = make(window=8, max_entries=16)
+    watermark = 1
+    for seq in range(1, 5001):
+        r.receive_frame(A, data(seq, watermark=watermark), seq * 0.001)
+        r.complete(A, INC_A, LinkSeq(seq))
+        flush(r, seq * 0.001)
+        # The sender learns answers a few messages late.
+        watermark = max(1, seq - 5)
+        s = session(r)
+        assert s.cached_answers + s.held <= 7
+    assert session(r).delivered == 5000

@@ -1,0 +1,635 @@
+"""The receiving side of every link into this node, sans-IO.
+
+One :class:`LinkReceiver` per node holds one session per peer node, keyed by the
+peer's incarnation. A shell (the Receiver actor, owner of the ROUTER) drives it::
+
+    receiver.receive_frame(origin, frame, now)   # origin: who the transport vouches for
+    for event in receiver.take_events(): ...    # Deliver, session changes, rejections
+    receiver.complete(peer, peer_incarnation, seq, result=...)   # compute layer finished
+    for peer, frame in receiver.frames_to_send(now): ...   # answers, per peer
+
+Rules that live here (design.md §3, §3.1):
+
+* The first copy of a link sequence number is delivered once; RECEIVED is
+  queued at once so a slow compute step causes no retransmission, but if the
+  final answer is known by flush time only the final answer goes. A duplicate
+  gets the cached final answer again (or RECEIVED while still processing).
+* Cached answers are dropped as soon as the sender's watermark passes them,
+  and copies below the watermark are dropped unanswered: the table stays at
+  ``max_entries`` per session at most.
+* Credit ``floor + window - 1``: ``floor`` is the lowest sequence number not
+  finalised here, so work the compute layer has not finished holds the
+  sender back. DATA past the credit gets RETRY_LATER and is neither held nor
+  delivered.
+* A greater incarnation of the peer ends its session (event
+  :class:`SessionEnded` with what was left unfinished) and starts a fresh one;
+  DATA from an older incarnation is refused with ERR ``STALE_SESSION``. The
+  two are never mixed.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+
+from ._errors import LocalProtocolError
+from ._frames import (
+    APP_ERR_MIN,
+    Ack,
+    Batch,
+    Data,
+    Err,
+    ErrCode,
+    Frame,
+    Hello,
+    Payload,
+    Received,
+    Req,
+    ReqAnswer,
+    RetryLater,
+    RetryReason,
+)
+from ._ids import Incarnation, LinkSeq, NodeId, StreamId, StreamSeq
+from ._proto_link import (
+    Deliver,
+    QueryAnswered,
+    ReceiverConfig,
+    ReceiverEvent,
+    ReceiverStatistics,
+    Rejected,
+    SessionEnded,
+    SessionStarted,
+    SessionStatistics,
+)
+
+_PROCESSING = 0
+_ACKED = 1
+_ERRED = 2
+
+_VALID_ERR_CODES = frozenset(int(code) for code in ErrCode)
+
+
+class _Entry:
+    """One delivered message: still processing, or its final answer."""
+
+    __slots__ = ("code", "detail", "result", "state")
+
+    def __init__(self) -> None:
+        self.state = _PROCESSING
+        self.result: Payload = None
+        self.code = 0
+        self.detail = ""
+
+
+class _Session:
+    """What the receiver knows about one incarnation of one peer."""
+
+    __slots__ = (
+        "delivered",
+        "dropped",
+        "duplicates",
+        "entries",
+        "floor",
+        "incarnation",
+        "peer",
+        "processing",
+        "retry_later",
+        "watermark",
+    )
+
+    def __init__(self, peer: NodeId, incarnation: Incarnation, watermark: int) -> None:
+        self.peer = peer
+        self.incarnation = incarnation
+        self.watermark = watermark
+        self.floor = watermark
+        self.entries: dict[int, _Entry] = {}
+        self.processing = 0
+        self.delivered = 0
+        self.duplicates = 0
+        self.dropped = 0
+        self.retry_later = 0
+
+    def advance_floor(self) -> None:
+        entries = self.entries
+        floor = self.floor
+        while True:
+            entry = entries.get(floor)
+            if entry is None or entry.state == _PROCESSING:
+                break
+            floor += 1
+        self.floor = floor
+
+    def raise_watermark(self, watermark: int) -> None:
+        """Forget every entry the sender no longer needs (all below ``watermark``)."""
+        entries = self.entries
+        if watermark - self.watermark <= len(entries):
+            doomed: Iterable[int] = range(self.watermark, watermark)
+        else:
+            # A far jump (a long give-up gap): walk the table, not the range.
+            doomed = [seq for seq in entries if seq < watermark]
+        for seq in doomed:
+            entry = entries.pop(seq, None)
+            if entry is not None and entry.state == _PROCESSING:
+                self.processing -= 1
+        self.watermark = watermark
+        if self.floor < watermark:
+            self.floor = watermark
+        self.advance_floor()
+
+
+class LinkReceiver:
+    """The sans-IO receiving side of all links into ``node``.
+
+    Args:
+        node: this node's id, stamped on every answer.
+        incarnation: this process's incarnation of ``node``.
+        config: tuning; see :class:`ReceiverConfig`.
+    """
+
+    def __init__(
+        self,
+        node: NodeId,
+        incarnation: Incarnation,
+        *,
+        config: ReceiverConfig | None = None,
+    ) -> None:
+        self._node = node
+        self._incarnation = incarnation
+        self._config = cfg = config if config is not None else ReceiverConfig()
+        self._window = cfg.window
+        self._max_entries = cfg.max_entries
+        self._now = -float("inf")
+        self._sessions: dict[NodeId, _Session] = {}
+        # Answers tied to a table entry, coalesced: built at flush time so that
+        # a final answer known by then replaces the RECEIVED, and credit is fresh.
+        self._answers: dict[tuple[NodeId, Incarnation, int], None] = {}
+        self._out: list[tuple[NodeId, Frame]] = []
+        self._events: deque[ReceiverEvent] = deque()
+        self._queries: dict[int, NodeId] = {}
+        self._next_query = 1
+
+        self._sessions_ended = 0
+        self._stale_refused = 0
+        self._ignored_completions = 0
+        self._queries_sent = 0
+        self._queries_answered = 0
+        self._rejected: dict[str, int] = {}
+
+    @property
+    def node(self) -> NodeId:
+        """This node's id."""
+        return self._node
+
+    @property
+    def incarnation(self) -> Incarnation:
+        """This process's incarnation."""
+        return self._incarnation
+
+    def session_incarnation(self, peer: NodeId) -> Incarnation | None:
+        """The incarnation of ``peer`` whose session is live here, if any.
+
+        Args:
+            peer: a peer node id.
+
+        Returns:
+            The incarnation, or None if no DATA from ``peer`` arrived yet.
+        """
+        session = self._sessions.get(peer)
+        return None if session is None else session.incarnation
+
+    # --- receiving -------------------------------------------------------------------
+
+    def receive_frame(self, origin: NodeId, frame: Frame, now: float) -> None:
+        """Take one frame from the network.
+
+        Nothing from the network raises: refusals become :class:`Rejected`
+        events and counters.
+
+        Args:
+            origin: the node the transport vouches for (ZeroMQ routing id now,
+                the CURVE key's ZAP User-Id later). A frame naming another node
+                is refused as ``"impersonation"``.
+            frame: a decoded frame; a :class:`Batch` is unpacked.
+            now: the current time.
+
+        Raises:
+            LocalProtocolError: ``now`` went backwards.
+        """
+        self._tick(now)
+        if isinstance(frame, Batch):
+            for inner in frame.frames:
+                self._receive_one(origin, inner)
+        else:
+            self._receive_one(origin, frame)
+
+    def _receive_one(self, origin: NodeId, frame: Frame) -> None:
+        if isinstance(frame, Batch):
+            self._reject(origin, "nested-batch")
+            return
+        if frame.node != origin:
+            self._reject(origin, "impersonation")
+            return
+        if isinstance(frame, Data):
+            self._on_data(origin, frame)
+        elif isinstance(frame, Hello):
+            self._on_hello(origin, frame)
+        elif isinstance(frame, ReqAnswer):
+            if self._queries.get(frame.query_id) != origin:
+                self._reject(origin, "unknown-query")
+                return
+            del self._queries[frame.query_id]
+            self._queries_answered += 1
+            self._events.append(QueryAnswered(origin, frame))
+        else:
+            self._reject(origin, "unexpected-frame")
+
+    def _reject(self, origin: NodeId, reason: str) -> None:
+        self._rejected[reason] = self._rejected.get(reason, 0) + 1
+        self._events.append(Rejected(origin, reason))
+
+    def _on_hello(self, peer: NodeId, hello: Hello) -> None:
+        if hello.reply:
+            self._reject(peer, "unexpected-frame")
+            return
+        session = self._sessions.get(peer)
+        if session is not None and hello.incarnation > session.incarnation:
+            # The peer restarted: its old session can never be finished.
+            self._end(session)
+            del self._sessions[peer]
+        self._out.append((peer, Hello(self._node, self._incarnation, hello.nonce, True)))
+
+    def _end(self, session: _Session) -> None:
+        unfinished = tuple(
+            LinkSeq(seq)
+            for seq, entry in sorted(session.entries.items())
+            if entry.state == _PROCESSING
+        )
+        self._sessions_ended += 1
+        self._events.append(SessionEnded(session.peer, session.incarnation, unfinished))
+
+    def _on_data(self, peer: NodeId, data: Data) -> None:
+        seq = data.seq
+        if not (1 <= data.watermark <= seq and 1 <= data.stream_floor <= data.stream_seq):
+            # Both floors are at most the number of anything the sender still
+            # sends; a greater watermark would wipe answers it still needs.
+            self._reject(peer, "bad-data")
+            return
+        session = self._sessions.get(peer)
+        if session is None or data.incarnation > session.incarnation:
+            if session is not None:
+                self._end(session)
+            session = self._sessions[peer] = _Session(peer, data.incarnation, data.watermark)
+            self._events.append(SessionStarted(peer, data.incarnation))
+        elif data.incarnation < session.incarnation:
+            self._stale_refused += 1
+            self._out.append(
+                (
+                    peer,
+                    Err(
+                        self._node,
+                        self._incarnation,
+                        data.incarnation,
+                        seq,
+                        LinkSeq(0),
+                        ErrCode.STALE_SESSION,
+                        f"incarnation {data.incarnation} of {peer} was replaced by "
+                        f"{session.incarnation}",
+                    ),
+                )
+            )
+            return
+        if data.watermark > session.watermark:
+            session.raise_watermark(data.watermark)
+        if seq < session.watermark:
+            session.dropped += 1
+            return
+        if seq in session.entries:
+            session.duplicates += 1
+            self._answers[(peer, session.incarnation, seq)] = None
+            return
+        if seq >= session.floor + self._window or seq >= session.watermark + self._max_entries:
+            session.retry_later += 1
+            self._out.append(
+                (
+                    peer,
+                    RetryLater(
+                        self._node,
+                        self._incarnation,
+                        session.incarnation,
+                        seq,
+                        LinkSeq(session.floor + self._window - 1),
+                        RetryReason.WINDOW_FULL,
+                    ),
+                )
+            )
+            return
+        session.entries[seq] = _Entry()
+        session.processing += 1
+        session.delivered += 1
+        self._answers[(peer, session.incarnation, seq)] = None
+        self._events.append(
+            Deliver(
+                peer,
+                session.incarnation,
+                seq,
+                data.stream,
+                data.stream_seq,
+                data.stream_floor,
+                data.frame_no,
+                data.payload,
+            )
+        )
+
+    # --- the compute layer's answers -------------------------------------------------
+
+    def complete(
+        self, peer: NodeId, peer_incarnation: Incarnation, seq: LinkSeq, result: Payload = None
+    ) -> bool:
+        """The compute layer processed a delivered message: answer ACK.
+
+        Args:
+            peer, peer_incarnation, seq: as in the :class:`Deliver` event.
+            result: optional payload carried back in the ACK.
+
+        Returns:
+            True if the answer will be sent; False if the session has ended or
+            the sender gave the message up meanwhile (nobody waits for it).
+
+        Raises:
+            LocalProtocolError: ``seq`` was never delivered in that session, or
+                it already has its final answer.
+        """
+        entry = self._entry_to_finish(peer, peer_incarnation, seq)
+        if entry is None:
+            return False
+        entry.state = _ACKED
+        entry.result = result
+        self._finished(peer, peer_incarnation, seq)
+        return True
+
+    def fail(
+        self,
+        peer: NodeId,
+        peer_incarnation: Incarnation,
+        seq: LinkSeq,
+        code: int,
+        detail: str = "",
+    ) -> bool:
+        """The compute layer could not process a delivered message: answer ERR.
+
+        Args:
+            peer, peer_incarnation, seq: as in the :class:`Deliver` event.
+            code: an :class:`ErrCode` or an application code >= ``APP_ERR_MIN``.
+            detail: a human-readable reason.
+
+        Returns:
+            True if the answer will be sent; False if nobody waits for it.
+
+        Raises:
+            LocalProtocolError: ``code`` is neither a protocol nor an application
+                code, ``seq`` was never delivered, or it already has its answer.
+        """
+        if code not in _VALID_ERR_CODES and code < APP_ERR_MIN:
+            raise LocalProtocolError(
+                f"ERR code {code} is reserved; use an ErrCode or a code >= {APP_ERR_MIN}"
+            )
+        entry = self._entry_to_finish(peer, peer_incarnation, seq)
+        if entry is None:
+            return False
+        entry.state = _ERRED
+        entry.code = code
+        entry.detail = detail
+        self._finished(peer, peer_incarnation, seq)
+        return True
+
+    def _entry_to_finish(
+        self, peer: NodeId, peer_incarnation: Incarnation, seq: int
+    ) -> _Entry | None:
+        session = self._sessions.get(peer)
+        if session is None or session.incarnation != peer_incarnation or seq < session.watermark:
+            self._ignored_completions += 1
+            return None
+        entry = session.entries.get(seq)
+        if entry is None:
+            raise LocalProtocolError(
+                f"link seq {seq} from {peer!r} (incarnation {peer_incarnation}) was never "
+                "delivered; answer only what a Deliver event handed out"
+            )
+        if entry.state != _PROCESSING:
+            raise LocalProtocolError(
+                f"link seq {seq} from {peer!r} already has its final answer; answer each "
+                "Deliver exactly once"
+            )
+        session.processing -= 1
+        return entry
+
+    def _finished(self, peer: NodeId, peer_incarnation: Incarnation, seq: int) -> None:
+        session = self._sessions[peer]
+        if seq == session.floor:
+            session.advance_floor()
+        self._answers[(peer, peer_incarnation, seq)] = None
+
+    def refuse(
+        self, peer: NodeId, peer_incarnation: Incarnation, seq: LinkSeq, reason: RetryReason
+    ) -> bool:
+        """Take back a delivered message the layer above cannot hold after all.
+
+        The node's sequencer refuses a message beyond its stream's reorder
+        buffer: the receiver forgets it, answers RETRY_LATER ("not held: send
+        again") and treats the resend as new.
+
+        Args:
+            peer, peer_incarnation, seq: as in the :class:`Deliver` event.
+            reason: why it is refused, for the sender's counters.
+
+        Returns:
+            True if a RETRY_LATER goes out; False if nobody waits for it.
+
+        Raises:
+            LocalProtocolError: ``seq`` was never delivered or already answered.
+        """
+        entry = self._entry_to_finish(peer, peer_incarnation, seq)
+        if entry is None:
+            return False
+        session = self._sessions[peer]
+        del session.entries[seq]
+        session.delivered -= 1
+        session.retry_later += 1
+        self._answers.pop((peer, peer_incarnation, seq), None)
+        self._out.append(
+            (
+                peer,
+                RetryLater(
+                    self._node,
+                    self._incarnation,
+                    peer_incarnation,
+                    seq,
+                    LinkSeq(session.floor + self._window - 1),
+                    reason,
+                ),
+            )
+        )
+        return True
+
+    # --- questions to senders --------------------------------------------------------
+
+    def request(
+        self,
+        peer: NodeId,
+        stream: StreamId | None,
+        missing: Iterable[StreamSeq],
+        now: float,
+    ) -> int:
+        """Ask ``peer`` (as the sender of its link to us) about messages or its state.
+
+        The answer arrives as a :class:`QueryAnswered` event. A REQ can be lost
+        like any frame: the caller asks again if no answer comes in time.
+
+        Args:
+            peer: the sending node to ask.
+            stream: the stream the missing numbers belong to; None with no
+                ``missing`` asks about every stream.
+            missing: stream sequence numbers still awaited; empty for a status
+                query.
+            now: the current time.
+
+        Returns:
+            The query id the answer will carry.
+
+        Raises:
+            LocalProtocolError: ``missing`` is given without a ``stream``.
+        """
+        self._tick(now)
+        wanted = tuple(missing)
+        if wanted and stream is None:
+            raise LocalProtocolError("missing stream sequence numbers need the stream they are in")
+        query_id = self._next_query
+        self._next_query += 1
+        self._queries[query_id] = peer
+        if len(self._queries) > self._config.max_pending_queries:
+            del self._queries[next(iter(self._queries))]
+        self._queries_sent += 1
+        self._out.append((peer, Req(self._node, self._incarnation, query_id, stream, wanted)))
+        return query_id
+
+    # --- output ----------------------------------------------------------------------
+
+    def frames_to_send(self, now: float) -> list[tuple[NodeId, Frame]]:
+        """Every answer and question due, each with the peer it goes to.
+
+        Args:
+            now: the current time.
+
+        Returns:
+            ``(peer, frame)`` pairs; the shell batches frames per peer.
+
+        Raises:
+            LocalProtocolError: ``now`` went backwards.
+        """
+        self._tick(now)
+        out = self._out
+        self._out = []
+        if not self._answers:
+            return out
+        node = self._node
+        incarnation = self._incarnation
+        window = self._window
+        sessions = self._sessions
+        for peer, peer_incarnation, seq in self._answers:
+            session = sessions.get(peer)
+            if session is None or session.incarnation != peer_incarnation:
+                continue
+            entry = session.entries.get(seq)
+            if entry is None:
+                continue
+            credit = LinkSeq(session.floor + window - 1)
+            frame: Frame
+            if entry.state == _ACKED:
+                frame = Ack(node, incarnation, peer_incarnation, LinkSeq(seq), credit, entry.result)
+            elif entry.state == _ERRED:
+                frame = Err(
+                    node,
+                    incarnation,
+                    peer_incarnation,
+                    LinkSeq(seq),
+                    credit,
+                    entry.code,
+                    entry.detail,
+                )
+            else:
+                frame = Received(node, incarnation, peer_incarnation, LinkSeq(seq), credit)
+            out.append((peer, frame))
+        self._answers.clear()
+        return out
+
+    def take_events(self) -> list[ReceiverEvent]:
+        """Hand over the events produced since the last call, oldest first.
+
+        Returns:
+            The events; the receiver forgets them.
+        """
+        events = list(self._events)
+        self._events.clear()
+        return events
+
+    def poll(self, now: float) -> None:
+        """Advance time. The receiver has no timers of its own yet.
+
+        Args:
+            now: the current time.
+
+        Raises:
+            LocalProtocolError: ``now`` went backwards.
+        """
+        self._tick(now)
+
+    def next_deadline(self) -> float | None:
+        """When the shell must call :meth:`frames_to_send` next.
+
+        Returns:
+            The last ``now`` (meaning "at once") when answers are waiting,
+            otherwise None: nothing happens here until a frame or a completion.
+        """
+        if self._out or self._answers:
+            return self._now
+        return None
+
+    def _tick(self, now: float) -> None:
+        if now < self._now:
+            raise LocalProtocolError(
+                f"time went backwards ({now!r} < {self._now!r}); pass a monotonic clock"
+            )
+        self._now = now
+
+    def statistics(self) -> ReceiverStatistics:
+        """A snapshot of the counters.
+
+        Returns:
+            A frozen :class:`ReceiverStatistics`.
+        """
+        window = self._window
+        sessions = tuple(
+            SessionStatistics(
+                peer=s.peer,
+                incarnation=s.incarnation,
+                delivered=s.delivered,
+                duplicates=s.duplicates,
+                dropped_below_watermark=s.dropped,
+                retry_later_sent=s.retry_later,
+                held=s.processing,
+                cached_answers=len(s.entries) - s.processing,
+                watermark=LinkSeq(s.watermark),
+                floor=LinkSeq(s.floor),
+                credit=LinkSeq(s.floor + window - 1),
+            )
+            for s in self._sessions.values()
+        )
+        return ReceiverStatistics(
+            sessions=sessions,
+            sessions_ended=self._sessions_ended,
+            stale_refused=self._stale_refused,
+            rejected=dict(self._rejected),
+            ignored_completions=self._ignored_completions,
+            queries_sent=self._queries_sent,
+            queries_answered=self._queries_answered,
+        )
