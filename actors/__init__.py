@@ -1,14 +1,27 @@
-"""cellmesh's runtime: actors, supervision, and the node that links peers."""
+"""cellmesh's runtime: actors, supervision, and the node that links peers.
+
+Start with :func:`open_node`; write compute logic as an :class:`Actor` that
+receives :class:`Delivery` (and :class:`Gap`) messages.
+"""
 
 from __future__ import annotations
 
-from ._actor import DEFAULT_ASK_TIMEOUT, Actor, ActorRef, ActorStatistics, spawn
+from transport import ErrCode, FaultPlan, GapPolicy, PeerState, ReceiverConfig, SenderConfig
+from transport import SequencerConfig as StreamConfig
+
+from ._actor import DEFAULT_ASK_TIMEOUT, Actor, ActorRef, ActorStatistics, ReplySink, spawn
 from ._errors import ActorCrashed, ActorError, ActorStopped, AskTimeout, SupervisorGaveUp
+from ._inbound import InboundStatistics
+from ._link import LinkStatistics, SendHandle
+from ._node import DEFAULT_STREAM, Node, NodeConfig, NodeStatistics, open_node
+from ._outcomes import Ack, Delivery, DeliveryFailed, Gap, PeerError, Reject, SendError
 from ._spec import Backoff, ChildSpec, Restart, Status, Strategy, SupervisorSpec
 from ._supervisor import Supervisor, SupervisorStatistics, open_supervisor
 
 __all__ = [
     "DEFAULT_ASK_TIMEOUT",
+    "DEFAULT_STREAM",
+    "Ack",
     "Actor",
     "ActorCrashed",
     "ActorError",
@@ -18,13 +31,34 @@ __all__ = [
     "AskTimeout",
     "Backoff",
     "ChildSpec",
+    "Delivery",
+    "DeliveryFailed",
+    "ErrCode",
+    "FaultPlan",
+    "Gap",
+    "GapPolicy",
+    "InboundStatistics",
+    "LinkStatistics",
+    "Node",
+    "NodeConfig",
+    "NodeStatistics",
+    "PeerError",
+    "PeerState",
+    "ReceiverConfig",
+    "Reject",
+    "ReplySink",
     "Restart",
+    "SendError",
+    "SendHandle",
+    "SenderConfig",
     "Status",
     "Strategy",
+    "StreamConfig",
     "Supervisor",
     "SupervisorGaveUp",
     "SupervisorSpec",
     "SupervisorStatistics",
+    "open_node",
     "open_supervisor",
     "spawn",
 ]

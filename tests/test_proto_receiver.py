@@ -47,8 +47,11 @@ INC_B = Incarnation(50)
 HALO = StreamId("halo")
 
 
-def make(window: int = 8, max_entries: int = 16) -> LinkReceiver:
-    return LinkReceiver(B, INC_B, config=ReceiverConfig(window=window, max_entries=max_entries))
+def make(window: int = 8, max_entries: int = 16, received_delay: float = 0.0) -> LinkReceiver:
+    # Most rules are easiest to see with RECEIVED sent at once; the delayed
+    # RECEIVED has its own tests below.
+    config = ReceiverConfig(window=window, max_entries=max_entries, received_delay=received_delay)
+    return LinkReceiver(B, INC_B, config=config)
 
 
 def data(
@@ -326,3 +329,46 @@ def test_memory_stays_within_max_entries_over_a_long_session() -> None:
         s = session(r)
         assert s.cached_answers + s.held <= 7
     assert session(r).delivered == 5000
+
+
+def test_received_waits_for_the_delay_and_is_skipped_when_the_answer_is_ready() -> None:
+    r = make(received_delay=0.01)
+    r.receive_frame(A, data(1), 0.0)
+    r.receive_frame(A, data(2), 0.0)
+    r.take_events()
+    assert r.next_deadline() == 0.01
+    assert r.frames_to_send(0.005) == []
+    r.complete(A, INC_A, LinkSeq(1), "r1")
+    [(peer, ack)] = r.frames_to_send(0.006)
+    assert peer == A
+    assert isinstance(ack, Ack)
+    assert ack.seq == 1
+    assert r.next_deadline() == 0.01
+    [(_, received)] = r.frames_to_send(0.01)
+    assert isinstance(received, Received)
+    assert received.seq == 2
+    assert r.next_deadline() is None
+
+
+def test_duplicate_of_a_message_in_processing_gets_received_at_once() -> None:
+    r = make(received_delay=0.01)
+    r.receive_frame(A, data(1), 0.0)
+    r.frames_to_send(0.0)
+    r.receive_frame(A, data(1), 0.001)
+    [(_, received)] = r.frames_to_send(0.001)
+    assert isinstance(received, Received)
+    assert received.seq == 1
+
+
+def test_refuse_answers_retry_later_and_takes_the_resend_as_new() -> None:
+    r = make()
+    r.receive_frame(A, data(1), 0.0)
+    r.take_events()
+    assert r.refuse(A, INC_A, LinkSeq(1), RetryReason.BUFFER_FULL)
+    [(_, answer)] = r.frames_to_send(0.0)
+    assert isinstance(answer, RetryLater)
+    assert answer.reason is RetryReason.BUFFER_FULL
+    r.receive_frame(A, data(1), 0.1)
+    [event] = r.take_events()
+    assert isinstance(event, Deliver)
+    assert event.seq == 1

@@ -120,15 +120,25 @@ class ReceiverConfig:
             whose ``max_in_flight`` is at most ``window`` never reaches it.
         max_pending_queries: outstanding REQs remembered to route answers;
             the oldest is forgotten beyond it.
+        received_delay: how long a new delivery waits for its final answer
+            before RECEIVED is sent for it (TCP's delayed ACK): a fast compute
+            step is then confirmed by one ACK instead of RECEIVED + ACK. Must
+            stay well below the sender's ``retry_timeout``; 0 sends RECEIVED
+            at once.
     """
 
     window: int = 256
     max_entries: int = 512
     max_pending_queries: int = 1024
+    received_delay: float = 0.01
 
     def __post_init__(self) -> None:
         for name in ("window", "max_entries", "max_pending_queries"):
             _positive_int(name, getattr(self, name))
+        if not 0.0 <= self.received_delay < 1.0:
+            raise LocalProtocolError(
+                f"received_delay must be in [0, 1) seconds, got {self.received_delay!r}"
+            )
         if self.max_entries < self.window:
             raise LocalProtocolError("max_entries must be >= window")
 

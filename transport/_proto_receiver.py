@@ -163,6 +163,12 @@ class LinkReceiver:
         # Answers tied to a table entry, coalesced: built at flush time so that
         # a final answer known by then replaces the RECEIVED, and credit is fresh.
         self._answers: dict[tuple[NodeId, Incarnation, int], None] = {}
+        # RECEIVED for new deliveries waits ``received_delay``: by then most
+        # messages have their final answer and need no RECEIVED at all
+        # (TCP's delayed ACK). Deliveries come in time order, so a deque is
+        # already sorted by due time.
+        self._delayed: deque[tuple[float, tuple[NodeId, Incarnation, int]]] = deque()
+        self._received_delay = cfg.received_delay
         self._out: list[tuple[NodeId, Frame]] = []
         self._events: deque[ReceiverEvent] = deque()
         self._queries: dict[int, NodeId] = {}
@@ -326,7 +332,11 @@ class LinkReceiver:
         session.entries[seq] = _Entry()
         session.processing += 1
         session.delivered += 1
-        self._answers[(peer, session.incarnation, seq)] = None
+        key = (peer, session.incarnation, seq)
+        if self._received_delay > 0.0:
+            self._delayed.append((self._now + self._received_delay, key))
+        else:
+            self._answers[key] = None
         self._events.append(
             Deliver(
                 peer,
@@ -529,6 +539,17 @@ class LinkReceiver:
         self._tick(now)
         out = self._out
         self._out = []
+        delayed = self._delayed
+        while delayed and delayed[0][0] <= now:
+            key = delayed.popleft()[1]
+            session = self._sessions.get(key[0])
+            if session is None or session.incarnation != key[1]:
+                continue
+            entry = session.entries.get(key[2])
+            if entry is not None and entry.state == _PROCESSING:
+                # Still processing: RECEIVED is due. A finished one's final
+                # answer went out when it finished.
+                self._answers[key] = None
         if not self._answers:
             return out
         node = self._node
@@ -592,6 +613,8 @@ class LinkReceiver:
         """
         if self._out or self._answers:
             return self._now
+        if self._delayed:
+            return self._delayed[0][0]
         return None
 
     def _tick(self, now: float) -> None:

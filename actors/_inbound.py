@@ -1,0 +1,496 @@
+"""The receiving side of a node: one Receiver actor, one Sequencer per peer.
+
+The Receiver owns the node's ROUTER and the :class:`LinkReceiver` core
+(sessions, dedup, credit); it never waits on anyone else. It routes each
+peer's new messages to that peer's :class:`PeerSequencer`, which puts every
+stream back in order and hands messages to the compute actor; a slow compute
+actor or a stalled stream therefore only slows the peer that feeds it.
+
+The compute actor answers through a :class:`_Completion` sink that travels
+with each message: returning from ``receive`` becomes ACK, ``Reject`` becomes
+ERR with its code, a crash becomes ERR ``COMPUTE_FAILED`` (and the supervisor
+restarts the actor), a stop becomes ERR ``SHUTTING_DOWN``. Every delivered
+message gets exactly one final answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+import zmq
+
+from transport import Ack as AckFrame
+from transport import (
+    Batch,
+    ErrCode,
+    FaultInjector,
+    FaultPlan,
+    Frame,
+    Incarnation,
+    Limits,
+    LinkReceiver,
+    LocalProtocolError,
+    NodeId,
+    ReceiverConfig,
+    ReceiverStatistics,
+    RemoteProtocolError,
+    ReqAnswer,
+    RetryReason,
+    SequencerConfig,
+    SequencerStatistics,
+    Socket,
+    StreamId,
+    StreamSequencer,
+    Unroutable,
+    decode,
+    encode,
+    router_socket,
+)
+from transport import Err as ErrFrame
+from transport._proto_link import Deliver, QueryAnswered
+from transport._proto_sequencer import AskMissing, OfferResult, Release, StreamFailed
+from transport._proto_sequencer import Gap as GapEvent
+
+from ._actor import Actor, ActorRef
+from ._errors import ActorStopped
+from ._outcomes import Delivery, Gap, Reject
+
+_RECV_BUDGET = 256
+
+#: Stands for "timers may be due" in a sequencer's mailbox.
+_TICK: Any = object()
+
+
+@dataclass(frozen=True, slots=True)
+class InboundStatistics:
+    """The receiving side's counters."""
+
+    protocol: ReceiverStatistics
+    rejected: dict[str, int]
+    unroutable: int
+    socket_full: int
+
+
+class InboundState:
+    """What the receiving side keeps across restarts of its actors."""
+
+    def __init__(
+        self,
+        node: NodeId,
+        incarnation: Incarnation,
+        bind: str,
+        peers: frozenset[NodeId],
+        *,
+        config: ReceiverConfig,
+        faults: FaultPlan,
+        limits: Limits,
+    ) -> None:
+        self.node = node
+        self.bind = bind
+        self.endpoint: str | None = None
+        self.limits = limits
+        self.core = LinkReceiver(node, incarnation, config=config)
+        self.faults: FaultInjector[list[Any]] = FaultInjector(faults, salt=f"{node}<-")
+        # Routing ids are the peers' node ids (design.md §5); anything else
+        # is refused before it reaches the protocol core.
+        self.routes: dict[bytes, NodeId] = {peer.encode(): peer for peer in peers}
+        self.sequencers: dict[NodeId, ActorRef[list[Any], None]] = {}
+        self.sequencer_stats: dict[NodeId, Callable[[], dict[StreamId, SequencerStatistics]]] = {}
+        self.queries: dict[int, _Query] = {}
+        self.rejected: Counter[str] = Counter()
+        self.unroutable = 0
+        self.socket_full = 0
+        self.socket: Socket | None = None
+        self.bound = trio.Event()
+
+    def wake(self) -> None:
+        """Ask the Receiver's owner task to flush answers and look again."""
+        if self.socket is not None:
+            self.socket.wake()
+
+    def statistics(self) -> InboundStatistics:
+        """A snapshot of the receiving side."""
+        return InboundStatistics(
+            protocol=self.core.statistics(),
+            rejected=dict(self.rejected),
+            unroutable=self.unroutable,
+            socket_full=self.socket_full,
+        )
+
+
+@dataclass(slots=True)
+class _Query:
+    """A status query this node sent; settled by the peer's REQ answer."""
+
+    event: trio.Event = field(default_factory=trio.Event)
+    answer: ReqAnswer | None = None
+
+
+class _Completion:
+    """The reply sink of one delivered message: turns the outcome into ACK/ERR."""
+
+    __slots__ = ("_inbound", "_item")
+
+    def __init__(self, inbound: InboundState, item: Deliver) -> None:
+        self._inbound = inbound
+        self._item = item
+
+    def set_result(self, value: Any) -> None:
+        item = self._item
+        self._inbound.core.complete(item.peer, item.peer_incarnation, item.seq, value)
+        self._inbound.wake()
+
+    def fail(self, error: BaseException) -> None:
+        item = self._item
+        if isinstance(error, Reject):
+            code, detail = error.code, error.detail
+        elif isinstance(error, ActorStopped):
+            code, detail = ErrCode.SHUTTING_DOWN, "the compute actor stopped"
+        else:
+            cause = error.__cause__ or error
+            code, detail = ErrCode.COMPUTE_FAILED, f"{type(cause).__name__}: {cause}"[:200]
+        self._inbound.core.fail(item.peer, item.peer_incarnation, item.seq, code, detail)
+        self._inbound.wake()
+
+
+class Receiver(Actor[Any, Any]):
+    """Owns the ROUTER: decodes, runs the receiving core, routes, answers."""
+
+    def __init__(self, state: InboundState, ctx: zmq.Context[Any]) -> None:
+        self._state = state
+        self._ctx = ctx
+
+    async def on_start(self) -> None:
+        st = self._state
+        sock = router_socket(self._ctx)
+        try:
+            st.endpoint = sock.bind(st.bind)
+        except BaseException:
+            sock.close()
+            raise
+        st.socket = sock
+        st.bound.set()
+        self.nursery.start_soon(self._serve, st, sock)
+
+    async def on_stop(self) -> None:
+        st = self._state
+        if st.socket is not None:
+            st.socket.close()
+            st.socket = None
+
+    async def receive(self, msg: Any) -> Any:
+        """The Receiver takes no messages; it is driven by its socket."""
+        raise TypeError(f"Receiver takes no messages, got {msg!r}")
+
+    async def _serve(self, st: InboundState, sock: Socket) -> None:
+        core = st.core
+        limits = st.limits
+        routes = st.routes
+        faults = st.faults
+        inject = faults.active
+        while True:
+            now = trio.current_time()
+            for _ in range(_RECV_BUDGET):
+                try:
+                    parts = sock.recv_multipart_nowait()
+                except trio.WouldBlock:
+                    break
+                peer = routes.get(parts[0])
+                if peer is None:
+                    st.rejected["unknown-peer"] += 1
+                    continue
+                try:
+                    frame = decode(parts[1:], limits)
+                except RemoteProtocolError as exc:
+                    st.rejected[exc.reason] += 1
+                    continue
+                if type(frame) is Batch:
+                    for inner in frame.frames:
+                        core.receive_frame(peer, inner, now)
+                else:
+                    core.receive_frame(peer, frame, now)
+            core.poll(now)
+            self._route(st)
+            self._flush(st, sock, now, inject)
+            deadline = core.next_deadline()
+            if inject:
+                held = faults.next_deadline()
+                if held is not None:
+                    deadline = held if deadline is None else min(deadline, held)
+            with trio.move_on_at(math.inf if deadline is None else deadline):
+                await sock.wait_ready()
+
+    @staticmethod
+    def _route(st: InboundState) -> None:
+        events = st.core.take_events()
+        if not events:
+            return
+        by_peer: dict[NodeId, list[Any]] = {}
+        for event in events:
+            if type(event) is Deliver:
+                by_peer.setdefault(event.peer, []).append(event)
+            elif type(event) is QueryAnswered:
+                query = st.queries.pop(event.answer.query_id, None)
+                if query is not None:
+                    query.answer = event.answer
+                    query.event.set()
+                else:
+                    by_peer.setdefault(event.peer, []).append(event)
+        for peer, items in by_peer.items():
+            ref = st.sequencers.get(peer)
+            try:
+                if ref is None:
+                    raise trio.WouldBlock
+                ref.send_nowait(items)
+            except (trio.WouldBlock, ActorStopped):
+                # The peer's sequencer is flooded (or gone): refuse, do not hold.
+                for item in items:
+                    if type(item) is Deliver:
+                        st.core.refuse(
+                            item.peer, item.peer_incarnation, item.seq, RetryReason.BUFFER_FULL
+                        )
+
+    @staticmethod
+    def _flush(st: InboundState, sock: Socket, now: float, inject: bool) -> None:
+        outgoing = st.core.frames_to_send(now)
+        if outgoing:
+            by_peer: dict[NodeId, list[Frame]] = {}
+            for peer, frame in outgoing:
+                by_peer.setdefault(peer, []).append(frame)
+            for peer, frames in by_peer.items():
+                rid = peer.encode()
+                for parts in _encode_answers(frames, st.limits):
+                    message = [rid, *parts]
+                    if inject:
+                        for copy in st.faults.submit(message, now):
+                            _send(st, sock, copy)
+                    else:
+                        _send(st, sock, message)
+        if inject:
+            for message in st.faults.due(now):
+                _send(st, sock, message)
+
+
+def _encode_answers(frames: list[Frame], limits: Limits) -> list[list[Any]]:
+    """Encode answers for one peer, one batch where possible.
+
+    A compute actor may return a result the codec refuses (an arbitrary
+    object): that message is answered ERR instead, and the rest still go.
+    """
+    try:
+        one: Frame = frames[0] if len(frames) == 1 else Batch(tuple(frames))
+        return [encode(one, limits=limits)]
+    except LocalProtocolError:
+        pass
+    out: list[list[Any]] = []
+    for frame in frames:
+        try:
+            out.append(encode(frame, limits=limits))
+        except LocalProtocolError as exc:
+            if type(frame) is not AckFrame:
+                raise
+            err = ErrFrame(
+                frame.node,
+                frame.incarnation,
+                frame.peer_incarnation,
+                frame.seq,
+                frame.credit,
+                ErrCode.COMPUTE_FAILED,
+                f"result not encodable: {exc}"[:200],
+            )
+            out.append(encode(err, limits=limits))
+    return out
+
+
+def _send(st: InboundState, sock: Socket, message: list[Any]) -> None:
+    try:
+        sock.send_multipart_nowait(message)
+    except Unroutable:
+        # The peer's DEALER is not connected (now): it resends, and the
+        # cached answer goes out then.
+        st.unroutable += 1
+    except trio.WouldBlock:
+        st.socket_full += 1
+
+
+class PeerSequencer(Actor[list[Any], None]):
+    """Puts one peer's streams in order and hands them to the compute actor."""
+
+    def __init__(
+        self,
+        inbound: InboundState,
+        peer: NodeId,
+        compute: ActorRef[Any, Any] | None,
+        streams: dict[StreamId, SequencerConfig],
+        default: SequencerConfig,
+    ) -> None:
+        self._inbound = inbound
+        self._peer = peer
+        self._compute = compute
+        self._configs = streams
+        self._default = default
+        self._incarnation: Incarnation | None = None
+        self._streams: dict[StreamId, StreamSequencer[Deliver]] = {}
+        self._timer_scope: trio.CancelScope | None = None
+        self._timer_at = math.inf
+        self._pending_gaps: list[Gap] = []
+
+    async def on_start(self) -> None:
+        self._inbound.sequencer_stats[self._peer] = self.statistics
+        self.nursery.start_soon(self._timer)
+
+    async def on_stop(self) -> None:
+        # Messages buffered here will never be handed over by this instance:
+        # answer them so no sender waits in vain (the sender resends; a new
+        # instance starts clean).
+        for stream_seq in list(self._streams.values()):
+            for item in stream_seq.end():
+                self._inbound.core.refuse(
+                    item.peer, item.peer_incarnation, item.seq, RetryReason.BUFFER_FULL
+                )
+        self._streams.clear()
+        self._inbound.wake()
+
+    async def receive(self, msg: list[Any]) -> None:
+        now = trio.current_time()
+        for item in msg:
+            if type(item) is Deliver:
+                self._offer(item, now)
+            elif type(item) is QueryAnswered:
+                answer = item.answer
+                stream = self._streams.get(answer.stream) if answer.stream is not None else None
+                if stream is not None:
+                    stream.on_missing_answer(answer.missing, now)
+        for stream in self._streams.values():
+            stream.poll(now)
+        await self._drain()
+        self._inbound.wake()
+        self._rearm()
+
+    def _offer(self, item: Deliver, now: float) -> None:
+        if item.peer_incarnation != self._incarnation:
+            self._new_session(item.peer_incarnation)
+        stream = self._streams.get(item.stream)
+        if stream is None:
+            config = self._configs.get(item.stream, self._default)
+            stream = StreamSequencer(config, first=item.stream_floor)
+            self._streams[item.stream] = stream
+        result = stream.offer(item.stream_seq, item.stream_floor, item, now)
+        if result is OfferResult.ACCEPTED:
+            return
+        core = self._inbound.core
+        if result is OfferResult.REFUSED_BUFFER_FULL:
+            core.refuse(item.peer, item.peer_incarnation, item.seq, RetryReason.BUFFER_FULL)
+        elif result is OfferResult.STREAM_FAILED:
+            core.fail(
+                item.peer, item.peer_incarnation, item.seq, ErrCode.GAP_FAILED, "stream failed"
+            )
+        else:
+            # Late after a skip, stale, or a repeated stream number: the
+            # sender already has (or gets now) a definite "not processed".
+            core.fail(item.peer, item.peer_incarnation, item.seq, ErrCode.SKIPPED, result.name)
+
+    def _new_session(self, incarnation: Incarnation) -> None:
+        self._incarnation = incarnation
+        for name, stream in self._streams.items():
+            lost = stream.end()
+            if lost:
+                self._pending_gaps.append(
+                    Gap(self._peer, name, lost[0].stream_seq, lost[-1].stream_seq, "session-ended")
+                )
+        self._streams = {}
+
+    async def _drain(self) -> None:
+        compute = self._compute
+        inbound = self._inbound
+        for gap in self._take_pending_gaps():
+            if compute is not None:
+                await compute.send(gap)
+        for name, stream in list(self._streams.items()):
+            for event in stream.next_events():
+                if type(event) is Release:
+                    item = event.item
+                    if compute is None:
+                        inbound.core.fail(
+                            item.peer,
+                            item.peer_incarnation,
+                            item.seq,
+                            ErrCode.NO_HANDLER,
+                            "this node runs no compute actor",
+                        )
+                        continue
+                    delivery = Delivery(
+                        peer=item.peer,
+                        stream=item.stream,
+                        stream_seq=item.stream_seq,
+                        frame_no=item.frame_no,
+                        payload=item.payload,
+                        seq=item.seq,
+                    )
+                    completion = _Completion(inbound, item)
+                    try:
+                        # No checkpoint per message: a whole batch reaches the
+                        # compute mailbox before the compute actor runs.
+                        compute.send_nowait(delivery, reply=completion)
+                    except trio.WouldBlock:
+                        await compute.send(delivery, reply=completion)
+                elif type(event) is GapEvent:
+                    if compute is not None:
+                        await compute.send(
+                            Gap(self._peer, name, event.first, event.last, event.reason.value)
+                        )
+                elif type(event) is AskMissing:
+                    inbound.core.request(self._peer, name, event.missing, trio.current_time())
+                elif type(event) is StreamFailed:
+                    for item in event.undelivered:
+                        inbound.core.fail(
+                            item.peer,
+                            item.peer_incarnation,
+                            item.seq,
+                            ErrCode.GAP_FAILED,
+                            f"stream failed at {event.first_missing}",
+                        )
+                    if compute is not None:
+                        await compute.send(
+                            Gap(
+                                self._peer,
+                                name,
+                                event.first_missing,
+                                event.first_missing,
+                                "stream-failed",
+                            )
+                        )
+
+    def _take_pending_gaps(self) -> list[Gap]:
+        gaps, self._pending_gaps = self._pending_gaps, []
+        return gaps
+
+    def _rearm(self) -> None:
+        deadlines = [d for s in self._streams.values() if (d := s.next_deadline()) is not None]
+        at = min(deadlines, default=math.inf)
+        if at != self._timer_at:
+            self._timer_at = at
+            if self._timer_scope is not None:
+                self._timer_scope.cancel()
+
+    async def _timer(self) -> None:
+        while True:
+            with trio.CancelScope(deadline=self._timer_at) as scope:
+                self._timer_scope = scope
+                await trio.sleep_forever()
+            self._timer_scope = None
+            if scope.cancelled_caught and trio.current_time() >= self._timer_at:
+                self._timer_at = math.inf
+                # A busy mailbox is fine: its next message polls the timers too.
+                with contextlib.suppress(trio.WouldBlock):
+                    self.ref.send_nowait([_TICK])
+
+    def statistics(self) -> dict[StreamId, SequencerStatistics]:
+        """Per-stream sequencer counters for this peer."""
+        return {name: s.statistics() for name, s in self._streams.items()}

@@ -1,0 +1,370 @@
+"""The sending side of one peer link: a supervised actor around ``LinkSender``.
+
+The protocol state (sequence numbers, in-flight messages, retry timers,
+credit) lives in a :class:`LinkSender` owned by the node, not by the actor:
+when the actor crashes and its supervisor restarts it, the new instance opens
+a fresh DEALER and carries on with the same pending messages. Callers never
+notice beyond a short pause.
+
+One task owns the DEALER and does all per-message bookkeeping inline
+(design.md §5: a Trio task hop costs tens of µs); other tasks only touch the
+pure ``LinkSender`` and call :meth:`Socket.wake`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+import zmq
+from trio_util import AsyncValue
+
+from transport import Ack as AckFrame
+from transport import (
+    Batch,
+    Data,
+    Err,
+    FaultInjector,
+    FaultPlan,
+    Frame,
+    Incarnation,
+    Limits,
+    LinkSender,
+    LinkSeq,
+    NodeId,
+    Payload,
+    PeerState,
+    RemoteProtocolError,
+    SenderConfig,
+    SenderStatistics,
+    Socket,
+    StreamId,
+    StreamSeq,
+    dealer_socket,
+    decode,
+    encode,
+)
+from transport._proto_link import Answered, GaveUp, Held, PeerRestarted, PeerStateChanged
+
+from ._actor import Actor
+from ._outcomes import Ack, DeliveryFailed, PeerError
+
+#: Incoming ZeroMQ messages handled per wake before the owner task yields,
+#: so one busy link cannot starve the rest of the node.
+_RECV_BUDGET = 256
+
+#: Messages kept while the DEALER cannot send (no connection yet).
+_PENDING_MAX = 32
+
+
+class SendHandle:
+    """The pending outcome of one send; ``await handle.wait()`` for it.
+
+    Attributes:
+        peer: where it goes; seq: its link sequence number (its message id);
+        stream / stream_seq: its place in its stream.
+    """
+
+    __slots__ = (
+        "_error",
+        "_event",
+        "_result",
+        "attempts",
+        "held",
+        "peer",
+        "sent_at",
+        "seq",
+        "stream",
+        "stream_seq",
+    )
+
+    def __init__(
+        self, peer: NodeId, seq: LinkSeq, stream: StreamId, stream_seq: StreamSeq, sent_at: float
+    ) -> None:
+        self.peer = peer
+        self.seq = seq
+        self.stream = stream
+        self.stream_seq = stream_seq
+        self.sent_at = sent_at
+        self.attempts = 0
+        self.held = False
+        self._event = trio.Event()
+        self._result: Ack | None = None
+        self._error: PeerError | DeliveryFailed | None = None
+
+    @property
+    def done(self) -> bool:
+        """Whether the outcome is known."""
+        return self._event.is_set()
+
+    async def wait(self) -> Ack:
+        """Wait for the final outcome.
+
+        Returns:
+            The peer's :class:`Ack`.
+
+        Raises:
+            PeerError: the peer answered ERR.
+            DeliveryFailed: no final answer before the deadline.
+        """
+        await self._event.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+    def _settle(self, result: Ack | None, error: PeerError | DeliveryFailed | None) -> None:
+        self._result = result
+        self._error = error
+        self._event.set()
+
+
+@dataclass(frozen=True, slots=True)
+class LinkStatistics:
+    """One link's counters: the protocol's, plus what the shell saw."""
+
+    peer: NodeId
+    state: PeerState
+    protocol: SenderStatistics
+    waiting_for_window: int
+    bad_frames: int
+    socket_full: int
+
+
+class LinkState:
+    """Everything about a link that outlives a crash of its actor."""
+
+    def __init__(
+        self,
+        node: NodeId,
+        incarnation: Incarnation,
+        peer: NodeId,
+        endpoint: str,
+        *,
+        config: SenderConfig,
+        faults: FaultPlan,
+        limits: Limits,
+        seed: int,
+    ) -> None:
+        self.peer = peer
+        self.endpoint = endpoint
+        self.limits = limits
+        rng = random.Random(f"{seed}:{node}->{peer}")
+        self.core = LinkSender(
+            node, incarnation, peer, now=trio.current_time(), rng=rng.random, config=config
+        )
+        self.faults: FaultInjector[list[Any]] = FaultInjector(faults, salt=f"{node}->{peer}")
+        self.handles: dict[LinkSeq, SendHandle] = {}
+        self.window = trio.lowlevel.ParkingLot()
+        self.state = AsyncValue(PeerState.SUSPECT)
+        self.socket: Socket | None = None
+        self.bad_frames = 0
+        self.socket_full = 0
+
+    def wake(self) -> None:
+        """Ask the owner task to look at the core again (new sends, changes)."""
+        if self.socket is not None:
+            self.socket.wake()
+
+    def submit(
+        self, stream: StreamId, payload: Payload, frame_no: int | None, deadline: float | None
+    ) -> SendHandle:
+        """Hand one message to the core; raises ``trio.WouldBlock`` if the window is closed."""
+        core = self.core
+        if not core.window_open():
+            raise trio.WouldBlock
+        now = trio.current_time()
+        seq = core.send(stream, payload, now=now, deadline=deadline, frame_no=frame_no)
+        handle = SendHandle(self.peer, seq, stream, core.stream_seq_of(seq), now)
+        self.handles[seq] = handle
+        self.wake()
+        return handle
+
+    async def wait_window(self) -> None:
+        """Wait until the core accepts a new message."""
+        while not self.core.window_open():
+            await self.window.park()
+
+    def statistics(self) -> LinkStatistics:
+        """A snapshot of this link."""
+        return LinkStatistics(
+            peer=self.peer,
+            state=self.state.value,
+            protocol=self.core.statistics(),
+            waiting_for_window=self.window.statistics().tasks_waiting,
+            bad_frames=self.bad_frames,
+            socket_full=self.socket_full,
+        )
+
+
+class PeerLink(Actor[Any, Any]):
+    """The actor that drives one :class:`LinkState` over a DEALER socket."""
+
+    def __init__(self, state: LinkState, ctx: zmq.Context[Any], routing_id: bytes) -> None:
+        self._state = state
+        self._ctx = ctx
+        self._routing_id = routing_id
+        self._pending: deque[list[Any]] = deque(maxlen=_PENDING_MAX)
+
+    async def on_start(self) -> None:
+        self.nursery.start_soon(self._own_socket)
+
+    async def receive(self, msg: Any) -> Any:
+        """Links take no messages: sends go straight into the protocol core."""
+        raise TypeError(f"PeerLink takes no messages, got {msg!r}")
+
+    async def _own_socket(self) -> None:
+        st = self._state
+        sock = dealer_socket(self._ctx, routing_id=self._routing_id)
+        try:
+            sock.connect(st.endpoint)
+            st.socket = sock
+            await self._serve(st, sock)
+        finally:
+            st.socket = None
+            sock.close()
+
+    async def _serve(self, st: LinkState, sock: Socket) -> None:
+        core = st.core
+        limits = st.limits
+        faults = st.faults
+        inject = faults.active
+        pending = self._pending
+        while True:
+            now = trio.current_time()
+            while pending:
+                try:
+                    sock.send_multipart_nowait(pending[0])
+                except trio.WouldBlock:
+                    break
+                pending.popleft()
+            for _ in range(_RECV_BUDGET):
+                try:
+                    parts = sock.recv_multipart_nowait()
+                except trio.WouldBlock:
+                    break
+                try:
+                    frame = decode(parts, limits)
+                except RemoteProtocolError:
+                    st.bad_frames += 1
+                    continue
+                if type(frame) is Batch:
+                    for inner in frame.frames:
+                        core.receive_frame(inner, now)
+                else:
+                    core.receive_frame(frame, now)
+            core.poll(now)
+            self._dispatch(st)
+            while True:
+                frames = core.frames_to_send(now)
+                if not frames:
+                    break
+                self._count_attempts(st, frames)
+                out: Frame = frames[0] if len(frames) == 1 else Batch(tuple(frames))
+                wire = encode(out, limits=limits)
+                if inject:
+                    for message in faults.submit(wire, now):
+                        self._send(st, sock, message)
+                else:
+                    self._send(st, sock, wire)
+            if inject:
+                for message in faults.due(now):
+                    self._send(st, sock, message)
+            deadline = core.next_deadline()
+            if inject:
+                held = faults.next_deadline()
+                if held is not None:
+                    deadline = min(deadline, held)
+            # A poll can settle sends (give-ups) and free window: dispatch again.
+            self._dispatch(st)
+            with trio.move_on_at(deadline if math.isfinite(deadline) else math.inf):
+                await sock.wait_ready(writable=bool(pending))
+
+    @staticmethod
+    def _count_attempts(st: LinkState, frames: list[Frame]) -> None:
+        handles = st.handles
+        for frame in frames:
+            if type(frame) is Data:
+                handle = handles.get(frame.seq)
+                if handle is not None:
+                    handle.attempts += 1
+
+    def _send(self, st: LinkState, sock: Socket, parts: list[Any]) -> None:
+        if self._pending:
+            self._pending.append(parts)
+            return
+        try:
+            sock.send_multipart_nowait(parts)
+        except trio.WouldBlock:
+            # Not connected yet (IMMEDIATE) or the peer stopped reading. Keep
+            # the newest few to go the moment the connection is up, so the
+            # first sends do not wait for a retry timer; older ones fall off
+            # the deque, and the protocol's retransmission covers them.
+            st.socket_full += 1
+            self._pending.append(parts)
+
+    @staticmethod
+    def _dispatch(st: LinkState) -> None:
+        events = st.core.take_events()
+        if not events:
+            return
+        handles = st.handles
+        freed = False
+        for event in events:
+            if type(event) is Answered:
+                handle = handles.pop(event.seq, None)
+                freed = True
+                if handle is None:
+                    continue
+                answer = event.answer
+                if type(answer) is AckFrame:
+                    handle._settle(
+                        Ack(
+                            peer=handle.peer,
+                            seq=handle.seq,
+                            stream=handle.stream,
+                            stream_seq=handle.stream_seq,
+                            result=answer.result,
+                            rtt=trio.current_time() - handle.sent_at,
+                            attempts=handle.attempts,
+                        ),
+                        None,
+                    )
+                else:
+                    assert type(answer) is Err
+                    handle._settle(
+                        None,
+                        PeerError(
+                            peer=handle.peer, seq=handle.seq, code=answer.code, detail=answer.detail
+                        ),
+                    )
+            elif type(event) is GaveUp:
+                handle = handles.pop(event.seq, None)
+                freed = True
+                if handle is not None:
+                    handle._settle(
+                        None,
+                        DeliveryFailed(
+                            peer=handle.peer,
+                            seq=handle.seq,
+                            reason="deadline passed without a final answer",
+                            held=handle.held,
+                        ),
+                    )
+            elif type(event) is PeerStateChanged:
+                st.state.value = event.new
+            elif type(event) is Held:
+                handle = handles.get(event.seq)
+                if handle is not None:
+                    handle.held = True
+            elif type(event) is PeerRestarted:
+                # Whatever the old incarnation held is gone with it; the core
+                # is resending those messages to the new one.
+                for handle in handles.values():
+                    handle.held = False
+        if freed and st.core.window_open():
+            st.window.unpark_all()

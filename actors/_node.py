@@ -1,0 +1,461 @@
+"""The node: what a user opens with ``async with open_node(...)``.
+
+A node is one supervision tree (design.md §1)::
+
+    node supervisor (one_for_one)
+     ├─ compute          the user's actor; gets Delivery and Gap messages
+     ├─ receiver         owns the ROUTER (bind) and the receiving core
+     ├─ seq:<peer> ...   one sequencer per peer: streams back in order
+     └─ link:<peer> ...  one PeerLink per peer it sends to: owns a DEALER
+
+Protocol state lives beside the tree (``LinkState``, ``InboundState``), so a
+restarted actor resumes its link's pending messages instead of losing them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+import zmq
+
+from transport import (
+    FaultPlan,
+    Incarnation,
+    Limits,
+    LocalProtocolError,
+    NodeId,
+    Payload,
+    PeerState,
+    ReceiverConfig,
+    ReqAnswer,
+    SenderConfig,
+    SequencerConfig,
+    SequencerStatistics,
+    StreamId,
+)
+
+from ._actor import Actor, ActorRef
+from ._inbound import InboundState, InboundStatistics, PeerSequencer, Receiver, _Query
+from ._link import LinkState, LinkStatistics, PeerLink, SendHandle
+from ._outcomes import Ack, DeliveryFailed, SendError
+from ._spec import Backoff, ChildSpec, Restart, Strategy
+from ._supervisor import Supervisor, open_supervisor
+
+#: The stream a message goes on when the caller names none.
+DEFAULT_STREAM = StreamId("default")
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """Everything tunable about a node, with defaults that suit a LAN.
+
+    Attributes:
+        sender: retry, credit and liveness settings of every outgoing link.
+        receiver: credit window and dedup bounds of the receiving side.
+        streams: ordering settings per stream name; others use ``stream``.
+        stream: ordering settings of any stream not in ``streams``.
+        faults: seeded fault injection on everything this node sends (for
+            tests and demos; off by default).
+        limits: codec limits for every frame sent and received.
+        restart_intensity / restart_period: the node's supervisor gives up
+            (and ``open_node`` raises ``SupervisorGaveUp``) after more than
+            this many restarts of its actors within this many seconds.
+        compute_concurrency: messages the compute actor handles at once
+            (requirement 5: process N, answer asynchronously). Ordered
+            streams are still handed over in order.
+        seed: seeds the retry jitter and the fault injection.
+    """
+
+    sender: SenderConfig = field(default_factory=SenderConfig)
+    receiver: ReceiverConfig = field(default_factory=ReceiverConfig)
+    streams: Mapping[str, SequencerConfig] = field(default_factory=dict)
+    stream: SequencerConfig = field(default_factory=SequencerConfig)
+    faults: FaultPlan = field(default_factory=FaultPlan)
+    limits: Limits = field(default_factory=Limits)
+    restart_intensity: int = 10
+    restart_period: float = 10.0
+    compute_concurrency: int = 1
+    seed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStatistics:
+    """A snapshot of a whole node: every link, the receiving side, streams."""
+
+    node: NodeId
+    incarnation: Incarnation
+    links: dict[NodeId, LinkStatistics]
+    inbound: InboundStatistics
+    streams: dict[NodeId, dict[StreamId, SequencerStatistics]]
+
+
+class Node:
+    """A running node; made by :func:`open_node`, valid inside its block."""
+
+    def __init__(
+        self,
+        node_id: NodeId,
+        incarnation: Incarnation,
+        config: NodeConfig,
+        links: dict[NodeId, LinkState],
+        inbound: InboundState,
+        supervisor: Supervisor,
+    ) -> None:
+        self._id = node_id
+        self._incarnation = incarnation
+        self._config = config
+        self._links = links
+        self._inbound = inbound
+        self._supervisor = supervisor
+
+    @property
+    def id(self) -> NodeId:
+        """This node's id."""
+        return self._id
+
+    @property
+    def incarnation(self) -> Incarnation:
+        """This process start's incarnation number."""
+        return self._incarnation
+
+    @property
+    def endpoint(self) -> str:
+        """The endpoint the node's ROUTER is bound to (with the real port)."""
+        assert self._inbound.endpoint is not None
+        return self._inbound.endpoint
+
+    @property
+    def peers(self) -> tuple[NodeId, ...]:
+        """The peers this node sends to."""
+        return tuple(self._links)
+
+    @property
+    def supervisor(self) -> Supervisor:
+        """The node's supervisor, to start more actors beside the node's own."""
+        return self._supervisor
+
+    def _link(self, peer: str) -> LinkState:
+        link = self._links.get(NodeId(peer))
+        if link is None:
+            raise LocalProtocolError(
+                f"{peer!r} is not a peer of {self._id!r}; known peers: {sorted(self._links)}. "
+                "Add it to open_node(peers=...)"
+            )
+        return link
+
+    def _deadline(self, timeout: float | None, deadline: float | None) -> float | None:
+        if timeout is not None and deadline is not None:
+            raise LocalProtocolError("give either timeout (seconds) or deadline (trio time)")
+        if timeout is not None:
+            if not timeout > 0:
+                raise LocalProtocolError(f"timeout must be > 0 seconds, got {timeout!r}")
+            return trio.current_time() + timeout
+        return deadline
+
+    def send_nowait(
+        self,
+        peer: str,
+        payload: Payload,
+        *,
+        stream: str = DEFAULT_STREAM,
+        frame_no: int | None = None,
+        timeout: float | None = None,
+        deadline: float | None = None,
+    ) -> SendHandle:
+        """Start a send without waiting; ``await handle.wait()`` for its outcome.
+
+        Args:
+            peer: the node to send to.
+            payload: bytes (numpy arrays too) or plain data.
+            stream: the ordered stream it belongs to.
+            frame_no: your own frame number, delivered with it.
+            timeout: seconds to keep trying (default: ``sender.send_timeout``).
+            deadline: or an absolute ``trio.current_time()`` deadline.
+
+        Returns:
+            A :class:`SendHandle`; its ``seq`` is the message's id on this link.
+
+        Raises:
+            trio.WouldBlock: the link's window is full (too many unanswered
+                messages or no credit from the peer); use :meth:`send`.
+            LocalProtocolError: unknown peer, or bad arguments.
+        """
+        link = self._link(peer)
+        return link.submit(StreamId(stream), payload, frame_no, self._deadline(timeout, deadline))
+
+    async def wait_window(self, peer: str) -> None:
+        """Wait until the link to ``peer`` accepts a new message.
+
+        ``await node.wait_window(p)`` then ``node.send_nowait(p, ...)`` keeps
+        many sends in flight without a task per send (no checkpoint when the
+        window is already open).
+        """
+        await self._link(peer).wait_window()
+
+    async def send(
+        self,
+        peer: str,
+        payload: Payload,
+        *,
+        stream: str = DEFAULT_STREAM,
+        frame_no: int | None = None,
+        timeout: float | None = None,
+        deadline: float | None = None,
+    ) -> Ack:
+        """Send one message and wait until the peer's compute layer took it.
+
+        Waits first for room in the link's window (backpressure), then for the
+        final answer. The message is retransmitted with backoff while the peer
+        is silent, and never processed twice.
+
+        Args: as for :meth:`send_nowait`.
+
+        Returns:
+            The peer's :class:`Ack` (with its optional result).
+
+        Raises:
+            PeerError: the peer received it and answered ERR (see ``.code``).
+            DeliveryFailed: no final answer before the deadline.
+            LocalProtocolError: unknown peer, or bad arguments.
+        """
+        link = self._link(peer)
+        limit = self._deadline(timeout, deadline)
+        if limit is None:
+            limit = trio.current_time() + self._config.sender.send_timeout
+        with trio.move_on_at(limit) as scope:
+            await link.wait_window()
+        if scope.cancelled_caught:
+            raise DeliveryFailed(
+                peer=NodeId(peer), seq=None, reason="the link's window stayed full", held=False
+            )
+        handle = link.submit(StreamId(stream), payload, frame_no, limit)
+        return await handle.wait()
+
+    async def send_many(
+        self,
+        payloads: Mapping[str, Payload],
+        *,
+        stream: str = DEFAULT_STREAM,
+        frame_no: int | None = None,
+        timeout: float | None = None,
+    ) -> dict[NodeId, Ack | SendError]:
+        """Send to many peers at once (fan-out) and wait for every outcome.
+
+        Args:
+            payloads: peer -> message.
+            stream / frame_no / timeout: as for :meth:`send`, for each.
+
+        Returns:
+            peer -> its :class:`Ack`, or the :class:`SendError` it ended in.
+        """
+        results: dict[NodeId, Ack | SendError] = {}
+
+        async def one(peer: str, payload: Payload) -> None:
+            try:
+                results[NodeId(peer)] = await self.send(
+                    peer, payload, stream=stream, frame_no=frame_no, timeout=timeout
+                )
+            except SendError as exc:
+                results[NodeId(peer)] = exc
+
+        async with trio.open_nursery() as nursery:
+            for peer, payload in payloads.items():
+                self._link(peer)
+                nursery.start_soon(one, peer, payload)
+        return results
+
+    async def query(self, peer: str, *, timeout: float = 2.0) -> ReqAnswer:
+        """Ask ``peer`` for its view of its link to us ("why haven't I heard?").
+
+        Args:
+            peer: a node that sends to this one.
+            timeout: seconds to wait for the answer.
+
+        Returns:
+            The peer's answer: per stream, the last stream sequence number it
+            sent, how many are in flight and how many it gave up.
+
+        Raises:
+            trio.TooSlowError: no answer in time (the peer is down, or has
+                never connected to us).
+        """
+        query = _Query()
+        with trio.fail_after(timeout):
+            while True:
+                query_id = self._inbound.core.request(NodeId(peer), None, (), trio.current_time())
+                self._inbound.queries[query_id] = query
+                self._inbound.wake()
+                # REQs travel unconfirmed: ask again if the answer is slow.
+                with trio.move_on_after(min(0.5, timeout / 2)):
+                    await query.event.wait()
+                self._inbound.queries.pop(query_id, None)
+                if query.answer is not None:
+                    return query.answer
+
+    def state(self, peer: str) -> PeerState:
+        """The peer's liveness as this node's link sees it: UP, SUSPECT or DOWN."""
+        state: PeerState = self._link(peer).state.value
+        return state
+
+    async def wait_state(self, peer: str, state: PeerState) -> None:
+        """Wait until the link to ``peer`` reports ``state``."""
+        await self._link(peer).state.wait_value(state)
+
+    async def wait_all_up(self) -> None:
+        """Wait until every outgoing link has heard from its peer."""
+        for link in self._links.values():
+            await link.state.wait_value(PeerState.UP)
+
+    def statistics(self) -> NodeStatistics:
+        """Counters of every link, of the receiving side and of every stream."""
+        return NodeStatistics(
+            node=self._id,
+            incarnation=self._incarnation,
+            links={peer: link.statistics() for peer, link in self._links.items()},
+            inbound=self._inbound.statistics(),
+            streams={peer: get() for peer, get in self._inbound.sequencer_stats.items()},
+        )
+
+
+ComputeFactory = Callable[[], Actor[Any, Any]]
+
+
+@asynccontextmanager
+async def open_node(
+    node_id: str,
+    *,
+    bind: str,
+    peers: Mapping[str, str | None] | None = None,
+    compute: ComputeFactory | None = None,
+    config: NodeConfig | None = None,
+    incarnation: int | None = None,
+) -> AsyncIterator[Node]:
+    """Open a node inside any Trio program; leaving the block shuts it down.
+
+    Args:
+        node_id: this node's id, unique in its topology.
+        bind: where this node's ROUTER listens (``tcp://127.0.0.1:5601``,
+            ``tcp://127.0.0.1:*``, ``ipc:///tmp/n1.sock``).
+        peers: peer id -> endpoint for each peer this node sends to; an
+            endpoint of None marks a peer that only sends to us. Frames from
+            nodes not listed here are refused.
+        compute: factory of the compute actor that gets this node's
+            :class:`Delivery` (and :class:`Gap`) messages; returning from its
+            ``receive`` answers ACK, raising ``Reject`` answers ERR. Without
+            one, every message is answered ERR ``NO_HANDLER``.
+        config: tuning; see :class:`NodeConfig`.
+        incarnation: override the process start's incarnation (tests);
+            default ``time.time_ns()``, so a restart always shows a greater one.
+
+    Yields:
+        The running :class:`Node`.
+
+    Raises:
+        SupervisorGaveUp: the node's actors kept failing beyond the restart
+            intensity.
+    """
+    cfg = config if config is not None else NodeConfig()
+    me = NodeId(node_id)
+    inc = Incarnation(incarnation if incarnation is not None else time.time_ns())
+    peer_map = {NodeId(p): e for p, e in (peers or {}).items()}
+    if me in peer_map:
+        raise LocalProtocolError(f"node {node_id!r} lists itself among its peers")
+    ctx: zmq.Context[Any] = zmq.Context()
+    try:
+        inbound = InboundState(
+            me,
+            inc,
+            bind,
+            frozenset(peer_map),
+            config=cfg.receiver,
+            faults=cfg.faults,
+            limits=cfg.limits,
+        )
+        links = {
+            peer: LinkState(
+                me,
+                inc,
+                peer,
+                endpoint,
+                config=cfg.sender,
+                faults=cfg.faults,
+                limits=cfg.limits,
+                seed=cfg.seed,
+            )
+            for peer, endpoint in peer_map.items()
+            if endpoint is not None
+        }
+        async with open_supervisor(
+            name=f"node:{node_id}",
+            strategy=Strategy.ONE_FOR_ONE,
+            intensity=cfg.restart_intensity,
+            period=cfg.restart_period,
+            backoff=Backoff(initial=0.05, factor=2.0, maximum=2.0),
+        ) as sup:
+            compute_ref: ActorRef[Any, Any] | None = None
+            if compute is not None:
+                compute_ref = await sup.start_child(
+                    ChildSpec(
+                        "compute",
+                        compute,
+                        restart=Restart.PERMANENT,
+                        mailbox_size=max(64, cfg.receiver.window),
+                        max_concurrency=cfg.compute_concurrency,
+                    )
+                )
+            await sup.start_child(ChildSpec("receiver", lambda: Receiver(inbound, ctx)))
+            for peer in peer_map:
+                inbound.sequencers[peer] = await sup.start_child(
+                    ChildSpec(
+                        f"seq:{peer}",
+                        _sequencer_factory(inbound, peer, compute_ref, cfg),
+                        mailbox_size=cfg.receiver.max_entries + 16,
+                    )
+                )
+            routing_id = me.encode()
+            for peer, link in links.items():
+                await sup.start_child(
+                    ChildSpec(f"link:{peer}", _link_factory(link, ctx, routing_id))
+                )
+            node = Node(me, inc, cfg, links, inbound, sup)
+            try:
+                yield node
+            finally:
+                _fail_pending(links)
+    finally:
+        ctx.destroy(linger=0)
+
+
+def _sequencer_factory(
+    inbound: InboundState, peer: NodeId, compute: ActorRef[Any, Any] | None, cfg: NodeConfig
+) -> Callable[[], PeerSequencer]:
+    streams = {StreamId(name): sc for name, sc in cfg.streams.items()}
+    return lambda: PeerSequencer(inbound, peer, compute, streams, cfg.stream)
+
+
+def _link_factory(
+    link: LinkState, ctx: zmq.Context[Any], routing_id: bytes
+) -> Callable[[], PeerLink]:
+    return lambda: PeerLink(link, ctx, routing_id)
+
+
+def _fail_pending(links: dict[NodeId, LinkState]) -> None:
+    """The node is closing: every unanswered send ends now, with a reason."""
+    for link in links.values():
+        for handle in link.handles.values():
+            if not handle.done:
+                handle._settle(
+                    None,
+                    DeliveryFailed(
+                        peer=handle.peer,
+                        seq=handle.seq,
+                        reason="the sending node shut down",
+                        held=handle.held,
+                    ),
+                )
+        link.handles.clear()

@@ -1,0 +1,132 @@
+"""What a send ends in, and what a compute actor receives.
+
+Every send ends in exactly one of three outcomes: an :class:`Ack`, a
+:class:`PeerError` (the peer answered ERR) or :class:`DeliveryFailed` (no
+final answer before the deadline). Both ACK and ERR mean the peer *received*
+the message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transport import APP_ERR_MIN, LinkSeq, LocalProtocolError, NodeId, Payload, StreamId, StreamSeq
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """The peer's compute layer took the message and processed it without error.
+
+    Attributes:
+        peer: who answered.
+        seq: the message's link sequence number (its message id on this link).
+        stream / stream_seq: where it sits in its stream.
+        result: the small value the peer's compute actor returned, or None.
+        rtt: seconds from the first transmission to the final answer.
+        attempts: how many times it was transmitted.
+    """
+
+    peer: NodeId
+    seq: LinkSeq
+    stream: StreamId
+    stream_seq: StreamSeq
+    result: Payload
+    rtt: float
+    attempts: int
+
+
+class SendError(Exception):
+    """Base class of the two ways a send can fail."""
+
+    def __init__(self, message: str, *, peer: NodeId, seq: LinkSeq | None) -> None:
+        super().__init__(message)
+        self.peer = peer
+        self.seq = seq
+
+
+class PeerError(SendError):
+    """The peer received the message but could not process it (it answered ERR).
+
+    ``code`` is one of :class:`transport.ErrCode` (below 100) or an
+    application code from the peer's ``Reject(code, ...)`` (100 and up).
+    """
+
+    def __init__(self, *, peer: NodeId, seq: LinkSeq, code: int, detail: str) -> None:
+        super().__init__(f"{peer} answered ERR {code} for #{seq}: {detail}", peer=peer, seq=seq)
+        self.code = code
+        self.detail = detail
+
+
+class DeliveryFailed(SendError):
+    """No final answer arrived before the send's deadline.
+
+    The message may or may not have reached the peer: if it did, the peer
+    holds it under its link sequence number and will never process a resend
+    of it twice. ``held`` says whether the peer had confirmed holding it.
+    """
+
+    def __init__(self, *, peer: NodeId, seq: LinkSeq | None, reason: str, held: bool) -> None:
+        super().__init__(f"no final answer from {peer} for #{seq}: {reason}", peer=peer, seq=seq)
+        self.reason = reason
+        self.held = held
+
+
+class Reject(Exception):
+    """Raised by a compute actor to answer ERR with an application code.
+
+    Args:
+        code: an application code, 100 or above (below is reserved for the
+            protocol's own codes in :class:`transport.ErrCode`).
+        detail: a short text for the sender's logs.
+
+    Raises:
+        LocalProtocolError: the code is reserved.
+    """
+
+    def __init__(self, code: int, detail: str = "") -> None:
+        if type(code) is not int or code < APP_ERR_MIN:
+            raise LocalProtocolError(f"Reject code must be an int >= {APP_ERR_MIN}, got {code!r}")
+        super().__init__(code, detail)
+        self.code = code
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One message handed to a compute actor, in stream order.
+
+    Attributes:
+        peer: the node that sent it.
+        stream: its stream; stream_seq: its place there (1, 2, ...).
+        frame_no: the sender's own frame number, if it gave one.
+        payload: the message body (bytes or plain data).
+        seq: its link sequence number.
+    """
+
+    peer: NodeId
+    stream: StreamId
+    stream_seq: StreamSeq
+    frame_no: int | None
+    payload: Payload
+    seq: LinkSeq
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """Messages of a stream that will never be delivered, said out loud.
+
+    A compute actor receives this instead of the missing messages when the
+    stream's gap policy is ``skip``, or when the sender confirmed that it gave
+    them up (deadline passed) or restarted before they could arrive.
+
+    Attributes:
+        first / last: the missing stream sequence numbers, inclusive.
+        reason: "given-up", "never-sent", "skipped", "lost-by-receiver" or
+            "session-ended".
+    """
+
+    peer: NodeId
+    stream: StreamId
+    first: StreamSeq
+    last: StreamSeq
+    reason: str
