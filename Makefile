@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/python examples/two_nodes.py
+	$(BIN)/cellmesh demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -6,17 +6,28 @@ receives :class:`Delivery` (and :class:`Gap`) messages.
 
 from __future__ import annotations
 
-from transport import ErrCode, FaultPlan, GapPolicy, PeerState, ReceiverConfig, SenderConfig
+from transport import (
+    ErrCode,
+    FaultPlan,
+    GapPolicy,
+    NodeId,
+    PeerState,
+    ReceiverConfig,
+    SenderConfig,
+    StreamId,
+)
 from transport import SequencerConfig as StreamConfig
 
 from ._actor import DEFAULT_ASK_TIMEOUT, Actor, ActorRef, ActorStatistics, ReplySink, spawn
 from ._errors import ActorCrashed, ActorError, ActorStopped, AskTimeout, SupervisorGaveUp
+from ._grid import Decomposition, Direction, GridError, Tile, assemble, interior, pad, scatter
 from ._inbound import InboundStatistics
 from ._link import LinkStatistics, SendHandle
 from ._node import DEFAULT_STREAM, Node, NodeConfig, NodeStatistics, open_node
 from ._outcomes import Ack, Delivery, DeliveryFailed, Gap, PeerError, Reject, SendError
 from ._spec import Backoff, ChildSpec, Restart, Status, Strategy, SupervisorSpec
 from ._supervisor import Supervisor, SupervisorStatistics, open_supervisor
+from ._topology import NodeSpec, Topology, TopologyError, node_id_from_env
 
 __all__ = [
     "DEFAULT_ASK_TIMEOUT",
@@ -31,16 +42,21 @@ __all__ = [
     "AskTimeout",
     "Backoff",
     "ChildSpec",
+    "Decomposition",
     "Delivery",
     "DeliveryFailed",
+    "Direction",
     "ErrCode",
     "FaultPlan",
     "Gap",
     "GapPolicy",
+    "GridError",
     "InboundStatistics",
     "LinkStatistics",
     "Node",
     "NodeConfig",
+    "NodeId",
+    "NodeSpec",
     "NodeStatistics",
     "PeerError",
     "PeerState",
@@ -54,11 +70,20 @@ __all__ = [
     "Status",
     "Strategy",
     "StreamConfig",
+    "StreamId",
     "Supervisor",
     "SupervisorGaveUp",
     "SupervisorSpec",
     "SupervisorStatistics",
+    "Tile",
+    "Topology",
+    "TopologyError",
+    "assemble",
+    "interior",
+    "node_id_from_env",
     "open_node",
     "open_supervisor",
+    "pad",
+    "scatter",
     "spawn",
 ]

@@ -53,7 +53,7 @@ from transport import (
     router_socket,
 )
 from transport import Err as ErrFrame
-from transport._proto_link import Deliver, QueryAnswered
+from transport._proto_link import Deliver, QueryAnswered, SessionEnded
 from transport._proto_sequencer import AskMissing, OfferResult, Release, StreamFailed
 from transport._proto_sequencer import Gap as GapEvent
 
@@ -235,6 +235,10 @@ class Receiver(Actor[Any, Any]):
         for event in events:
             if type(event) is Deliver:
                 by_peer.setdefault(event.peer, []).append(event)
+            elif type(event) is SessionEnded:
+                # The sequencer reports what the old session left buffered now,
+                # not only when the restarted peer's first DATA arrives.
+                by_peer.setdefault(event.peer, []).append(event)
             elif type(event) is QueryAnswered:
                 query = st.queries.pop(event.answer.query_id, None)
                 if query is not None:
@@ -362,6 +366,9 @@ class PeerSequencer(Actor[list[Any], None]):
         for item in msg:
             if type(item) is Deliver:
                 self._offer(item, now)
+            elif type(item) is SessionEnded:
+                if item.incarnation == self._incarnation:
+                    self._end_session()
             elif type(item) is QueryAnswered:
                 answer = item.answer
                 stream = self._streams.get(answer.stream) if answer.stream is not None else None
@@ -397,7 +404,12 @@ class PeerSequencer(Actor[list[Any], None]):
             core.fail(item.peer, item.peer_incarnation, item.seq, ErrCode.SKIPPED, result.name)
 
     def _new_session(self, incarnation: Incarnation) -> None:
+        self._end_session()
         self._incarnation = incarnation
+
+    def _end_session(self) -> None:
+        """The peer's session ended: what its streams held is reported as a Gap."""
+        self._incarnation = None
         for name, stream in self._streams.items():
             lost = stream.end()
             if lost:

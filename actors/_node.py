@@ -66,8 +66,9 @@ class NodeConfig:
             (and ``open_node`` raises ``SupervisorGaveUp``) after more than
             this many restarts of its actors within this many seconds.
         compute_concurrency: messages the compute actor handles at once
-            (requirement 5: process N, answer asynchronously). Ordered
-            streams are still handed over in order.
+            (requirement 5: process N, answer asynchronously); None takes
+            the actor class's ``max_concurrency``. Ordered streams are still
+            handed over in order.
         seed: seeds the retry jitter and the fault injection.
     """
 
@@ -79,7 +80,7 @@ class NodeConfig:
     limits: Limits = field(default_factory=Limits)
     restart_intensity: int = 10
     restart_period: float = 10.0
-    compute_concurrency: int = 1
+    compute_concurrency: int | None = None
     seed: int = 0
 
 

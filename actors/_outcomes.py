@@ -121,8 +121,11 @@ class Gap:
 
     Attributes:
         first / last: the missing stream sequence numbers, inclusive.
-        reason: "given-up", "never-sent", "skipped", "lost-by-receiver" or
-            "session-ended".
+        reason: "given-up" / "never-sent" (the sender said so), "answered"
+            (the sender holds an answer this receiver lost in a restart),
+            "passed-floor" (the sender moved past it), "skipped" (policy
+            skip), "stream-failed" (policy fail) or "session-ended" (the
+            sender restarted before it could arrive).
     """
 
     peer: NodeId

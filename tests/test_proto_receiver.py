@@ -372,3 +372,19 @@ def test_refuse_answers_retry_later_and_takes_the_resend_as_new() -> None:
     [event] = r.take_events()
     assert isinstance(event, Deliver)
     assert event.seq == 1
+
+
+def test_late_data_of_an_incarnation_replaced_by_hello_is_refused() -> None:
+    # The peer restarted and said so with a HELLO before any new DATA: a late
+    # DATA of its old life must not open a session again.
+    r = make()
+    r.receive_frame(A, data(1), 0.0)
+    r.take_events()
+    newer = Incarnation(INC_A + 1)
+    r.receive_frame(A, Hello(A, newer, 1, False), 0.1)
+    r.receive_frame(A, data(2), 0.2)
+    events = r.take_events()
+    assert not [e for e in events if isinstance(e, Deliver)]
+    refusals = [f for _, f in r.frames_to_send(0.2) if isinstance(f, Err)]
+    assert [f.code for f in refusals] == [ErrCode.STALE_SESSION]
+    assert r.statistics().stale_refused == 1

@@ -549,3 +549,29 @@ def test_timer_heaps_stay_bounded_by_in_flight() -> None:
     assert s.statistics().in_flight == 0
     assert len(s._timers) <= 2 * 100 + 64
     assert len(s._deadlines) <= 2 * 100 + 64
+
+
+def test_retry_timer_adapts_to_a_slow_round_trip() -> None:
+    # RFC 6298 §2: after samples of 0.5 s the first resend waits
+    # SRTT + 4 RTTVAR (capped by the ceiling), not the 0.2 s floor.
+    s = make(jitter=0.0, retry_timeout=0.2, retry_ceiling=4.0)
+    s.send(HALO, "a", now=0.0)
+    s.frames_to_send(0.0)
+    s.receive_frame(ack(1), 0.5)
+    assert s.rtt == 0.5
+    s.send(HALO, "b", now=0.5)
+    assert seqs(s.frames_to_send(0.5)) == [2]
+    # SRTT 0.5 and RTTVAR 0.25 on the first sample: RTO = 1.5 s.
+    assert s.next_deadline() == 0.5 + 1.5
+    assert seqs(s.frames_to_send(1.99)) == []
+    assert seqs(s.frames_to_send(2.0)) == [2]
+
+
+def test_retry_timer_never_goes_below_the_configured_floor() -> None:
+    s = make(jitter=0.0, retry_timeout=0.2)
+    s.send(HALO, "a", now=0.0)
+    s.frames_to_send(0.0)
+    s.receive_frame(ack(1), 0.001)
+    s.send(HALO, "b", now=0.001)
+    s.frames_to_send(0.001)
+    assert s.next_deadline() == 0.001 + 0.2

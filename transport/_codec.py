@@ -22,7 +22,7 @@ not maps: no key strings on the wire, and a fixed shape to check. In CDDL::
     ack         = [4, node, incarnation, peer_incarnation: u63, seq: u63, credit: u63,
                    result: payload]
     err         = [5, node, incarnation, peer_incarnation: u63, seq: u63, credit: u63,
-                   code: 1..5 / 100..u63max, detail: tstr]
+                   code: 1..6 / 100..u63max, detail: tstr]
     retry-later = [6, node, incarnation, peer_incarnation: u63, seq: u63, credit: u63,
                    reason: 1..2]
     req         = [7, node, incarnation, query_id: u63, stream / null, missing: [* u63]]

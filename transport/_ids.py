@@ -11,8 +11,10 @@ from typing import NewType
 #: A node's stable name, unique in a topology (``"n1"``, ``"tile-0-3"``).
 NodeId = NewType("NodeId", str)
 
-#: A fresh random number per process start of a node. A peer that shows a new
-#: incarnation has restarted: its old session state is dropped, never mixed.
+#: A number that grows with every process start of a node (the node uses
+#: ``time.time_ns()`` at start). A peer showing a greater incarnation has
+#: restarted: its old session state is dropped, never mixed; a smaller one is
+#: a late frame of a replaced life and is refused.
 Incarnation = NewType("Incarnation", int)
 
 #: Per-link sequence number of a DATA frame, assigned by the sender, from 1.

@@ -160,6 +160,9 @@ class LinkReceiver:
         self._max_entries = cfg.max_entries
         self._now = -float("inf")
         self._sessions: dict[NodeId, _Session] = {}
+        # The newest incarnation seen per peer, session or not: a late DATA of
+        # a replaced incarnation must never open a session again.
+        self._newest: dict[NodeId, Incarnation] = {}
         # Answers tied to a table entry, coalesced: built at flush time so that
         # a final answer known by then replaces the RECEIVED, and credit is fresh.
         self._answers: dict[tuple[NodeId, Incarnation, int], None] = {}
@@ -257,6 +260,7 @@ class LinkReceiver:
         if hello.reply:
             self._reject(peer, "unexpected-frame")
             return
+        self._note_incarnation(peer, hello.incarnation)
         session = self._sessions.get(peer)
         if session is not None and hello.incarnation > session.incarnation:
             # The peer restarted: its old session can never be finished.
@@ -280,13 +284,11 @@ class LinkReceiver:
             # sends; a greater watermark would wipe answers it still needs.
             self._reject(peer, "bad-data")
             return
+        newest = self._note_incarnation(peer, data.incarnation)
         session = self._sessions.get(peer)
-        if session is None or data.incarnation > session.incarnation:
-            if session is not None:
-                self._end(session)
-            session = self._sessions[peer] = _Session(peer, data.incarnation, data.watermark)
-            self._events.append(SessionStarted(peer, data.incarnation))
-        elif data.incarnation < session.incarnation:
+        if data.incarnation < newest:
+            # A late frame of a life the peer has left (its HELLO or DATA from
+            # a newer incarnation came first): refused, never mixed in.
             self._stale_refused += 1
             self._out.append(
                 (
@@ -295,15 +297,19 @@ class LinkReceiver:
                         self._node,
                         self._incarnation,
                         data.incarnation,
-                        seq,
+                        data.seq,
                         LinkSeq(0),
                         ErrCode.STALE_SESSION,
-                        f"incarnation {data.incarnation} of {peer} was replaced by "
-                        f"{session.incarnation}",
+                        f"incarnation {data.incarnation} of {peer} was replaced by {newest}",
                     ),
                 )
             )
             return
+        if session is None or data.incarnation > session.incarnation:
+            if session is not None:
+                self._end(session)
+            session = self._sessions[peer] = _Session(peer, data.incarnation, data.watermark)
+            self._events.append(SessionStarted(peer, data.incarnation))
         if data.watermark > session.watermark:
             session.raise_watermark(data.watermark)
         if seq < session.watermark:
@@ -349,6 +355,13 @@ class LinkReceiver:
                 data.payload,
             )
         )
+
+    def _note_incarnation(self, peer: NodeId, incarnation: Incarnation) -> Incarnation:
+        """Remember the newest incarnation seen of ``peer``; returns it."""
+        newest = self._newest.get(peer)
+        if newest is None or incarnation > newest:
+            self._newest[peer] = newest = incarnation
+        return newest
 
     # --- the compute layer's answers -------------------------------------------------
 
@@ -594,7 +607,7 @@ class LinkReceiver:
         return events
 
     def poll(self, now: float) -> None:
-        """Advance time. The receiver has no timers of its own yet.
+        """Advance time. The only timer here is the delayed RECEIVED (``next_deadline``).
 
         Args:
             now: the current time.

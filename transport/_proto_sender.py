@@ -69,6 +69,7 @@ from ._proto_link import (
 
 #: RFC 6298 §2.3: SRTT <- (1 - alpha) * SRTT + alpha * R', alpha = 1/8.
 _RTT_ALPHA = 0.125
+_RTT_BETA = 0.25
 
 
 class _Msg:
@@ -187,6 +188,10 @@ class LinkSender:
         self._ping_nonce = 0
         self._ping_sent_at: float | None = None
         self._srtt: float | None = None
+        self._rttvar = 0.0
+        # RFC 6298 §2: the first try waits max(retry_timeout, SRTT + 4 RTTVAR),
+        # so a receiver slowed by load is not flooded with spurious resends.
+        self._rto = cfg.retry_timeout
 
         self._sent = 0
         self._resent = 0
@@ -309,7 +314,7 @@ class LinkSender:
         stream_seq = st.next_seq
         st.next_seq = stream_seq + 1
         st.open[stream_seq] = seq
-        msg = _Msg(seq, st, stream_seq, frame_no, payload, deadline, self._config.retry_timeout)
+        msg = _Msg(seq, st, stream_seq, frame_no, payload, deadline, self._rto)
         self._msgs[seq] = msg
         self._queue.append(msg)
         if not self.window_open():
@@ -502,7 +507,7 @@ class LinkSender:
         for msg in self._msgs.values():
             if msg.due is not None:
                 msg.held = False
-                msg.rto = self._config.retry_timeout
+                msg.rto = self._rto
                 self._schedule(msg, now)
         self._events.append(PeerRestarted(old, new))
 
@@ -593,8 +598,12 @@ class LinkSender:
     def _rtt_sample(self, sample: float) -> None:
         if self._srtt is None:
             self._srtt = sample
+            self._rttvar = sample / 2
         else:
+            self._rttvar += _RTT_BETA * (abs(self._srtt - sample) - self._rttvar)
             self._srtt += _RTT_ALPHA * (sample - self._srtt)
+        cfg = self._config
+        self._rto = min(max(cfg.retry_timeout, self._srtt + 4 * self._rttvar), cfg.retry_ceiling)
 
     def _on_hello(self, hello: Hello, now: float) -> None:
         if not self._accept_incarnation(hello.incarnation, now):

@@ -1,0 +1,585 @@
+"""The grid demo: one process per tile, halos exchanged through cellmesh.
+
+``cellmesh demo`` (the coordinator, :func:`run_demo`) writes a topology,
+starts one ``cellmesh node`` process per tile (:func:`run_tile`), shows their
+progress live, gathers the final tiles, and checks the result against a
+serial numpy run of the same start. Every byte between processes — halos,
+progress, results — travels as a cellmesh ``send`` with an ACK.
+
+Each frame a tile node sends its edges and corners to its (up to eight)
+neighbours on the ordered stream ``"halo"`` with ``frame_no`` set, waits for
+theirs, fills its halo and steps. A neighbour is never more than one frame
+ahead (it needs our halo first), so the inbox holds at most two frames.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import trio
+
+from transport import FaultPlan, SenderConfig
+
+from ._actor import Actor
+from ._grid import Decomposition, Direction, Tile, assemble, interior, pad
+from ._link import SendHandle
+from ._models import Model, get_model, grid_digest, load_rle, place_center, run_serial
+from ._node import NodeConfig, open_node
+from ._outcomes import Delivery
+from ._topology import NodeSpec, Topology
+
+COORDINATOR = "coord"
+
+Grid = npt.NDArray[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """What every process of one demo run agrees on."""
+
+    model: str = "life"
+    size: int = 1024
+    frames: int = 300
+    seed: int = 1
+    pattern: str | None = None
+    drop: float = 0.0
+    dup: float = 0.0
+    delay_ms: float = 0.0
+    linger: float = 10.0
+
+    def fault_plan(self, salt: int) -> FaultPlan:
+        """The seeded wire faults of one process."""
+        return FaultPlan(
+            drop=self.drop,
+            duplicate=self.dup,
+            delay=self.delay_ms / 1000.0,
+            seed=self.seed * 7919 + salt,
+        )
+
+    def initial_grid(self) -> Grid:
+        """The start state: a pattern at the centre, or the model's seeded default."""
+        model = get_model(self.model)
+        shape = (self.size, self.size)
+        if self.pattern is not None:
+            if model.name != "life":
+                raise ValueError("--pattern is a Life pattern; use it with --model life")
+            return place_center(load_rle(self.pattern), shape)
+        return model.initial(shape, self.seed)
+
+    def args(self) -> list[str]:
+        """The command-line options that reproduce this job in a node process."""
+        out = ["--model", self.model, "--size", str(self.size), "--frames", str(self.frames)]
+        out += ["--seed", str(self.seed), "--drop", str(self.drop), "--dup", str(self.dup)]
+        out += ["--delay", str(self.delay_ms), "--linger", str(self.linger)]
+        if self.pattern is not None:
+            out += ["--pattern", self.pattern]
+        return out
+
+
+def grid_topology(decomp: Decomposition, endpoints: dict[str, str]) -> Topology:
+    """Tiles linked to their 8 neighbours, plus the coordinator linked to all."""
+    nodes = [NodeSpec(name, endpoints[name]) for name in decomp.node_ids()]
+    nodes.append(NodeSpec(COORDINATOR, endpoints[COORDINATOR]))
+    links: list[tuple[str, str]] = []
+    for tile in decomp.tile_ids():
+        me = decomp.node_id(tile)
+        links.append((me, COORDINATOR))
+        for other in decomp.neighbours(tile).values():
+            them = decomp.node_id(other)
+            if me < them:
+                links.append((me, them))
+    return Topology.build(nodes, links)
+
+
+def tile_decomposition(topology: Topology, size: int) -> Decomposition:
+    """The decomposition a topology made by :func:`grid_topology` describes."""
+    names = [n.id for n in topology.nodes if n.id != COORDINATOR]
+    return Decomposition.for_nodes((size, size), len(names), names=names)
+
+
+# --- the tile node ---------------------------------------------------------------------
+
+
+class _Inbox:
+    """Halo data by frame and sender, with a wake-up when a frame is complete."""
+
+    def __init__(self) -> None:
+        self.frames: dict[int, dict[str, bytes]] = {}
+        self.changed = trio.Event()
+
+    def put(self, frame: int, peer: str, data: bytes) -> None:
+        self.frames.setdefault(frame, {})[peer] = data
+        self.changed.set()
+
+    async def take(self, frame: int, count: int) -> dict[str, bytes]:
+        while len(self.frames.get(frame, ())) < count:
+            self.changed = trio.Event()
+            await self.changed.wait()
+        return self.frames.pop(frame, {})
+
+
+class _HaloActor(Actor[Any, None]):
+    """A tile's compute actor: files each halo under its frame number."""
+
+    def __init__(self, inbox: _Inbox) -> None:
+        self._inbox = inbox
+
+    async def receive(self, msg: Any) -> None:
+        if isinstance(msg, Delivery) and msg.stream == "halo" and msg.frame_no is not None:
+            self._inbox.put(msg.frame_no, msg.peer, bytes(msg.payload))
+
+
+def _summary(stats: Any) -> dict[str, int]:
+    """The counters the live display shows, summed over a node's links."""
+    resent = sum(link.protocol.resent for link in stats.links.values())
+    in_flight = sum(link.protocol.in_flight for link in stats.links.values())
+    duplicates = sum(s.duplicates for s in stats.inbound.protocol.sessions)
+    reordered = sum(
+        st.max_buffered for streams in stats.streams.values() for st in streams.values()
+    )
+    return {
+        "resent": resent,
+        "duplicates": duplicates,
+        "reordered": reordered,
+        "in_flight": in_flight,
+    }
+
+
+async def run_tile(topology: Topology, node_id: str, job: Job) -> None:
+    """Run one tile node of the demo until its last frame is confirmed.
+
+    Args:
+        topology: the run's topology (tiles and the coordinator).
+        node_id: which tile this process is.
+        job: the run's parameters.
+    """
+    model = get_model(job.model)
+    decomp = tile_decomposition(topology, job.size)
+    decomp.check_halo(model.halo)
+    tile = decomp.tile_of(node_id)
+    local = np.array(job.initial_grid()[decomp.tile_slices(tile)], order="C")
+    padded = pad(local, model.halo, model.boundary)
+    towards: dict[str, Direction] = {
+        decomp.node_id(other): d for d, other in decomp.neighbours(tile).items()
+    }
+    send_slices = {p: decomp.halo_send_slices(tile, d, model.halo) for p, d in towards.items()}
+    recv_slices = {p: decomp.halo_recv_slices(tile, d, model.halo) for p, d in towards.items()}
+    inbox = _Inbox()
+    config = NodeConfig(
+        faults=job.fault_plan(topology.rank_of(node_id)),
+        sender=SenderConfig(retry_timeout=0.1, retry_ceiling=0.5, send_timeout=120.0),
+        seed=job.seed,
+    )
+    peers: dict[str, str | None] = dict(topology.peers_of(node_id))
+    async with open_node(
+        node_id,
+        bind=topology.endpoint_of(node_id),
+        peers=peers,
+        compute=lambda: _HaloActor(inbox),
+        config=config,
+    ) as node:
+        previous: list[SendHandle] = []
+        progress: list[SendHandle] = []
+        frame_ms: list[float] = []
+        for frame in range(job.frames):
+            started = time.perf_counter()
+            core = interior(padded, model.halo)
+            sent = [
+                node.send_nowait(
+                    peer, core[send_slices[peer]].tobytes(), stream="halo", frame_no=frame
+                )
+                for peer in towards
+            ]
+            halos = await inbox.take(frame, len(towards))
+            for peer, data in halos.items():
+                slot = padded[recv_slices[peer]]
+                slot[...] = np.frombuffer(data, dtype=model.dtype).reshape(slot.shape)
+            core[...] = model.step(padded)
+            # Keep one frame of halos in flight, confirm the one before.
+            for handle in previous:
+                await handle.wait()
+            previous = sent
+            frame_ms.append((time.perf_counter() - started) * 1000.0)
+            await node.wait_window(COORDINATOR)
+            progress.append(
+                node.send_nowait(
+                    COORDINATOR,
+                    {"frame": frame + 1, "ms": frame_ms[-1], **_summary(node.statistics())},
+                    stream="progress",
+                )
+            )
+            if len(progress) > 64:
+                for handle in progress[:32]:
+                    await handle.wait()
+                del progress[:32]
+        for handle in previous + progress:
+            await handle.wait()
+        result = interior(padded, model.halo)
+        await node.send(
+            COORDINATOR,
+            {
+                "data": np.ascontiguousarray(result).tobytes(),
+                "frame_ms": frame_ms,
+                **_summary(node.statistics()),
+            },
+            stream="result",
+            timeout=120.0,
+        )
+        # Our neighbours may still be waiting for our ACK of their last halo
+        # (the answer can be lost on the wire, and they resend): keep serving
+        # a while, like TCP's TIME_WAIT, instead of vanishing under them.
+        await trio.sleep(job.linger)
+
+
+# --- the coordinator -------------------------------------------------------------------
+
+
+@dataclass
+class _NodeView:
+    """What the coordinator knows of one tile node."""
+
+    frame: int = 0
+    started: float | None = None
+    fps: float = 0.0
+    resent: int = 0
+    duplicates: int = 0
+    reordered: int = 0
+    in_flight: int = 0
+    frame_ms: list[float] = field(default_factory=list)
+    paused: bool = False
+
+
+class _Board:
+    """The coordinator's picture of the run, fed by its compute actor."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.nodes = {name: _NodeView() for name in names}
+        self.results: dict[str, bytes] = {}
+        self.done = trio.Event()
+
+    def progress(self, peer: str, info: dict[str, Any]) -> None:
+        view = self.nodes[peer]
+        now = time.perf_counter()
+        if view.started is None:
+            view.started = now
+        view.frame = int(info["frame"])
+        elapsed = now - view.started
+        if elapsed > 0 and view.frame > 1:
+            view.fps = (view.frame - 1) / elapsed
+        for key in ("resent", "duplicates", "reordered", "in_flight"):
+            setattr(view, key, int(info[key]))
+
+    def result(self, peer: str, info: dict[str, Any]) -> None:
+        view = self.nodes[peer]
+        view.frame_ms = [float(x) for x in info["frame_ms"]]
+        for key in ("resent", "duplicates", "reordered", "in_flight"):
+            setattr(view, key, int(info[key]))
+        self.results[peer] = bytes(info["data"])
+        if len(self.results) == len(self.nodes):
+            self.done.set()
+
+
+class _BoardActor(Actor[Any, None]):
+    def __init__(self, board: _Board) -> None:
+        self._board = board
+
+    async def receive(self, msg: Any) -> None:
+        if not isinstance(msg, Delivery) or not isinstance(msg.payload, dict):
+            return
+        if msg.stream == "progress":
+            self._board.progress(msg.peer, msg.payload)
+        elif msg.stream == "result":
+            self._board.result(msg.peer, msg.payload)
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """``--pause NODE@FRAME:SECONDS``: freeze a node's process mid-run."""
+
+    node: str
+    frame: int
+    seconds: float
+
+    @classmethod
+    def parse(cls, text: str) -> Pause:
+        """Parse ``NODE@FRAME:SECONDS``.
+
+        Raises:
+            ValueError: the text does not have that form.
+        """
+        try:
+            node, rest = text.split("@", 1)
+            frame, seconds = rest.split(":", 1)
+            return cls(node, int(frame), float(seconds))
+        except ValueError:
+            raise ValueError(
+                f"--pause wants NODE@FRAME:SECONDS, e.g. t0-1@50:3, got {text!r}"
+            ) from None
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 below the ephemeral range (design.md §5)."""
+    import random
+
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 32000)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free TCP port found on 127.0.0.1 in 20000..32000")
+
+
+def _render(board: _Board, job: Job, started: float) -> Any:
+    from rich.table import Table
+
+    title = (
+        f"cellmesh demo: {job.model} {job.size}x{job.size}, {len(board.nodes)} nodes, "
+        f"{job.frames} frames — {time.perf_counter() - started:5.1f} s"
+    )
+    table = Table(title=title, title_justify="left")
+    for column in ("node", "frame", "progress", "fps", "retries", "dups", "reordered", "in-flight"):
+        table.add_column(column, justify="left" if column in ("node", "progress") else "right")
+    for name, view in board.nodes.items():
+        filled = int(10 * view.frame / max(job.frames, 1))
+        bar = "█" * filled + "·" * (10 - filled)
+        if view.paused:
+            bar = "PAUSED    "
+        elif name in board.results:
+            bar = "done      "
+        table.add_row(
+            name,
+            str(view.frame),
+            bar,
+            f"{view.fps:.0f}",
+            str(view.resent),
+            str(view.duplicates),
+            str(view.reordered),
+            str(view.in_flight),
+        )
+    table.caption = "retries: resends; dups: duplicates dropped; reordered: most held out of order"
+    return table
+
+
+@dataclass
+class DemoOutcome:
+    """What ``cellmesh demo --json`` prints."""
+
+    model: str
+    size: int
+    nodes: int
+    frames: int
+    seconds: float
+    frames_per_second: float
+    live_cells: int | None
+    sha256: str
+    serial_sha256: str
+    match: bool
+    faults: dict[str, float]
+    per_node: dict[str, dict[str, Any]]
+    pictures: dict[str, str]
+
+
+async def run_demo(
+    job: Job,
+    *,
+    nodes: int,
+    out: Path,
+    pauses: list[Pause],
+    show: bool,
+    timeout: float,
+) -> DemoOutcome:
+    """Start the tile processes, follow them, gather and check the result.
+
+    Args:
+        job: the run's parameters.
+        nodes: how many tile processes.
+        out: folder for the topology, pictures and summary.
+        pauses: processes to freeze and thaw on the way.
+        show: draw the live table (off for ``--json``).
+        timeout: give up after this many seconds.
+
+    Returns:
+        The outcome; ``match`` says whether it equals the serial run.
+    """
+    await trio.Path(out).mkdir(parents=True, exist_ok=True)
+    model = get_model(job.model)
+    names = Decomposition.for_nodes((job.size, job.size), nodes).node_ids()
+    decomp = Decomposition.for_nodes((job.size, job.size), nodes, names=list(names))
+    decomp.check_halo(model.halo)
+    ports: set[int] = set()
+    while len(ports) < len(names) + 1:
+        ports.add(free_port())
+    endpoints = {
+        name: f"tcp://127.0.0.1:{port}"
+        for name, port in zip([*names, COORDINATOR], sorted(ports), strict=True)
+    }
+    topology = grid_topology(decomp, endpoints)
+    topo_path = out / "topology.toml"
+    topology.save(topo_path)
+    for pause in pauses:
+        if pause.node not in names:
+            raise ValueError(f"--pause names {pause.node!r}; the tiles are {', '.join(names)}")
+
+    board = _Board(list(names))
+    procs: dict[str, trio.Process] = {}
+    started = time.perf_counter()
+    config = NodeConfig(
+        faults=job.fault_plan(len(names)),
+        sender=SenderConfig(retry_timeout=0.1, retry_ceiling=0.5, send_timeout=120.0),
+        seed=job.seed,
+    )
+    try:
+        async with open_node(
+            COORDINATOR,
+            bind=endpoints[COORDINATOR],
+            peers=dict.fromkeys(names),
+            compute=lambda: _BoardActor(board),
+            config=config,
+        ):
+            for name in names:
+                cmd = [sys.executable, "-m", "actors._cli", "node", "--topology", str(topo_path)]
+                cmd += ["--id", name, *job.args()]
+                procs[name] = await trio.lowlevel.open_process(cmd, stdin=subprocess.DEVNULL)
+            with trio.fail_after(timeout):
+                await _follow(board, job, procs, pauses, show, started)
+    finally:
+        with trio.CancelScope(shield=True):
+            for proc in procs.values():
+                if proc.returncode is None:
+                    proc.send_signal(signal.SIGCONT)
+                    proc.kill()
+                await proc.wait()
+    seconds = time.perf_counter() - started
+
+    parts: dict[Tile, Grid] = {}
+    for name, data in board.results.items():
+        tile = decomp.tile_of(name)
+        parts[tile] = np.frombuffer(data, dtype=model.dtype).reshape(decomp.tile_shape(tile))
+    final = assemble(decomp, parts)
+    serial = run_serial(model, job.initial_grid(), job.frames)
+    digest, serial_digest = grid_digest(final), grid_digest(serial)
+    pictures = _pictures(model, final, board, out)
+    return DemoOutcome(
+        model=job.model,
+        size=job.size,
+        nodes=nodes,
+        frames=job.frames,
+        seconds=round(seconds, 3),
+        # Per node, from its first frame to its last: process start-up and the
+        # gather are not frame rate.
+        frames_per_second=round(float(np.median([v.fps for v in board.nodes.values()])), 1),
+        live_cells=int(final.sum()) if model.name == "life" else None,
+        sha256=digest,
+        serial_sha256=serial_digest,
+        match=digest == serial_digest,
+        faults={"drop": job.drop, "dup": job.dup, "delay_ms": job.delay_ms},
+        per_node={
+            name: {
+                "resent": view.resent,
+                "duplicates_dropped": view.duplicates,
+                "reordered": view.reordered,
+                "median_frame_ms": round(float(np.median(view.frame_ms)), 3)
+                if view.frame_ms
+                else None,
+            }
+            for name, view in board.nodes.items()
+        },
+        pictures=pictures,
+    )
+
+
+async def _follow(
+    board: _Board,
+    job: Job,
+    procs: dict[str, trio.Process],
+    pauses: list[Pause],
+    show: bool,
+    started: float,
+) -> None:
+    """Watch the run until every tile reported its result; freeze/thaw on cue."""
+    pending = list(pauses)
+
+    async def thaw(name: str, seconds: float) -> None:
+        await trio.sleep(seconds)
+        procs[name].send_signal(signal.SIGCONT)
+        board.nodes[name].paused = False
+
+    live: Any = None
+    if show:
+        from rich.live import Live
+
+        live = Live(_render(board, job, started), refresh_per_second=8, transient=False)
+        live.start()
+    try:
+        async with trio.open_nursery() as nursery:
+            while not board.done.is_set():
+                for pause in list(pending):
+                    if board.nodes[pause.node].frame >= pause.frame:
+                        procs[pause.node].send_signal(signal.SIGSTOP)
+                        board.nodes[pause.node].paused = True
+                        pending.remove(pause)
+                        nursery.start_soon(thaw, pause.node, pause.seconds)
+                for name, proc in procs.items():
+                    code = proc.poll()
+                    if code is not None and name not in board.results:
+                        raise RuntimeError(f"node {name} exited with code {code} before finishing")
+                if live is not None:
+                    live.update(_render(board, job, started))
+                with trio.move_on_after(0.1):
+                    await board.done.wait()
+            nursery.cancel_scope.cancel()
+    finally:
+        if live is not None:
+            live.update(_render(board, job, started))
+            live.stop()
+
+
+def _pictures(model: Model, final: Grid, board: _Board, out: Path) -> dict[str, str]:
+    """Write the final grid and the per-frame times as PNGs; returns their paths."""
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid_png = out / f"{model.name}-final.png"
+    fig, ax = plt.subplots(figsize=(6, 6), dpi=150)
+    cmap = "binary" if model.name == "life" else "inferno"
+    ax.imshow(final, cmap=cmap, interpolation="nearest")
+    ax.set_title(f"{model.name}: final grid {final.shape[0]}x{final.shape[1]}")
+    ax.set_axis_off()
+    fig.savefig(grid_png, bbox_inches="tight")
+    plt.close(fig)
+
+    times_png = out / "frame-times.png"
+    fig, ax = plt.subplots(figsize=(8, 4), dpi=120)
+    for name, view in board.nodes.items():
+        ax.plot(view.frame_ms, linewidth=0.8, label=name)
+    ax.set_xlabel("frame")
+    ax.set_ylabel("ms per frame (halo exchange + step)")
+    ax.set_yscale("log")
+    ax.set_title("per-frame time on each node")
+    ax.legend(fontsize="small", ncol=4)
+    fig.savefig(times_png, bbox_inches="tight")
+    plt.close(fig)
+    return {"grid": str(grid_png), "frame_times": str(times_png)}
+
+
+def outcome_json(outcome: DemoOutcome) -> str:
+    """The machine-readable summary of a demo run."""
+    return json.dumps(asdict(outcome), indent=2)
