@@ -170,7 +170,9 @@ class Receiver(Actor[Any, Any]):
         st = self._state
         sock = router_socket(self._ctx)
         try:
-            st.endpoint = sock.bind(st.bind)
+            # A restart binds the endpoint the peers already know, not a new
+            # wildcard port.
+            st.endpoint = sock.bind(st.endpoint or st.bind)
         except BaseException:
             sock.close()
             raise

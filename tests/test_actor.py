@@ -413,3 +413,24 @@ async def test_cancelling_the_scope_stops_everything_without_leaks(
     assert _task_count() == before
     assert [ref.status.value for ref in refs] == [Status.STOPPED] * 3
     assert log.count("stop@5.0") == 3
+
+
+async def test_reject_answers_the_asker_without_crashing_the_actor() -> None:
+    from actors import Reject
+
+    class Picky(Actor[int, int]):
+        async def receive(self, msg: int) -> int:
+            if msg < 0:
+                raise Reject(400, "negative")
+            return msg * 2
+
+    async with trio.open_nursery() as nursery:
+        ref = await spawn(nursery, Picky)
+        with pytest.raises(Reject) as info:
+            await ref.ask(-1)
+        assert (info.value.code, info.value.detail) == (400, "negative")
+        assert await ref.ask(21) == 42
+        stats = ref.statistics()
+        assert stats.failures == 0
+        assert stats.restarts == 0
+        await ref.stop()

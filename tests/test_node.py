@@ -184,3 +184,38 @@ async def test_query_reports_the_senders_view() -> None:
             [status] = [s for s in answer.streams if s.stream == "halo"]
             assert status.last_sent == 2
             assert status.in_flight == 0
+
+
+async def test_link_actor_crash_keeps_its_pending_messages() -> None:
+    # The PeerLink actor takes no messages: sending it one makes it crash,
+    # and its supervisor restarts it. The protocol state lives beside the
+    # actor, so every send started before the crash still completes.
+    seen: list[tuple[str, int, Any]] = []
+    with trio.fail_after(20):
+        async with pair("tcp://127.0.0.1:*", seen) as (a, _):
+            handles = []
+            for i in range(600):
+                await a.wait_window("b")
+                handles.append(a.send_nowait("b", i.to_bytes(4, "big"), stream="s"))
+                if i == 300:
+                    a.supervisor.actor("link:b").send_nowait("crash")
+            acks = [await h.wait() for h in handles]
+            assert len(acks) == 600
+            assert [p for (_, _, p) in seen] == [i.to_bytes(4, "big") for i in range(600)]
+            assert a.supervisor.actor("link:b").statistics().restarts == 1
+
+
+async def test_receiver_actor_crash_rebinds_and_loses_nothing() -> None:
+    seen: list[tuple[str, int, Any]] = []
+    with trio.fail_after(20):
+        async with pair("tcp://127.0.0.1:*", seen) as (a, b):
+            handles = []
+            for i in range(400):
+                await a.wait_window("b")
+                handles.append(a.send_nowait("b", i.to_bytes(4, "big"), stream="s"))
+                if i == 200:
+                    b.supervisor.actor("receiver").send_nowait("crash")
+            acks = [await h.wait() for h in handles]
+            assert len(acks) == 400
+            assert [p for (_, _, p) in seen] == [i.to_bytes(4, "big") for i in range(400)]
+            assert b.supervisor.actor("receiver").statistics().restarts == 1

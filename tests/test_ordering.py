@@ -1,0 +1,182 @@
+"""Per-peer sequencer actors in virtual time: order per stream, isolation between streams and peers.
+
+The Receiver's protocol core and the PeerSequencer actors run as in a node,
+minus the sockets: DATA frames go into the core, its Deliver events into the
+peer's sequencer, exactly as ``Receiver._route`` does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+from actors import Actor, Delivery, FaultPlan, Gap, ReceiverConfig, spawn
+from actors._inbound import InboundState, PeerSequencer, Receiver
+from transport import (
+    Data,
+    GapPolicy,
+    Incarnation,
+    Limits,
+    LinkSeq,
+    NodeId,
+    Req,
+    RetryLater,
+    RetryReason,
+    SequencerConfig,
+    StreamId,
+    StreamSeq,
+)
+
+P, Q = NodeId("p"), NodeId("q")
+INC = Incarnation(1)
+
+
+class Log(Actor[Any, None]):
+    def __init__(self, seen: list[tuple[float, str, str, int | str]]) -> None:
+        self.seen = seen
+
+    async def receive(self, msg: Any) -> None:
+        now = trio.current_time()
+        if isinstance(msg, Delivery):
+            self.seen.append((now, msg.peer, msg.stream, msg.stream_seq))
+        elif isinstance(msg, Gap):
+            self.seen.append(
+                (now, msg.peer, msg.stream, f"gap {msg.first}-{msg.last} {msg.reason}")
+            )
+
+
+class Harness:
+    def __init__(self, nursery: trio.Nursery, seen: list[Any], policy: GapPolicy) -> None:
+        self.inbound = InboundState(
+            NodeId("b"),
+            Incarnation(9),
+            "inproc://unused",
+            frozenset({P, Q}),
+            config=ReceiverConfig(received_delay=0.0),
+            faults=FaultPlan(),
+            limits=Limits(),
+        )
+        self.nursery = nursery
+        self.seen = seen
+        self.config = SequencerConfig(gap_timeout=0.5, policy=policy)
+        self.link_seq = {P: 0, Q: 0}
+
+    async def start(self) -> None:
+        compute = await spawn(self.nursery, lambda: Log(self.seen))
+        for peer in (P, Q):
+            self.inbound.sequencers[peer] = await spawn(
+                self.nursery,
+                lambda peer=peer: PeerSequencer(self.inbound, peer, compute, {}, self.config),
+            )
+
+    def data(self, peer: NodeId, stream: str, stream_seq: int, floor: int = 1) -> None:
+        """One DATA from ``peer`` through the core and on to its sequencer."""
+        self.link_seq[peer] += 1
+        seq = self.link_seq[peer]
+        frame = Data(
+            peer,
+            INC,
+            LinkSeq(seq),
+            StreamId(stream),
+            StreamSeq(stream_seq),
+            StreamSeq(floor),
+            None,
+            f"{stream}{stream_seq}",
+            LinkSeq(1),
+        )
+        self.inbound.core.receive_frame(peer, frame, trio.current_time())
+        Receiver._route(self.inbound)
+
+
+async def test_stalled_stream_delays_neither_other_streams_nor_other_peers(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    seen: list[Any] = []
+    async with trio.open_nursery() as nursery:
+        h = Harness(nursery, seen, GapPolicy.WAIT)
+        await h.start()
+        # p/halo misses its first message; p/ctl and q/halo are complete.
+        for k in (2, 3, 4):
+            h.data(P, "halo", k)
+        for k in (1, 2):
+            h.data(P, "ctl", k)
+        for k in (1, 2, 3):
+            h.data(Q, "halo", k)
+        await trio.sleep(5.0)
+        # The missing message finally arrives (a resend), five seconds late.
+        h.data(P, "halo", 1)
+        await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+
+    at_zero = sorted((peer, stream, k) for t, peer, stream, k in seen if t == 0.0)
+    assert at_zero == [
+        ("p", "ctl", 1),
+        ("p", "ctl", 2),
+        ("q", "halo", 1),
+        ("q", "halo", 2),
+        ("q", "halo", 3),
+    ]
+    late = [(t, k) for t, peer, stream, k in seen if (peer, stream) == ("p", "halo")]
+    assert late == [(5.0, 1), (5.0, 2), (5.0, 3), (5.0, 4)]
+
+
+async def test_open_gap_asks_the_sender_after_the_gap_timeout(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    seen: list[Any] = []
+    async with trio.open_nursery() as nursery:
+        h = Harness(nursery, seen, GapPolicy.WAIT)
+        await h.start()
+        h.data(P, "halo", 2)
+        await trio.sleep(0.4)
+        assert not [
+            f for _, f in h.inbound.core.frames_to_send(trio.current_time()) if isinstance(f, Req)
+        ]
+        await trio.sleep(0.2)
+        reqs = [
+            f for _, f in h.inbound.core.frames_to_send(trio.current_time()) if isinstance(f, Req)
+        ]
+        assert [(r.stream, r.missing) for r in reqs] == [("halo", (1,))]
+        nursery.cancel_scope.cancel()
+
+
+async def test_skip_policy_hands_over_an_explicit_gap(autojump_clock: trio.abc.Clock) -> None:
+    seen: list[Any] = []
+    async with trio.open_nursery() as nursery:
+        h = Harness(nursery, seen, GapPolicy.SKIP)
+        await h.start()
+        h.data(P, "halo", 1)
+        h.data(P, "halo", 3)
+        await trio.sleep(3.0)
+        nursery.cancel_scope.cancel()
+    kinds = [k for _, _, _, k in seen]
+    assert kinds[0] == 1
+    assert isinstance(kinds[1], str)
+    assert kinds[1].startswith("gap 2-2")
+    assert kinds[2] == 3
+
+
+async def test_flood_of_far_future_frames_is_refused_not_held(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    seen: list[Any] = []
+    async with trio.open_nursery() as nursery:
+        h = Harness(nursery, seen, GapPolicy.WAIT)
+        h.config = SequencerConfig(gap_timeout=0.5, buffer_limit=8)
+        await h.start()
+        for k in range(2, 60):
+            h.data(P, "halo", k)
+        await trio.sleep(0.01)
+        refused = [
+            f
+            for _, f in h.inbound.core.frames_to_send(trio.current_time())
+            if isinstance(f, RetryLater)
+        ]
+        stats = h.inbound.sequencer_stats[P]()[StreamId("halo")]
+        nursery.cancel_scope.cancel()
+    assert stats.buffered <= 8
+    # Within the bound (k = 2..9) held; every later one answered RETRY_LATER.
+    assert len(refused) == 60 - 2 - 8
+    assert {f.reason for f in refused} == {RetryReason.BUFFER_FULL}
+    assert seen == []
