@@ -117,6 +117,12 @@ class SendHandle:
         assert self._result is not None
         return self._result
 
+    def _give_up(self, reason: str) -> None:
+        """End the send with :class:`DeliveryFailed` for ``reason``."""
+        self._settle(
+            None, DeliveryFailed(peer=self.peer, seq=self.seq, reason=reason, held=self.held)
+        )
+
     def _settle(self, result: Ack | None, error: PeerError | DeliveryFailed | None) -> None:
         self._result = result
         self._error = error
@@ -346,15 +352,7 @@ class PeerLink(Actor[Any, Any]):
                 handle = handles.pop(event.seq, None)
                 freed = True
                 if handle is not None:
-                    handle._settle(
-                        None,
-                        DeliveryFailed(
-                            peer=handle.peer,
-                            seq=handle.seq,
-                            reason="deadline passed without a final answer",
-                            held=handle.held,
-                        ),
-                    )
+                    handle._give_up("deadline passed without a final answer")
             elif type(event) is PeerStateChanged:
                 st.state.value = event.new
             elif type(event) is Held:

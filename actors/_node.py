@@ -450,13 +450,5 @@ def _fail_pending(links: dict[NodeId, LinkState]) -> None:
     for link in links.values():
         for handle in link.handles.values():
             if not handle.done:
-                handle._settle(
-                    None,
-                    DeliveryFailed(
-                        peer=handle.peer,
-                        seq=handle.seq,
-                        reason="the sending node shut down",
-                        held=handle.held,
-                    ),
-                )
+                handle._give_up("the sending node shut down")
         link.handles.clear()
