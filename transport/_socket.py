@@ -370,6 +370,11 @@ class Socket:
         waits make one early return.
         """
         self._wakes += 1
+        if self._wake_pending:
+            # Already woken: the owner cannot be asleep until it has seen this
+            # (wait_ready checks the flag before sleeping, with no checkpoint
+            # between), and trio's cancel() is not free even when repeated.
+            return
         self._wake_pending = True
         if self._wait_scope is not None:
             self._wait_scope.cancel()

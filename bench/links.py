@@ -1,0 +1,412 @@
+"""Links benchmark: confirmed (ACKed) cellmesh sends against raw and hand-written pyzmq.
+
+Two processes on tcp loopback. This process opens node "a" and sends 64-byte
+payloads to node "b" in a child process, whose compute actor answers each at
+once (so every message ends in an ACK):
+
+* confirmed throughput: N sends kept in flight with ``await wait_window`` +
+  ``send_nowait``, then every handle awaited; msgs/s = N / elapsed. Run with
+  the default window (256) and a wide one (1024);
+* confirmed latency: one message in flight, ``await node.send`` in a loop;
+  p50 and p99 of send -> ACK.
+
+In the same run, the references:
+
+* raw pyzmq one-way throughput and lockstep round trip, measured by
+  ``bench/transport.py``'s blocking ``pyzmq`` driver (same code, same sockets);
+* a hand-written "acked" sender, the code users write today: blocking pyzmq,
+  a DEALER sends [8-byte id, 64-byte payload], a ROUTER answers with the id,
+  64 in flight, a dict of pending ids, no retries.
+
+Each figure is the median over the repetitions, after one warm-up repetition.
+
+Run: ``.venv/bin/python bench/links.py``; writes ``bench/results/links.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# Run as a script, this directory would come first on the path and
+# ``import transport`` would find bench/transport.py instead of the package.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+
+import trio  # noqa: E402
+import zmq  # noqa: E402
+
+from actors import (  # noqa: E402
+    Actor,
+    Delivery,
+    NodeConfig,
+    ReceiverConfig,
+    SenderConfig,
+    open_node,
+)
+from bench import transport as transport_bench  # noqa: E402
+from bench._common import machine_info, median, percentile, print_table, write_json  # noqa: E402
+from transport import NodeId  # noqa: E402
+
+PAYLOAD = bytes(range(64))
+THROUGHPUT_N = 50_000
+LATENCY_N = 2_000
+RAW_THROUGHPUT_N = 100_000
+REPS = 5
+#: Messages in flight in the hand-written baseline.
+HANDWRITTEN_IN_FLIGHT = 64
+#: Bound on each repetition (and, times ten, on a child's life), so the run always ends.
+RUN_DEADLINE = 60.0
+BLOCKING_TIMEOUT_MS = 20_000
+
+#: The node configurations measured: the defaults, and a window four times wider.
+CONFIGS: dict[str, NodeConfig] = {
+    "window 256": NodeConfig(),
+    "window 1024": NodeConfig(
+        sender=SenderConfig(max_in_flight=1024, initial_credit=1024),
+        receiver=ReceiverConfig(window=1024, max_entries=2048),
+    ),
+}
+
+Ctx = zmq.Context[zmq.Socket[bytes]]
+
+
+# -- child processes: node "b", or the hand-written acker -----------------------
+
+
+class _Sink(Actor[Delivery, None]):
+    """Node b's compute actor: takes every message, answers ACK at once."""
+
+    async def receive(self, msg: Delivery) -> None:
+        return None
+
+
+async def _serve_node(config_name: str) -> None:
+    config = CONFIGS[config_name]
+    with trio.fail_after(RUN_DEADLINE * 10):
+        async with open_node(
+            "b", bind="tcp://127.0.0.1:*", peers={"a": None}, compute=_Sink, config=config
+        ) as node:
+            print(node.endpoint, flush=True)
+            await _wait_stdin_closed()
+
+
+async def _wait_stdin_closed() -> None:
+    """The parent closes our stdin when it is done with us."""
+    stream = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+    async with stream:
+        while await stream.receive_some():
+            pass
+
+
+def _serve_acker() -> None:
+    """Blocking ROUTER: answer every [id, payload] with [id], until stdin closes."""
+    ctx: Ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.linger = 0
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    print(f"tcp://127.0.0.1:{port}", flush=True)
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    poller.register(sys.stdin.fileno(), zmq.POLLIN)
+    deadline = time.monotonic() + RUN_DEADLINE * 10
+    try:
+        while time.monotonic() < deadline:
+            ready = dict(poller.poll(1000))
+            if sys.stdin.fileno() in ready:
+                return
+            while True:
+                try:
+                    routing_id, message_id, _ = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                sock.send_multipart([routing_id, message_id])
+    finally:
+        sock.close()
+        ctx.term()
+
+
+class _Child:
+    """A child process that prints its endpoint and lives until we close its stdin."""
+
+    def __init__(self, *role: str) -> None:
+        argv = [sys.executable, __file__, "--child", *role]
+        self._proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert self._proc.stdout is not None
+        self.endpoint = self._proc.stdout.readline().strip()
+        if not self.endpoint:
+            self.close()
+            raise RuntimeError(f"child {role} exited before it was ready")
+
+    def close(self) -> None:
+        proc = self._proc
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+# -- this process: node "a" and the hand-written sender --------------------------
+
+
+async def _cellmesh(
+    endpoint: str, config: NodeConfig, n: int, latency_n: int, reps: int
+) -> tuple[list[float], list[list[float]], dict[str, int]]:
+    """Confirmed throughput (``reps`` runs), then latency (``reps`` runs if latency_n).
+
+    Returns:
+        msgs/s per run, send -> ACK times (µs) per run, and the link's
+        counters, which show whether anything was resent or refused.
+    """
+    rates: list[float] = []
+    rtts: list[list[float]] = []
+    async with open_node(
+        "a", bind="tcp://127.0.0.1:*", peers={"b": endpoint}, config=config
+    ) as node:
+        with trio.fail_after(RUN_DEADLINE):
+            await node.send("b", PAYLOAD)  # connected, session established
+        for _ in range(reps):
+            with trio.fail_after(RUN_DEADLINE):
+                handles = []
+                start = time.perf_counter()
+                for _ in range(n):
+                    await node.wait_window("b")
+                    handles.append(node.send_nowait("b", PAYLOAD))
+                for handle in handles:
+                    await handle.wait()
+                rates.append(n / (time.perf_counter() - start))
+        for _ in range(reps if latency_n else 0):
+            with trio.fail_after(RUN_DEADLINE):
+                run = []
+                for _ in range(latency_n):
+                    t0 = time.perf_counter_ns()
+                    await node.send("b", PAYLOAD)
+                    run.append((time.perf_counter_ns() - t0) / 1000.0)
+                rtts.append(run)
+        stats = node.statistics().links[NodeId("b")].protocol
+        counters = {
+            "acked": stats.acked,
+            "resent": stats.resent,
+            "retry_later": stats.retry_later,
+            "erred": stats.erred,
+        }
+    return rates, rtts, counters
+
+
+def _handwritten(endpoint: str, n: int, reps: int) -> list[float]:
+    """Acked msgs/s of the hand-written sender: 64 in flight, a dict of pending ids."""
+    ctx: Ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.rcvtimeo = BLOCKING_TIMEOUT_MS
+    sock.connect(endpoint)
+    rates = []
+    try:
+        for _ in range(reps):
+            pending: dict[bytes, bytes] = {}
+            sent = acked = 0
+            start = time.perf_counter()
+            while acked < n:
+                while sent < n and len(pending) < HANDWRITTEN_IN_FLIGHT:
+                    message_id = sent.to_bytes(8, "big")
+                    sock.send_multipart([message_id, PAYLOAD])
+                    pending[message_id] = PAYLOAD
+                    sent += 1
+                [message_id] = sock.recv_multipart()
+                del pending[message_id]
+                acked += 1
+            rates.append(n / (time.perf_counter() - start))
+    finally:
+        sock.close()
+        ctx.term()
+    return rates
+
+
+def _ratio(ours: float, theirs: float) -> float:
+    return ours / theirs if theirs else float("nan")
+
+
+def _measure_cellmesh(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Each node configuration against a fresh node "b"; latency with the first one."""
+    throughput: dict[str, Any] = {}
+    latency: dict[str, Any] = {}
+    for index, (name, config) in enumerate(CONFIGS.items()):
+        latency_n = args.latency_n if index == 0 else 0
+        child = _Child("node", name)
+        try:
+            rates, rtts, counters = trio.run(
+                _cellmesh, child.endpoint, config, args.throughput_n, latency_n, args.reps + 1
+            )
+        finally:
+            child.close()
+        throughput[name] = {
+            "runs_msgs_per_s": rates[1:],
+            "median_msgs_per_s": median(rates[1:]),
+            "link_counters": counters,
+        }
+        if rtts:
+            p50s = [percentile(r, 50) for r in rtts[1:]]
+            p99s = [percentile(r, 99) for r in rtts[1:]]
+            latency = {
+                "config": name,
+                "runs_p50_us": p50s,
+                "runs_p99_us": p99s,
+                "median_p50_us": median(p50s),
+                "median_p99_us": median(p99s),
+            }
+    return throughput, latency
+
+
+def _measure_references(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The hand-written acked sender, then bench/transport.py's blocking pyzmq driver."""
+    acker = _Child("acker")
+    try:
+        hand = _handwritten(acker.endpoint, args.throughput_n, args.reps + 1)[1:]
+    finally:
+        acker.close()
+    handwritten = {"runs_msgs_per_s": hand, "median_msgs_per_s": median(hand)}
+    rates = transport_bench._measure("pyzmq", "throughput", args.raw_throughput_n, args.reps)
+    rtts = transport_bench._measure("pyzmq", "latency", args.latency_n, args.reps)
+    p50s = [percentile(r, 50) for r in rtts]
+    p99s = [percentile(r, 99) for r in rtts]
+    raw = {
+        "one_way_runs_msgs_per_s": rates,
+        "one_way_median_msgs_per_s": median(rates),
+        "rtt_runs_p50_us": p50s,
+        "rtt_runs_p99_us": p99s,
+        "rtt_median_p50_us": median(p50s),
+        "rtt_median_p99_us": median(p99s),
+    }
+    return handwritten, raw
+
+
+def _report(
+    reps: int,
+    throughput: dict[str, Any],
+    latency: dict[str, Any],
+    handwritten: dict[str, Any],
+    raw: dict[str, Any],
+) -> tuple[dict[str, Any], dict[str, bool]]:
+    """Print the tables and the goals; return the ratios and the goals met."""
+    raw_rate: float = raw["one_way_median_msgs_per_s"]
+    hand_rate: float = handwritten["median_msgs_per_s"]
+    raw_p50: float = raw["rtt_median_p50_us"]
+    ratios: dict[str, Any] = {
+        name: {
+            "vs_raw_one_way": _ratio(r["median_msgs_per_s"], raw_rate),
+            "vs_handwritten_acked": _ratio(r["median_msgs_per_s"], hand_rate),
+        }
+        for name, r in throughput.items()
+    }
+    ratios["latency_p50_vs_raw_rtt"] = _ratio(latency["median_p50_us"], raw_p50)
+    rows: list[list[object]] = [
+        [
+            f"cellmesh, {name}",
+            r["median_msgs_per_s"],
+            ratios[name]["vs_raw_one_way"],
+            ratios[name]["vs_handwritten_acked"],
+        ]
+        for name, r in throughput.items()
+    ]
+    rows.append(
+        [
+            f"hand-written acked, {HANDWRITTEN_IN_FLIGHT} in flight",
+            hand_rate,
+            _ratio(hand_rate, raw_rate),
+            1.0,
+        ]
+    )
+    rows.append(["raw pyzmq one-way, unconfirmed", raw_rate, 1.0, _ratio(raw_rate, hand_rate)])
+    print_table(
+        f"Throughput, tcp loopback, 64-byte payloads, median of {reps} reps",
+        ["sender", "msgs/s", "x raw one-way", "x hand-written"],
+        rows,
+    )
+    print_table(
+        "Latency, one message in flight",
+        ["", "p50 us", "p99 us", "x raw rtt p50"],
+        [
+            [
+                "cellmesh send -> ACK",
+                latency["median_p50_us"],
+                latency["median_p99_us"],
+                ratios["latency_p50_vs_raw_rtt"],
+            ],
+            ["raw pyzmq lockstep round trip", raw_p50, raw["rtt_median_p99_us"], 1.0],
+        ],
+    )
+    best = max(throughput, key=lambda name: throughput[name]["median_msgs_per_s"])
+    goals = {
+        "confirmed throughput >= 1.0x raw one-way": ratios[best]["vs_raw_one_way"] >= 1.0,
+        "latency p50 <= 1.5x raw round trip": ratios["latency_p50_vs_raw_rtt"] <= 1.5,
+    }
+    for goal, met in goals.items():
+        print(f"  {'met ' if met else 'MISS'} {goal}")
+    return ratios, goals
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--reps", type=int, default=REPS)
+    parser.add_argument("--throughput-n", type=int, default=THROUGHPUT_N)
+    parser.add_argument("--latency-n", type=int, default=LATENCY_N)
+    parser.add_argument("--raw-throughput-n", type=int, default=RAW_THROUGHPUT_N)
+    parser.add_argument("--child", nargs="+", metavar="ROLE", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        if args.child[0] == "node":
+            trio.run(_serve_node, args.child[1])
+        else:
+            _serve_acker()
+        return
+
+    began = time.perf_counter()
+    throughput, latency = _measure_cellmesh(args)
+    handwritten, raw = _measure_references(args)
+    ratios, goals = _report(args.reps, throughput, latency, handwritten, raw)
+    elapsed = time.perf_counter() - began
+    path = write_json(
+        "links",
+        {
+            "machine": {
+                **machine_info(),
+                "pyzmq": zmq.__version__,
+                "libzmq": zmq.zmq_version(),
+                "trio": trio.__version__,
+            },
+            "params": {
+                "payload_bytes": len(PAYLOAD),
+                "throughput_n": args.throughput_n,
+                "latency_n": args.latency_n,
+                "raw_throughput_n": args.raw_throughput_n,
+                "handwritten_in_flight": HANDWRITTEN_IN_FLIGHT,
+                "reps": args.reps,
+                "warmup_reps": 1,
+            },
+            "cellmesh_throughput": throughput,
+            "cellmesh_latency": latency,
+            "handwritten_acked": handwritten,
+            "raw_pyzmq": raw,
+            "ratios": ratios,
+            "goals": goals,
+            "elapsed_s": elapsed,
+        },
+    )
+    print(f"\n  {elapsed:.1f} s; results in {path}")
+
+
+if __name__ == "__main__":
+    main()
