@@ -118,7 +118,7 @@ def _node(args: argparse.Namespace) -> int:
         return 2
     job = _job(args)
     assert isinstance(job, Job)
-    trio.run(run_tile, topology, node_id, job)
+    trio.run(run_tile, topology, node_id, job, args.out)
     return 0
 
 
@@ -148,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     node.add_argument("--topology", required=True, metavar="FILE", help="topology TOML")
     node.add_argument("--id", help="this node's id (default: from the launcher's environment)")
     _job_options(node, size=1024, frames=300)
+    node.add_argument(
+        "--out", default="out", help="without a coordinator: where to save this node's tile"
+    )
     node.set_defaults(run=_node)
 
     args = parser.parse_args(argv)

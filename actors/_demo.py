@@ -156,14 +156,19 @@ def _summary(stats: Any) -> dict[str, int]:
     }
 
 
-async def run_tile(topology: Topology, node_id: str, job: Job) -> None:
+async def run_tile(topology: Topology, node_id: str, job: Job, out: str = "out") -> None:
     """Run one tile node of the demo until its last frame is confirmed.
 
     Args:
-        topology: the run's topology (tiles and the coordinator).
+        topology: the run's topology: the tiles and, under ``cellmesh demo``,
+            the coordinator. Without a coordinator in it (a run over several
+            hosts) the node prints its progress and saves its final tile as
+            ``OUT/<node id>.npy``.
         node_id: which tile this process is.
         job: the run's parameters.
+        out: where a node without a coordinator saves its tile.
     """
+    coordinated = COORDINATOR in topology
     model = get_model(job.model)
     decomp = tile_decomposition(topology, job.size)
     decomp.check_halo(model.halo)
@@ -211,31 +216,33 @@ async def run_tile(topology: Topology, node_id: str, job: Job) -> None:
                 await handle.wait()
             previous = sent
             frame_ms.append((time.perf_counter() - started) * 1000.0)
-            await node.wait_window(COORDINATOR)
-            progress.append(
-                node.send_nowait(
-                    COORDINATOR,
-                    {"frame": frame + 1, "ms": frame_ms[-1], **_summary(node.statistics())},
-                    stream="progress",
-                )
-            )
-            if len(progress) > 64:
-                for handle in progress[:32]:
-                    await handle.wait()
-                del progress[:32]
+            report = {"frame": frame + 1, "ms": frame_ms[-1], **_summary(node.statistics())}
+            if coordinated:
+                await node.wait_window(COORDINATOR)
+                progress.append(node.send_nowait(COORDINATOR, report, stream="progress"))
+                if len(progress) > 64:
+                    for handle in progress[:32]:
+                        await handle.wait()
+                    del progress[:32]
+            elif (frame + 1) % 50 == 0 or frame + 1 == job.frames:
+                print(f"{node_id}: frame {frame + 1}/{job.frames} {report}", flush=True)
         for handle in previous + progress:
             await handle.wait()
-        result = interior(padded, model.halo)
-        await node.send(
-            COORDINATOR,
-            {
-                "data": np.ascontiguousarray(result).tobytes(),
-                "frame_ms": frame_ms,
-                **_summary(node.statistics()),
-            },
-            stream="result",
-            timeout=120.0,
-        )
+        result = np.ascontiguousarray(interior(padded, model.halo))
+        if coordinated:
+            await node.send(
+                COORDINATOR,
+                {"data": result.tobytes(), "frame_ms": frame_ms, **_summary(node.statistics())},
+                stream="result",
+                timeout=120.0,
+            )
+        else:
+            # No coordinator (several hosts, launched by srun or mpiexec):
+            # each node keeps its own tile; gather them with any tool.
+            await trio.Path(out).mkdir(parents=True, exist_ok=True)
+            path = Path(out) / f"{node_id}.npy"
+            np.save(path, result)
+            print(f"{node_id}: wrote {path} (sha256 {grid_digest(result)[:16]})", flush=True)
         # Our neighbours may still be waiting for our ACK of their last halo
         # (the answer can be lost on the wire, and they resend): keep serving
         # a while, like TCP's TIME_WAIT, instead of vanishing under them.

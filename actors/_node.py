@@ -178,6 +178,10 @@ class Node:
             timeout: seconds to keep trying (default: ``sender.send_timeout``).
             deadline: or an absolute ``trio.current_time()`` deadline.
 
+        The payload is kept (not copied) until the final answer and encoded
+        again for each resend: send bytes, or a numpy array you will not
+        change until the send is answered (``arr.tobytes()`` is a safe copy).
+
         Returns:
             A :class:`SendHandle`; its ``seq`` is the message's id on this link.
 

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import trio
 
+from actors import NodeSpec
 from actors._demo import Job, Pause, run_demo
 
 pytestmark = pytest.mark.slow
@@ -62,3 +66,59 @@ def test_cli_json_summary_and_pattern(tmp_path: Path) -> None:
 def test_pause_option_is_checked() -> None:
     with pytest.raises(ValueError, match="NODE@FRAME:SECONDS"):
         Pause.parse("t0-1:5")
+
+
+def _two_ports(free_port: Any) -> list[int]:
+    ports: set[int] = set()
+    while len(ports) < 2:
+        ports.add(free_port())
+    return sorted(ports)
+
+
+def test_cellmesh_node_without_a_coordinator_saves_its_tile(tmp_path: Path) -> None:
+    # What `srun -n 2 cellmesh node --topology grid.toml ...` does on two hosts,
+    # here as two local processes whose ids come from the launcher's rank.
+    from actors import Decomposition, Topology, assemble
+    from actors._demo import free_port
+    from actors._models import run_serial
+
+    decomp = Decomposition.for_nodes((32, 32), 2)
+    names = decomp.node_ids()
+    topology = Topology.build(
+        [
+            NodeSpec(name, f"tcp://127.0.0.1:{port}")
+            for name, port in zip(names, _two_ports(free_port), strict=True)
+        ],
+        [(names[0], names[1])],
+    )
+    path = tmp_path / "grid.toml"
+    topology.save(path)
+    job = Job(size=32, frames=10, seed=4, linger=1.0)
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "actors._cli",
+                "node",
+                "--topology",
+                str(path),
+                *job.args(),
+                "--out",
+                str(tmp_path),
+            ],
+            env={**os.environ, "SLURM_PROCID": str(rank)},
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    try:
+        outputs = [p.communicate(timeout=60)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0]
+    assert all("wrote" in out for out in outputs)
+    parts = {decomp.tile_of(n): np.load(tmp_path / f"{n}.npy") for n in names}
+    assert np.array_equal(assemble(decomp, parts), run_serial("life", job.initial_grid(), 10))
