@@ -1,0 +1,585 @@
+"""Grid benchmark: frames/s of the Life demo against serial numpy and an mpi4py halo exchange.
+
+For each grid size (1024², 2048²) and node count (1, 2, 4), in the same run:
+
+* **serial**: ``run_serial`` of the whole grid in this process (pad + ``life_step``
+  per frame); frames/s = frames / elapsed, median of the repetitions;
+* **mpi**: ``bench/mpi_halo.py`` under ``mpiexec -n N``: the same decomposition
+  and the same ``life_step``, halos swapped with ``Isend``/``Irecv`` of numpy
+  buffers; it reports the median of its repetitions (after a warm-up);
+* **cellmesh**: ``run_demo`` (what ``cellmesh demo --json`` runs): one node
+  process per tile, every halo a cellmesh send with an ACK, progress sent to a
+  coordinator every frame; frames/s = the demo's own figure (median over nodes
+  of frames/s from a node's first progress report to its last), median of the
+  repetitions.
+
+Every run's final grid is checked against the serial one (SHA-256). The Ray
+column is a *reference* measured earlier on this machine (115 frames/s with
+Ray actors), not in this run.
+
+``--profile`` adds a probe: tile nodes running the demo's frame loop (minus the
+progress reports) with a clock around each phase — send the halos, wait for
+the neighbours' halos, fill + step, wait for the previous frame's ACKs — plus
+the one-way halo latency (send -> neighbour's compute actor, stamped with
+``perf_counter``, one clock for all processes of a Linux host) and the ACK
+round trip.
+
+Run: ``.venv/bin/python bench/grid.py [--profile]``; writes
+``bench/results/grid.json`` and ``docs/grid-bench.png``. Without mpi4py and an
+``mpiexec`` the MPI column is skipped with a message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+# Run as a script, this directory would come first on the path and
+# ``import transport`` would find bench/transport.py instead of the package.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+
+import numpy as np  # noqa: E402
+import trio  # noqa: E402
+
+from actors import (  # noqa: E402
+    Actor,
+    Decomposition,
+    Delivery,
+    NodeConfig,
+    NodeSpec,
+    SenderConfig,
+    SendHandle,
+    Topology,
+    interior,
+    open_node,
+    pad,
+)
+from actors._demo import Job, _summary, free_port, run_demo  # noqa: E402
+from actors._models import LIFE, grid_digest, run_serial  # noqa: E402
+from bench._common import machine_info, median, percentile, print_table, write_json  # noqa: E402
+
+#: Frames per run by grid side: enough that start-up does not dominate.
+FRAMES = {1024: 300, 2048: 150}
+NODES = (1, 2, 4)
+REPS = 3
+#: Frames/s of the Life demo on Ray actors, measured earlier on this machine (not in this run).
+RAY_REFERENCE_FPS = 115.0
+#: The issue's goals: cellmesh / mpi4py at 2 and 4 nodes, and cellmesh / Ray.
+GOAL_VS_MPI = 0.8
+GOAL_VS_RAY = 10.0
+#: Bound on one demo or mpiexec run, so the bench always ends.
+RUN_TIMEOUT = 300.0
+#: Frames of the probe that are not timed: the nodes start one after the other.
+PROBE_WARMUP = 20
+PLOT = _HERE.parent / "docs" / "grid-bench.png"
+
+
+# -- the three contenders ------------------------------------------------------------
+
+
+def measure_serial(size: int, frames: int, reps: int) -> tuple[list[float], str]:
+    """Frames/s of ``run_serial`` per repetition, and the final grid's digest."""
+    start = LIFE.initial((size, size), 1)
+    rates: list[float] = []
+    digest = ""
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        final = run_serial(LIFE, start, frames)
+        rates.append(frames / (time.perf_counter() - t0))
+        digest = grid_digest(final)
+    return rates, digest
+
+
+def find_mpiexec() -> tuple[str | None, str]:
+    """The ``mpiexec`` to use and, if there is none, why (for the skip message)."""
+    if importlib.util.find_spec("mpi4py") is None:
+        return None, "mpi4py is not installed (.venv/bin/pip install mpi4py mpich)"
+    beside = Path(sys.executable).with_name("mpiexec")
+    found = str(beside) if beside.exists() else shutil.which("mpiexec")
+    if found is None:
+        return None, "no mpiexec beside this Python or on PATH (.venv/bin/pip install mpich)"
+    return found, ""
+
+
+def measure_mpi(mpiexec: str, size: int, frames: int, nodes: int, reps: int) -> dict[str, Any]:
+    """Run ``bench/mpi_halo.py`` on ``nodes`` ranks; its JSON summary.
+
+    Raises:
+        RuntimeError: mpiexec failed or printed no summary.
+    """
+    cmd = [mpiexec, "-n", str(nodes), sys.executable, str(_HERE / "mpi_halo.py")]
+    cmd += ["--size", str(size), "--frames", str(frames), "--reps", str(reps)]
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT, stdin=subprocess.DEVNULL
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+def measure_cellmesh(size: int, frames: int, nodes: int, reps: int) -> list[dict[str, Any]]:
+    """``reps`` runs of the demo; per run its frames/s, match, per-node figures."""
+    runs: list[dict[str, Any]] = []
+    job = Job(model="life", size=size, frames=frames, seed=1)
+    for _ in range(reps):
+        with tempfile.TemporaryDirectory(prefix="cellmesh-grid-") as out:
+            outcome = trio.run(
+                lambda: run_demo(
+                    job, nodes=nodes, out=Path(out), pauses=[], show=False, timeout=RUN_TIMEOUT
+                )
+            )
+        runs.append(
+            {
+                "frames_per_second": outcome.frames_per_second,
+                "seconds": outcome.seconds,
+                "match": outcome.match,
+                "sha256": outcome.sha256,
+                "per_node": outcome.per_node,
+            }
+        )
+    return runs
+
+
+# -- the probe: where a frame's time goes ---------------------------------------------
+
+
+class _ProbeInbox:
+    """Halos by frame, plus how long each took from the sender's clock to ours."""
+
+    def __init__(self) -> None:
+        self.frames: dict[int, dict[str, bytes]] = {}
+        self.latency_ms: list[float] = []
+        self.changed = trio.Event()
+
+    def put(self, frame: int, peer: str, data: bytes) -> None:
+        (sent,) = struct.unpack_from("<d", data)
+        self.latency_ms.append((time.perf_counter() - sent) * 1000.0)
+        self.frames.setdefault(frame, {})[peer] = data[8:]
+        self.changed.set()
+
+    async def take(self, frame: int, count: int) -> dict[str, bytes]:
+        while len(self.frames.get(frame, ())) < count:
+            self.changed = trio.Event()
+            await self.changed.wait()
+        return self.frames.pop(frame, {})
+
+
+class _ProbeActor(Actor[Any, None]):
+    def __init__(self, inbox: _ProbeInbox) -> None:
+        self._inbox = inbox
+
+    async def receive(self, msg: Any) -> None:
+        if isinstance(msg, Delivery) and msg.frame_no is not None:
+            self._inbox.put(msg.frame_no, msg.peer, bytes(msg.payload))
+
+
+async def _probe_tile(
+    topology_path: str, node_id: str, size: int, frames: int, overlap: bool
+) -> dict[str, Any]:
+    """The demo's frame loop (``run_tile``) without progress reports, timed per phase.
+
+    With ``overlap`` the tile steps the cells that need no halo *before* it
+    waits for the halos, and only the one-cell ring after: the usual way to
+    hide halo latency behind computation (the demo does not do this).
+    """
+    topology = Topology.load(topology_path)
+    decomp = Decomposition.for_nodes((size, size), len(topology.ids), names=topology.ids)
+    tile = decomp.tile_of(node_id)
+    local = np.array(LIFE.initial((size, size), 1)[decomp.tile_slices(tile)], order="C")
+    padded = pad(local, LIFE.halo, LIFE.boundary)
+    towards = {decomp.node_id(other): d for d, other in decomp.neighbours(tile).items()}
+    send_at = {p: decomp.halo_send_slices(tile, d, LIFE.halo) for p, d in towards.items()}
+    recv_at = {p: decomp.halo_recv_slices(tile, d, LIFE.halo) for p, d in towards.items()}
+    inbox = _ProbeInbox()
+    config = NodeConfig(
+        sender=SenderConfig(retry_timeout=0.1, retry_ceiling=0.5, send_timeout=120.0), seed=1
+    )
+    phases: dict[str, list[float]] = {
+        "send": [],
+        "wait_halos": [],
+        "fill_step": [],
+        "wait_acks": [],
+    }
+    rtt_ms: list[float] = []
+    with trio.fail_after(RUN_TIMEOUT):
+        async with open_node(
+            node_id,
+            bind=topology.endpoint_of(node_id),
+            peers=dict(topology.peers_of(node_id)),
+            compute=lambda: _ProbeActor(inbox),
+            config=config,
+        ) as node:
+            previous: list[SendHandle] = []
+            timed_from = 0.0
+            for frame in range(frames):
+                if frame == PROBE_WARMUP:
+                    timed_from = time.perf_counter()
+                    inbox.latency_ms.clear()
+                    rtt_ms.clear()
+                    for samples in phases.values():
+                        samples.clear()
+                t0 = time.perf_counter()
+                core = interior(padded, LIFE.halo)
+                stamp = struct.pack("<d", time.perf_counter())
+                sent = [
+                    node.send_nowait(
+                        peer, stamp + core[send_at[peer]].tobytes(), stream="halo", frame_no=frame
+                    )
+                    for peer in towards
+                ]
+                inner = None
+                if overlap:
+                    # send_nowait only queues: let the link actors put the halos
+                    # on the wire before the step blocks this thread.
+                    await trio.lowlevel.checkpoint()
+                    inner = LIFE.step(core)
+                t1 = time.perf_counter()
+                halos = await inbox.take(frame, len(towards))
+                t2 = time.perf_counter()
+                for peer, data in halos.items():
+                    slot = padded[recv_at[peer]]
+                    slot[...] = np.frombuffer(data, dtype=np.uint8).reshape(slot.shape)
+                if inner is None:
+                    core[...] = LIFE.step(padded)
+                else:
+                    _step_ring(padded, inner)
+                t3 = time.perf_counter()
+                for handle in previous:
+                    rtt_ms.append((await handle.wait()).rtt * 1000.0)
+                previous = sent
+                t4 = time.perf_counter()
+                for name, a, b in (
+                    ("send", t0, t1),
+                    ("wait_halos", t1, t2),
+                    ("fill_step", t2, t3),
+                    ("wait_acks", t3, t4),
+                ):
+                    phases[name].append((b - a) * 1000.0)
+            elapsed = time.perf_counter() - timed_from
+            for handle in previous:
+                await handle.wait()
+            # What the demo's per-frame progress report costs before it is sent.
+            t0 = time.perf_counter()
+            for _ in range(200):
+                _summary(node.statistics())
+            stats_ms = (time.perf_counter() - t0) / 200 * 1000.0
+            report = {
+                "node": node_id,
+                "fps": (frames - PROBE_WARMUP) / elapsed,
+                "phase_ms_p50": {k: percentile(v, 50) for k, v in phases.items()},
+                "phase_ms_mean": {k: sum(v) / len(v) for k, v in phases.items()},
+                "halo_one_way_ms": {
+                    "p50": percentile(inbox.latency_ms, 50),
+                    "p90": percentile(inbox.latency_ms, 90),
+                },
+                "ack_rtt_ms": {"p50": percentile(rtt_ms, 50), "p90": percentile(rtt_ms, 90)},
+                "resent": sum(s.protocol.resent for s in node.statistics().links.values()),
+                "statistics_call_ms": stats_ms,
+                "sha256": grid_digest(np.ascontiguousarray(interior(padded, LIFE.halo))),
+            }
+            print(json.dumps(report), flush=True)
+            # Our neighbours may still wait for our ACK of their last halo: serve a
+            # while; the parent ends us once every node has reported.
+            await trio.sleep(30.0)
+    return report
+
+
+def _step_ring(padded: Any, inner: Any) -> None:
+    """Finish an overlapped step: the one-cell ring from the halos, the rest precomputed."""
+    core = interior(padded, LIFE.halo)
+    top, bottom = LIFE.step(padded[0:3, :]), LIFE.step(padded[-3:, :])
+    left, right = LIFE.step(padded[:, 0:3]), LIFE.step(padded[:, -3:])
+    core[1:-1, 1:-1] = inner
+    core[0:1, :], core[-1:, :] = top, bottom
+    core[:, 0:1], core[:, -1:] = left, right
+
+
+def measure_probe(size: int, frames: int, nodes: int, overlap: bool) -> list[dict[str, Any]]:
+    """Start ``nodes`` probe processes on one topology; their per-node reports.
+
+    Raises:
+        RuntimeError: a probe node died, or its final tile differs from the serial run's.
+    """
+    decomp = Decomposition.for_nodes((size, size), nodes)
+    ports: set[int] = set()
+    while len(ports) < nodes:
+        ports.add(free_port())
+    by_tile = dict(zip(decomp.tile_ids(), sorted(ports), strict=True))
+    topology = Topology.build(
+        [NodeSpec(decomp.node_id(t), f"tcp://127.0.0.1:{by_tile[t]}") for t in decomp.tile_ids()],
+        [
+            (decomp.node_id(t), decomp.node_id(o))
+            for t in decomp.tile_ids()
+            for o in decomp.neighbours(t).values()
+            if t < o
+        ],
+    )
+    reports: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="cellmesh-probe-") as tmp:
+        path = Path(tmp) / "topology.toml"
+        topology.save(path)
+        procs = [
+            subprocess.Popen(
+                [sys.executable, __file__, "--probe-tile", name, "--topology", str(path)]
+                + ["--size", str(size), "--frames", str(frames)]
+                + (["--overlap"] if overlap else []),
+                stdout=subprocess.PIPE,
+                stdin=subprocess.DEVNULL,
+                text=True,
+            )
+            for name in topology.ids
+        ]
+        try:
+            for proc in procs:
+                assert proc.stdout is not None
+                line = proc.stdout.readline()
+                if not line:
+                    raise RuntimeError(f"a probe node exited with code {proc.wait()}")
+                reports.append(json.loads(line))
+        finally:
+            for proc in procs:
+                proc.kill()
+                proc.wait()
+                if proc.stdout is not None:
+                    proc.stdout.close()
+    serial = run_serial(LIFE, LIFE.initial((size, size), 1), frames)
+    for report in reports:
+        tile = serial[decomp.tile_slices(decomp.tile_of(report["node"]))]
+        if report["sha256"] != grid_digest(np.ascontiguousarray(tile)):
+            raise RuntimeError(f"probe node {report['node']} computed a wrong tile")
+    return reports
+
+
+# -- report ---------------------------------------------------------------------------
+
+
+def _ratio(ours: float, theirs: float | None) -> float | None:
+    return ours / theirs if theirs else None
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    """Bars of frames/s by node count, one panel per grid size (log scale)."""
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted({r["size"] for r in results})
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5.5 * len(sizes), 4.2), dpi=120, sharey=True)
+    axes = np.atleast_1d(axes)
+    width = 0.27
+    for ax, size in zip(axes, sizes, strict=True):
+        rows = [r for r in results if r["size"] == size]
+        x = np.arange(len(rows))
+        series = [
+            ("serial numpy (1 process)", "serial_fps", "#999999"),
+            ("mpi4py", "mpi_fps", "#1f77b4"),
+            ("cellmesh", "cellmesh_fps", "#d62728"),
+        ]
+        for i, (label, key, colour) in enumerate(series):
+            values = [r[key] or 0.0 for r in rows]
+            bars = ax.bar(x + (i - 1) * width, values, width, label=label, color=colour)
+            ax.bar_label(bars, fmt="%.0f", fontsize=7)
+        ax.axhline(RAY_REFERENCE_FPS, color="black", linestyle=":", linewidth=1)
+        ax.text(x[-1] + 0.45, RAY_REFERENCE_FPS * 1.08, "Ray (reference)", ha="right", fontsize=7)
+        ax.set_xticks(x, [f"{r['nodes']} node{'s' if r['nodes'] > 1 else ''}" for r in rows])
+        ax.set_yscale("log")
+        ax.set_title(f"Life {size}x{size}, {rows[0]['frames']} frames")
+        ax.set_ylabel("frames/s (log)")
+    axes[-1].legend(fontsize=8, loc="upper right")
+    fig.suptitle(
+        "cellmesh grid demo vs serial numpy and mpi4py (2 shared cores: 4 nodes oversubscribe)"
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark (or, with ``--probe-tile``, one probe node); returns the exit code."""
+    parser = argparse.ArgumentParser(description="Grid benchmark: cellmesh vs numpy and mpi4py.")
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(FRAMES), help="grid sides")
+    parser.add_argument("--nodes", type=int, nargs="+", default=list(NODES), help="node counts")
+    parser.add_argument("--reps", type=int, default=REPS, help="repetitions (median taken)")
+    parser.add_argument("--frames", type=int, default=None, help="override frames per run")
+    parser.add_argument("--no-mpi", action="store_true", help="skip the mpi4py column")
+    parser.add_argument("--profile", action="store_true", help="also run the per-phase probe")
+    parser.add_argument("--probe-tile", help=argparse.SUPPRESS)
+    parser.add_argument("--topology", help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--overlap", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.probe_tile is not None:
+        trio.run(_probe_tile, args.topology, args.probe_tile, args.size, args.frames, args.overlap)
+        return 0
+
+    mpiexec, why = (None, "--no-mpi given") if args.no_mpi else find_mpiexec()
+    if mpiexec is None:
+        print(f"MPI column skipped: {why}", flush=True)
+    results: list[dict[str, Any]] = []
+    for size in args.sizes:
+        frames = args.frames or FRAMES.get(size, 150)
+        serial_runs, serial_digest = measure_serial(size, frames, args.reps)
+        serial_fps = median(serial_runs)
+        for nodes in args.nodes:
+            print(f"size {size}, {nodes} node(s), {frames} frames ...", flush=True)
+            mpi: dict[str, Any] | None = None
+            if mpiexec is not None:
+                mpi = measure_mpi(mpiexec, size, frames, nodes, args.reps)
+            runs = measure_cellmesh(size, frames, nodes, args.reps)
+            fps = median([r["frames_per_second"] for r in runs])
+            mpi_fps: float | None = mpi["frames_per_second"] if mpi else None
+            results.append(
+                {
+                    "size": size,
+                    "nodes": nodes,
+                    "frames": frames,
+                    "serial_fps": serial_fps,
+                    "serial_runs_fps": serial_runs,
+                    "mpi_fps": mpi_fps,
+                    "mpi": mpi,
+                    "cellmesh_fps": fps,
+                    "cellmesh_runs": runs,
+                    "cellmesh_vs_mpi": _ratio(fps, mpi_fps),
+                    "cellmesh_vs_serial": _ratio(fps, serial_fps),
+                    "cellmesh_vs_ray_reference": fps / RAY_REFERENCE_FPS,
+                    "all_match_serial": all(r["sha256"] == serial_digest for r in runs)
+                    and (mpi is None or mpi["sha256"] == serial_digest),
+                }
+            )
+
+    def cell(value: float | None) -> object:
+        return "n/a" if value is None else value
+
+    print_table(
+        f"Life frames/s, median of {args.reps} runs "
+        f"({os.cpu_count()} cores: 4 nodes oversubscribe them)",
+        [
+            "size",
+            "nodes",
+            "serial",
+            "mpi4py",
+            "cellmesh",
+            "cm/mpi",
+            "cm/serial",
+            f"cm/Ray ref {RAY_REFERENCE_FPS:.0f}*",
+            "results = serial",
+        ],
+        [
+            [
+                f"{r['size']}²",
+                r["nodes"],
+                r["serial_fps"],
+                cell(r["mpi_fps"]),
+                r["cellmesh_fps"],
+                cell(r["cellmesh_vs_mpi"]),
+                r["cellmesh_vs_serial"],
+                r["cellmesh_vs_ray_reference"],
+                "yes" if r["all_match_serial"] else "NO",
+            ]
+            for r in results
+        ],
+    )
+    print(
+        f"  * Ray: {RAY_REFERENCE_FPS:.0f} frames/s is a reference measured earlier on this "
+        "machine, not in this run."
+    )
+    goals = {
+        f"{r['size']}/{r['nodes']} vs mpi >= {GOAL_VS_MPI}": (
+            None if r["cellmesh_vs_mpi"] is None else r["cellmesh_vs_mpi"] >= GOAL_VS_MPI
+        )
+        for r in results
+        if r["nodes"] in (2, 4)
+    }
+    goals.update(
+        {
+            f"{r['size']}/{r['nodes']} vs Ray >= {GOAL_VS_RAY:.0f}x": r["cellmesh_vs_ray_reference"]
+            >= GOAL_VS_RAY
+            for r in results
+        }
+    )
+    print("\nGoals:")
+    for name, met in goals.items():
+        print(f"  {name}: {'n/a (no MPI)' if met is None else 'met' if met else 'NOT met'}")
+
+    probe: dict[str, Any] = {}
+    if args.profile:
+        for size in args.sizes:
+            for nodes in (n for n in args.nodes if n > 1):
+                frames = args.frames or FRAMES.get(size, 150)
+                for overlap in (False, True):
+                    name = f"{size}/{nodes}{' overlap' if overlap else ''}"
+                    probe[name] = measure_probe(size, frames, nodes, overlap)
+        rows = []
+        for key, reports in probe.items():
+            for rep in reports:
+                p = rep["phase_ms_mean"]
+                rows.append(
+                    [
+                        key,
+                        rep["node"],
+                        rep["fps"],
+                        p["send"],
+                        p["wait_halos"],
+                        p["fill_step"],
+                        p["wait_acks"],
+                        rep["halo_one_way_ms"]["p50"],
+                        rep["ack_rtt_ms"]["p50"],
+                        rep["resent"],
+                        rep["statistics_call_ms"],
+                    ]
+                )
+        print_table(
+            "Probe: mean ms per frame by phase (demo loop without progress reports)",
+            [
+                "size/nodes variant",
+                "node",
+                "fps",
+                "send",
+                "wait halos",
+                "fill+step",
+                "wait ACKs",
+                "halo 1-way p50",
+                "ACK rtt p50",
+                "resent",
+                "stats() ms",
+            ],
+            rows,
+        )
+
+    path = write_json(
+        "grid",
+        {
+            "machine": machine_info(),
+            "mpi": None if mpiexec is None else results[0]["mpi"]["mpi"] if results else None,
+            "mpi_skipped": why or None,
+            "reps": args.reps,
+            "ray_reference_fps": RAY_REFERENCE_FPS,
+            "results": results,
+            "goals": goals,
+            "probe": probe,
+        },
+    )
+    plot(results, PLOT)
+    print(f"\nwrote {path} and {PLOT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
