@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
-import zmq
 
 from transport import Ack as AckFrame
 from transport import (
@@ -44,15 +43,14 @@ from transport import (
     RetryReason,
     SequencerConfig,
     SequencerStatistics,
-    Socket,
     StreamId,
     StreamSequencer,
     Unroutable,
     decode,
     encode,
-    router_socket,
 )
 from transport import Err as ErrFrame
+from transport._memnet import Network, SocketLike
 from transport._proto_link import Deliver, QueryAnswered, SessionEnded
 from transport._proto_sequencer import AskMissing, OfferResult, Release, StreamFailed
 from transport._proto_sequencer import Gap as GapEvent
@@ -106,7 +104,7 @@ class InboundState:
         self.rejected: Counter[str] = Counter()
         self.unroutable = 0
         self.socket_full = 0
-        self.socket: Socket | None = None
+        self.socket: SocketLike | None = None
         self.bound = trio.Event()
 
     def wake(self) -> None:
@@ -162,13 +160,13 @@ class _Completion:
 class Receiver(Actor[Any, Any]):
     """Owns the ROUTER: decodes, runs the receiving core, routes, answers."""
 
-    def __init__(self, state: InboundState, ctx: zmq.Context[Any]) -> None:
+    def __init__(self, state: InboundState, network: Network) -> None:
         self._state = state
-        self._ctx = ctx
+        self._network = network
 
     async def on_start(self) -> None:
         st = self._state
-        sock = router_socket(self._ctx)
+        sock = self._network.router()
         try:
             # A restart binds the endpoint the peers already know, not a new
             # wildcard port.
@@ -190,7 +188,7 @@ class Receiver(Actor[Any, Any]):
         """The Receiver takes no messages; it is driven by its socket."""
         raise TypeError(f"Receiver takes no messages, got {msg!r}")
 
-    async def _serve(self, st: InboundState, sock: Socket) -> None:
+    async def _serve(self, st: InboundState, sock: SocketLike) -> None:
         core = st.core
         limits = st.limits
         routes = st.routes
@@ -263,7 +261,7 @@ class Receiver(Actor[Any, Any]):
                         )
 
     @staticmethod
-    def _flush(st: InboundState, sock: Socket, now: float, inject: bool) -> None:
+    def _flush(st: InboundState, sock: SocketLike, now: float, inject: bool) -> None:
         outgoing = st.core.frames_to_send(now)
         if outgoing:
             by_peer: dict[NodeId, list[Frame]] = {}
@@ -314,7 +312,7 @@ def _encode_answers(frames: list[Frame], limits: Limits) -> list[list[Any]]:
     return out
 
 
-def _send(st: InboundState, sock: Socket, message: list[Any]) -> None:
+def _send(st: InboundState, sock: SocketLike, message: list[Any]) -> None:
     try:
         sock.send_multipart_nowait(message)
     except Unroutable:

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import trio
-import zmq
 from trio_util import AsyncValue
 
 from transport import Ack as AckFrame
@@ -41,13 +40,12 @@ from transport import (
     RemoteProtocolError,
     SenderConfig,
     SenderStatistics,
-    Socket,
     StreamId,
     StreamSeq,
-    dealer_socket,
     decode,
     encode,
 )
+from transport._memnet import Network, SocketLike
 from transport._proto_link import Answered, GaveUp, Held, PeerRestarted, PeerStateChanged
 
 from ._actor import Actor
@@ -167,7 +165,7 @@ class LinkState:
         self.handles: dict[LinkSeq, SendHandle] = {}
         self.window = trio.lowlevel.ParkingLot()
         self.state = AsyncValue(PeerState.SUSPECT)
-        self.socket: Socket | None = None
+        self.socket: SocketLike | None = None
         self.bad_frames = 0
         self.socket_full = 0
 
@@ -210,9 +208,9 @@ class LinkState:
 class PeerLink(Actor[Any, Any]):
     """The actor that drives one :class:`LinkState` over a DEALER socket."""
 
-    def __init__(self, state: LinkState, ctx: zmq.Context[Any], routing_id: bytes) -> None:
+    def __init__(self, state: LinkState, network: Network, routing_id: bytes) -> None:
         self._state = state
-        self._ctx = ctx
+        self._network = network
         self._routing_id = routing_id
         self._pending: deque[list[Any]] = deque(maxlen=_PENDING_MAX)
 
@@ -225,7 +223,7 @@ class PeerLink(Actor[Any, Any]):
 
     async def _own_socket(self) -> None:
         st = self._state
-        sock = dealer_socket(self._ctx, routing_id=self._routing_id)
+        sock = self._network.dealer(self._routing_id)
         try:
             sock.connect(st.endpoint)
             st.socket = sock
@@ -234,7 +232,7 @@ class PeerLink(Actor[Any, Any]):
             st.socket = None
             sock.close()
 
-    async def _serve(self, st: LinkState, sock: Socket) -> None:
+    async def _serve(self, st: LinkState, sock: SocketLike) -> None:
         core = st.core
         limits = st.limits
         faults = st.faults
@@ -299,7 +297,7 @@ class PeerLink(Actor[Any, Any]):
                 if handle is not None:
                     handle.attempts += 1
 
-    def _send(self, st: LinkState, sock: Socket, parts: list[Any]) -> None:
+    def _send(self, st: LinkState, sock: SocketLike, parts: list[Any]) -> None:
         if self._pending:
             self._pending.append(parts)
             return

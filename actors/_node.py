@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
-import zmq
 
 from transport import (
     FaultPlan,
@@ -38,6 +37,7 @@ from transport import (
     SequencerStatistics,
     StreamId,
 )
+from transport._memnet import Network, ZmqNetwork
 
 from ._actor import Actor, ActorRef
 from ._inbound import InboundState, InboundStatistics, PeerSequencer, Receiver, _Query
@@ -339,6 +339,7 @@ async def open_node(
     compute: ComputeFactory | None = None,
     config: NodeConfig | None = None,
     incarnation: int | None = None,
+    network: Network | None = None,
 ) -> AsyncIterator[Node]:
     """Open a node inside any Trio program; leaving the block shuts it down.
 
@@ -356,6 +357,9 @@ async def open_node(
         config: tuning; see :class:`NodeConfig`.
         incarnation: override the process start's incarnation (tests);
             default ``time.time_ns()``, so a restart always shows a greater one.
+        network: where the node's sockets come from; default real ZeroMQ.
+            Pass a ``MemoryNetwork`` (``actors.testing``) to run nodes in
+            one process under virtual time with faults the test controls.
 
     Yields:
         The running :class:`Node`.
@@ -370,7 +374,11 @@ async def open_node(
     peer_map = {NodeId(p): e for p, e in (peers or {}).items()}
     if me in peer_map:
         raise LocalProtocolError(f"node {node_id!r} lists itself among its peers")
-    ctx: zmq.Context[Any] = zmq.Context()
+    # The node closes only a network it made; a network passed in is the caller's.
+    owned: ZmqNetwork | None = None
+    if network is None:
+        network = owned = ZmqNetwork()
+    net: Network = network
     try:
         inbound = InboundState(
             me,
@@ -413,7 +421,7 @@ async def open_node(
                         max_concurrency=cfg.compute_concurrency,
                     )
                 )
-            await sup.start_child(ChildSpec("receiver", lambda: Receiver(inbound, ctx)))
+            await sup.start_child(ChildSpec("receiver", lambda: Receiver(inbound, net)))
             for peer in peer_map:
                 inbound.sequencers[peer] = await sup.start_child(
                     ChildSpec(
@@ -425,7 +433,7 @@ async def open_node(
             routing_id = me.encode()
             for peer, link in links.items():
                 await sup.start_child(
-                    ChildSpec(f"link:{peer}", _link_factory(link, ctx, routing_id))
+                    ChildSpec(f"link:{peer}", _link_factory(link, net, routing_id))
                 )
             node = Node(me, inc, cfg, links, inbound, sup)
             try:
@@ -433,7 +441,8 @@ async def open_node(
             finally:
                 _fail_pending(links)
     finally:
-        ctx.destroy(linger=0)
+        if owned is not None:
+            owned.close()
 
 
 def _sequencer_factory(
@@ -443,10 +452,8 @@ def _sequencer_factory(
     return lambda: PeerSequencer(inbound, peer, compute, streams, cfg.stream)
 
 
-def _link_factory(
-    link: LinkState, ctx: zmq.Context[Any], routing_id: bytes
-) -> Callable[[], PeerLink]:
-    return lambda: PeerLink(link, ctx, routing_id)
+def _link_factory(link: LinkState, net: Network, routing_id: bytes) -> Callable[[], PeerLink]:
+    return lambda: PeerLink(link, net, routing_id)
 
 
 def _fail_pending(links: dict[NodeId, LinkState]) -> None:

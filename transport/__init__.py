@@ -29,6 +29,14 @@ from ._frames import (
     StreamStatus,
 )
 from ._ids import Incarnation, LinkSeq, NodeId, StreamId, StreamSeq
+from ._memnet import (
+    MemoryNetwork,
+    MemorySocket,
+    Network,
+    NetworkStatistics,
+    SocketLike,
+    ZmqNetwork,
+)
 from ._proto_link import (
     Answered,
     Deliver,
@@ -105,8 +113,12 @@ __all__ = [
     "LinkSender",
     "LinkSeq",
     "LocalProtocolError",
+    "MemoryNetwork",
+    "MemorySocket",
     "MissingItem",
     "MissingStatus",
+    "Network",
+    "NetworkStatistics",
     "NodeId",
     "OfferResult",
     "Payload",
@@ -137,6 +149,7 @@ __all__ = [
     "SessionStarted",
     "SessionStatistics",
     "Socket",
+    "SocketLike",
     "SocketStatistics",
     "StreamFailed",
     "StreamId",
@@ -144,6 +157,7 @@ __all__ = [
     "StreamSequencer",
     "StreamStatus",
     "Unroutable",
+    "ZmqNetwork",
     "dealer_socket",
     "decode",
     "encode",

@@ -1,0 +1,597 @@
+"""Pluggable networks: the socket API the node's shells drive, over ZeroMQ or in memory.
+
+The node's actors (PeerLink, Receiver) only need a handful of calls from a
+socket: the owner-task API of :class:`transport.Socket`. :class:`SocketLike`
+names that API and :class:`Network` names the two factories a node needs, so
+the same shells run over real ZeroMQ (:class:`ZmqNetwork`, the default) or
+over :class:`MemoryNetwork`, an in-process network for tests.
+
+The memory network behaves like the ZeroMQ setup the shells are written for
+(design.md §5): a DEALER connects to a ROUTER's endpoint and may send only
+once that ROUTER is bound (``IMMEDIATE``), a ROUTER prefixes what it receives
+with the sender's routing id, consumes that id when it sends and raises
+:class:`Unroutable` for an id nobody connected with (``ROUTER_MANDATORY``),
+the newest DEALER with a routing id takes the route over (``ROUTER_HANDOVER``),
+queues are bounded (``WouldBlock`` at the high-water mark) and whatever a
+socket still holds when it closes is lost (``LINGER=0``).
+
+On top of that the test controls the wire, per direction between two nodes:
+seeded drop, duplicate and delay (which reorders) from a :class:`FaultPlan`,
+a fixed latency, and partitions that cut links until :meth:`heal`. Messages
+carry the virtual time at which they become receivable, and a waiting owner
+sleeps until exactly then, so under Trio's ``autojump_clock`` a scenario of
+minutes of retries runs in milliseconds, the same way every time (after
+trio's ``_tests/test_dtls.py::test_handshake_over_terrible_network``).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final, Protocol, cast
+
+import trio
+import zmq
+
+from ._errors import LocalProtocolError
+from ._faults import FaultPlan
+from ._socket import BytesLike, Socket, SocketStatistics, Unroutable, dealer_socket, router_socket
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+__all__ = [
+    "MemoryNetwork",
+    "MemorySocket",
+    "Network",
+    "NetworkStatistics",
+    "SocketLike",
+    "ZmqNetwork",
+]
+
+#: The scheme of memory endpoints: ``mem://<node>``.
+MEM_SCHEME: Final = "mem://"
+
+
+class SocketLike(Protocol):
+    """The owner-task API of a socket, as the node's shells use it.
+
+    :class:`transport.Socket` (ZeroMQ) and :class:`MemorySocket` implement it;
+    see :class:`transport.Socket` for the full contract of each call.
+    """
+
+    def bind(self, endpoint: str) -> str:
+        """Listen on ``endpoint``; returns the endpoint actually bound."""
+        ...
+
+    def connect(self, endpoint: str) -> None:
+        """Connect to a peer's endpoint (the peer may bind later)."""
+        ...
+
+    def close(self) -> None:
+        """Close now, dropping anything unsent or unreceived. Idempotent."""
+        ...
+
+    def recv_multipart_nowait(self) -> list[bytes]:
+        """Take one message or raise ``trio.WouldBlock``."""
+        ...
+
+    def send_multipart_nowait(self, parts: Sequence[BytesLike]) -> None:
+        """Queue one message or raise ``trio.WouldBlock`` / :class:`Unroutable`."""
+        ...
+
+    async def wait_ready(self, *, readable: bool = True, writable: bool = False) -> None:
+        """Wait until readable/writable or until :meth:`wake` is called."""
+        ...
+
+    def wake(self) -> None:
+        """Make the owner's pending or next :meth:`wait_ready` return."""
+        ...
+
+
+class Network(Protocol):
+    """Where a node gets its sockets: ``open_node(..., network=...)``."""
+
+    def dealer(self, routing_id: bytes) -> SocketLike:
+        """A new, unconnected DEALER that ROUTER peers address as ``routing_id``."""
+        ...
+
+    def router(self) -> SocketLike:
+        """A new, unbound ROUTER."""
+        ...
+
+
+class ZmqNetwork:
+    """The real network: ZeroMQ sockets from one ``zmq.Context``.
+
+    Args:
+        ctx: a synchronous context to make sockets from; by default a new one
+            that :meth:`close` destroys.
+    """
+
+    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]] | None = None) -> None:
+        self._owned = ctx is None
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context() if ctx is None else ctx
+
+    def dealer(self, routing_id: bytes) -> Socket:
+        """A DEALER with :data:`DEALER_OPTIONS` and the given routing id."""
+        return dealer_socket(self._ctx, routing_id=routing_id)
+
+    def router(self) -> Socket:
+        """A ROUTER with :data:`ROUTER_OPTIONS`."""
+        return router_socket(self._ctx)
+
+    def close(self) -> None:
+        """Destroy the context if this object made it (closing its sockets)."""
+        if self._owned:
+            self._ctx.destroy(linger=0)
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkStatistics:
+    """What a :class:`MemoryNetwork` did with the messages it was given.
+
+    Attributes:
+        sent: messages sockets handed to the network.
+        received: messages sockets took from their queues.
+        dropped: lost to a fault plan's ``drop``.
+        duplicated: sent twice by a fault plan's ``duplicate``.
+        delayed: copies held back by a fault plan's ``delay``.
+        cut: lost because a partition separated sender and receiver, when
+            sent or when due.
+        queued: messages waiting in sockets' queues now (delayed ones included).
+    """
+
+    sent: int
+    received: int
+    dropped: int
+    duplicated: int
+    delayed: int
+    cut: int
+    queued: int
+
+
+class MemoryNetwork:
+    """An in-process network of DEALER/ROUTER endpoints with seeded faults.
+
+    Endpoints are ``mem://<node>``: a ROUTER bound there belongs to that node,
+    and a DEALER belongs to the node its routing id names, which is how the
+    node's sockets are made (``routing_id`` = the node id). Faults and cuts
+    are set per direction between node names.
+
+    Every call is synchronous and cheap; only :meth:`MemorySocket.wait_ready`
+    sleeps, in Trio's (virtual) time. Use it from one Trio run.
+
+    Args:
+        seed: makes every fault decision repeatable; each direction draws
+            from its own generator, so adding traffic on one link does not
+            change the faults on another.
+        latency: seconds every message spends on the wire, before any delay.
+        hwm: the most messages one socket's queue holds (delayed ones
+            included); a send to a full queue raises ``trio.WouldBlock``.
+
+    Raises:
+        LocalProtocolError: a negative latency or a high-water mark below 1.
+    """
+
+    def __init__(self, *, seed: int = 0, latency: float = 0.0, hwm: int = 1000) -> None:
+        if not (latency >= 0.0 and math.isfinite(latency)):
+            raise LocalProtocolError(f"latency must be >= 0 seconds, got {latency!r}")
+        if hwm < 1:
+            raise LocalProtocolError(f"hwm must be >= 1 message, got {hwm!r}")
+        self.seed = seed
+        self.latency = latency
+        self.hwm = hwm
+        self._routers: dict[str, MemorySocket] = {}
+        # Every DEALER connected to an endpoint (to wake them when it binds),
+        # and the one each routing id routes to (the newest: ROUTER_HANDOVER).
+        self._dealers: dict[str, list[MemorySocket]] = {}
+        self._routes: dict[str, dict[bytes, MemorySocket]] = {}
+        self._plans: dict[tuple[str | None, str | None], FaultPlan] = {}
+        self._rngs: dict[tuple[str, str], random.Random] = {}
+        self._cuts: set[tuple[str, str]] = set()
+        self._order = itertools.count()
+        self._sent = self._received = self._dropped = 0
+        self._duplicated = self._delayed = self._cut = 0
+
+    # -- sockets ------------------------------------------------------------
+
+    def dealer(self, routing_id: bytes) -> MemorySocket:
+        """A new, unconnected DEALER; its node is ``routing_id`` decoded."""
+        return MemorySocket(self, "DEALER", bytes(routing_id))
+
+    def router(self) -> MemorySocket:
+        """A new, unbound ROUTER; its node is the name it binds as."""
+        return MemorySocket(self, "ROUTER", None)
+
+    @staticmethod
+    def endpoint(node: str) -> str:
+        """The endpoint a node named ``node`` binds: ``mem://<node>``."""
+        return f"{MEM_SCHEME}{node}"
+
+    # -- faults -------------------------------------------------------------
+
+    def set_faults(
+        self, plan: FaultPlan, *, src: str | None = None, dst: str | None = None
+    ) -> None:
+        """Apply ``plan`` to messages from ``src`` to ``dst`` (None: any node).
+
+        The most specific plan wins: (src, dst), then (src, any), then
+        (any, dst), then (any, any). ``FaultPlan()`` turns faults off again.
+        The plan's own ``seed`` is mixed with the network's.
+
+        Args:
+            plan: drop / duplicate probabilities and the largest extra delay.
+            src: the sending node, or None for every node.
+            dst: the receiving node, or None for every node.
+        """
+        self._plans[(src, dst)] = plan
+
+    def partition(self, *groups: Iterable[str]) -> None:
+        """Cut every link between nodes of different groups, both ways.
+
+        ``partition({"a"}, {"b", "c"})`` separates a from b and c; b and c
+        still talk, and nodes named in no group are not affected. Messages
+        across a cut are lost, including those already on the wire when they
+        fall due. Cuts add up until :meth:`heal`.
+
+        Args:
+            groups: two or more sets of node names.
+
+        Raises:
+            LocalProtocolError: fewer than two groups, or a node in two groups.
+        """
+        sets = [frozenset(g) for g in groups]
+        if len(sets) < 2:
+            raise LocalProtocolError("a partition needs at least two groups of nodes")
+        seen: set[str] = set()
+        for group in sets:
+            if seen & group:
+                raise LocalProtocolError(f"nodes {sorted(seen & group)} are in two groups")
+            seen |= group
+        for one, other in itertools.permutations(sets, 2):
+            self._cuts.update(itertools.product(one, other))
+
+    def cut(self, src: str, dst: str) -> None:
+        """Cut the link from ``src`` to ``dst`` only (the other way still works)."""
+        self._cuts.add((src, dst))
+
+    def heal(self) -> None:
+        """Restore every link cut by :meth:`partition` or :meth:`cut`."""
+        self._cuts.clear()
+
+    def is_cut(self, src: str, dst: str) -> bool:
+        """Whether messages from ``src`` to ``dst`` are lost now."""
+        return (src, dst) in self._cuts
+
+    def statistics(self) -> NetworkStatistics:
+        """Counters of the whole network."""
+        queued = sum(len(s._queue) for s in self._routers.values())
+        queued += sum(len(s._queue) for ds in self._dealers.values() for s in ds)
+        return NetworkStatistics(
+            sent=self._sent,
+            received=self._received,
+            dropped=self._dropped,
+            duplicated=self._duplicated,
+            delayed=self._delayed,
+            cut=self._cut,
+            queued=queued,
+        )
+
+    # -- internals ----------------------------------------------------------
+
+    def _plan(self, src: str, dst: str) -> FaultPlan | None:
+        plans = self._plans
+        for key in ((src, dst), (src, None), (None, dst), (None, None)):
+            plan = plans.get(key)
+            if plan is not None:
+                return plan if plan.active else None
+        return None
+
+    def _transmit(self, src: str, target: MemorySocket, message: list[bytes]) -> None:
+        """Put one message on the wire to ``target``, through cuts and faults."""
+        assert target._node is not None
+        dst = target._node
+        self._sent += 1
+        if (src, dst) in self._cuts:
+            self._cut += 1
+            return
+        due = trio.current_time() + self.latency
+        plan = self._plan(src, dst)
+        if plan is None:
+            target._enqueue(due, next(self._order), src, message)
+            return
+        rng = self._rngs.get((src, dst))
+        if rng is None:
+            rng = self._rngs[(src, dst)] = random.Random(f"{self.seed}:{plan.seed}:{src}->{dst}")
+        # The same draws, in the same order, as FaultInjector.submit.
+        if plan.drop and rng.random() < plan.drop:
+            self._dropped += 1
+            return
+        copies = 1
+        if plan.duplicate and rng.random() < plan.duplicate:
+            self._duplicated += 1
+            copies = 2
+        for _ in range(copies):
+            extra = 0.0
+            if plan.delay:
+                self._delayed += 1
+                extra = rng.random() * plan.delay
+            target._enqueue(due + extra, next(self._order), src, message)
+
+    def _bind(self, sock: MemorySocket, endpoint: str) -> str:
+        if not endpoint.startswith(MEM_SCHEME) or len(endpoint) == len(MEM_SCHEME):
+            raise LocalProtocolError(f"memory endpoints look like 'mem://<node>', got {endpoint!r}")
+        if endpoint in self._routers:
+            raise LocalProtocolError(f"{endpoint} is already bound")
+        self._routers[endpoint] = sock
+        for dealer in self._dealers.get(endpoint, ()):
+            dealer._notify()
+        return endpoint
+
+    def _connect(self, sock: MemorySocket, endpoint: str) -> None:
+        assert sock._routing_id is not None
+        self._dealers.setdefault(endpoint, []).append(sock)
+        self._routes.setdefault(endpoint, {})[sock._routing_id] = sock
+
+    def _forget(self, sock: MemorySocket) -> None:
+        endpoint = sock._endpoint
+        if endpoint is None:
+            return
+        if sock._kind == "ROUTER":
+            if self._routers.get(endpoint) is sock:
+                del self._routers[endpoint]
+            return
+        dealers = self._dealers.get(endpoint, [])
+        if sock in dealers:
+            dealers.remove(sock)
+        routes = self._routes.get(endpoint, {})
+        assert sock._routing_id is not None
+        if routes.get(sock._routing_id) is sock:
+            del routes[sock._routing_id]
+            # An older DEALER with the same id that is still open gets the
+            # route back, as it would by reconnecting to a real ROUTER.
+            for other in reversed(dealers):
+                if other._routing_id == sock._routing_id:
+                    routes[sock._routing_id] = other
+                    break
+
+
+class MemorySocket:
+    """A DEALER or ROUTER of a :class:`MemoryNetwork`; implements :class:`SocketLike`.
+
+    Made by :meth:`MemoryNetwork.dealer` and :meth:`MemoryNetwork.router`.
+    One task owns it, as with :class:`transport.Socket`.
+    """
+
+    def __init__(self, network: MemoryNetwork, kind: str, routing_id: bytes | None) -> None:
+        self._net = network
+        self._kind = kind
+        self._routing_id = routing_id
+        self._node: str | None = None if routing_id is None else routing_id.decode(errors="replace")
+        self._endpoint: str | None = None
+        self._closed = False
+        # (due, order, sender node, parts): a heap, so a delayed copy is
+        # received after later messages that were not delayed.
+        self._queue: list[tuple[float, int, str, list[bytes]]] = []
+        self._event: trio.Event | None = None
+        self._waiting = False
+        self._wake_pending = False
+        self._sent = self._received = self._sleeps = self._wakes = 0
+
+    @property
+    def kind(self) -> str:
+        """``"DEALER"`` or ``"ROUTER"``."""
+        return self._kind
+
+    @property
+    def node(self) -> str | None:
+        """The node this socket belongs to (None for a ROUTER not bound yet)."""
+        return self._node
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` has been called."""
+        return self._closed
+
+    def bind(self, endpoint: str) -> str:
+        """Bind a ROUTER to ``mem://<node>``; DEALERs connected there may now send.
+
+        Returns:
+            ``endpoint``, unchanged.
+
+        Raises:
+            trio.ClosedResourceError: the socket is closed.
+            LocalProtocolError: not a ROUTER, already bound, a malformed
+                endpoint, or another open ROUTER is bound there.
+        """
+        self._check_open()
+        if self._kind != "ROUTER" or self._endpoint is not None:
+            raise LocalProtocolError("only an unbound ROUTER can bind in a MemoryNetwork")
+        bound = self._net._bind(self, endpoint)
+        self._endpoint = bound
+        self._node = bound[len(MEM_SCHEME) :]
+        return bound
+
+    def connect(self, endpoint: str) -> None:
+        """Connect a DEALER to ``endpoint``; the ROUTER there may bind later.
+
+        Raises:
+            trio.ClosedResourceError: the socket is closed.
+            LocalProtocolError: not a DEALER, or already connected (a
+                memory DEALER talks to one ROUTER).
+        """
+        self._check_open()
+        if self._kind != "DEALER" or self._endpoint is not None:
+            raise LocalProtocolError("only an unconnected DEALER can connect in a MemoryNetwork")
+        self._endpoint = endpoint
+        self._net._connect(self, endpoint)
+
+    def close(self) -> None:
+        """Close now; queued messages are lost and a waiting owner gets
+        :class:`trio.ClosedResourceError`. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._net._forget(self)
+        self._queue.clear()
+        if self._event is not None:
+            self._event.set()
+
+    def recv_multipart_nowait(self) -> list[bytes]:
+        """Take the next message that is due, without blocking.
+
+        Returns:
+            Its parts; on a ROUTER the sender's routing id first.
+
+        Raises:
+            trio.WouldBlock: nothing is due yet.
+            trio.ClosedResourceError: the socket is closed.
+        """
+        self._check_open()
+        queue = self._queue
+        now = trio.current_time()
+        net = self._net
+        assert self._node is not None or not queue
+        while queue and queue[0][0] <= now:
+            was_full = len(queue) >= net.hwm
+            _, _, src, parts = heapq.heappop(queue)
+            if was_full and self._kind == "ROUTER":
+                # Room again: DEALERs blocked on this queue may send.
+                for dealer in net._dealers.get(self._endpoint or "", ()):
+                    dealer._notify()
+            if net.is_cut(src, cast(str, self._node)):
+                net._cut += 1
+                continue
+            self._received += 1
+            net._received += 1
+            return parts
+        raise trio.WouldBlock
+
+    def send_multipart_nowait(self, parts: Sequence[BytesLike]) -> None:
+        """Put one message on the wire, without blocking.
+
+        Parts are copied, so the caller may reuse its buffers at once.
+
+        Args:
+            parts: at least one part; on a ROUTER the first is the routing id.
+
+        Raises:
+            trio.WouldBlock: (DEALER) no ROUTER is bound at the endpoint yet;
+                or the receiving socket's queue is at the high-water mark.
+            Unroutable: (ROUTER) no open DEALER with that routing id is
+                connected to this ROUTER's endpoint.
+            trio.ClosedResourceError: the socket is closed.
+            ValueError: ``parts`` is empty.
+        """
+        self._check_open()
+        if not parts:
+            raise ValueError("a message needs at least one part")
+        copies = [bytes(cast("Buffer", part)) for part in parts]
+        net = self._net
+        if self._kind == "DEALER":
+            target = net._routers.get(self._endpoint) if self._endpoint else None
+            if target is None or len(target._queue) >= net.hwm:
+                raise trio.WouldBlock
+            assert self._routing_id is not None
+            assert self._node is not None
+            message = [self._routing_id, *copies]
+            src = self._node
+        else:
+            routes = net._routes.get(self._endpoint) if self._endpoint else None
+            dealer = routes.get(copies[0]) if routes else None
+            if dealer is None:
+                raise Unroutable(copies[0])
+            if len(dealer._queue) >= net.hwm:
+                raise trio.WouldBlock
+            target, message, src = dealer, copies[1:], cast(str, self._node)
+        self._sent += 1
+        net._transmit(src, target, message)
+
+    async def wait_ready(self, *, readable: bool = True, writable: bool = False) -> None:
+        """Wait until a message is due, there is room to send, or :meth:`wake`.
+
+        Always a checkpoint; returns at once if the condition holds or a wake
+        is pending, and consumes the pending wake. A ROUTER counts as always
+        writable (its sends fail per target, as with ROUTER_MANDATORY).
+
+        Args:
+            readable: return when a message can be received.
+            writable: return when a message can be sent.
+
+        Raises:
+            trio.ClosedResourceError: the socket is closed, before or during
+                the wait.
+            trio.BusyResourceError: another task is already waiting on it.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self._check_open()
+        if self._waiting:
+            raise trio.BusyResourceError("another task is already waiting on this socket")
+        if self._ready(readable, writable):
+            self._wake_pending = False
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        self._waiting = True
+        try:
+            while True:
+                event = self._event = trio.Event()
+                # A delayed message wakes its receiver exactly when it falls due.
+                at = self._queue[0][0] if readable and self._queue else math.inf
+                self._sleeps += 1
+                with trio.move_on_at(at):
+                    await event.wait()
+                if self._closed:
+                    raise trio.ClosedResourceError("socket was closed while waiting")
+                if self._ready(readable, writable):
+                    break
+        finally:
+            self._waiting = False
+            self._event = None
+        self._wake_pending = False
+
+    def wake(self) -> None:
+        """Make the owner's pending or next :meth:`wait_ready` return promptly."""
+        self._wakes += 1
+        self._wake_pending = True
+        self._notify()
+
+    def statistics(self) -> SocketStatistics:
+        """Counters of this socket (``fd_waits`` counts its sleeps)."""
+        return SocketStatistics(
+            messages_sent=self._sent,
+            messages_received=self._received,
+            fd_waits=self._sleeps,
+            wakes=self._wakes,
+        )
+
+    # -- internals ----------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("socket is closed")
+
+    def _ready(self, readable: bool, writable: bool) -> bool:
+        if self._wake_pending:
+            return True
+        if readable and self._queue and self._queue[0][0] <= trio.current_time():
+            return True
+        return writable and self._writable()
+
+    def _writable(self) -> bool:
+        if self._kind == "ROUTER":
+            return True
+        target = self._net._routers.get(self._endpoint) if self._endpoint else None
+        return target is not None and len(target._queue) < self._net.hwm
+
+    def _enqueue(self, due: float, order: int, src: str, message: list[bytes]) -> None:
+        heapq.heappush(self._queue, (due, order, src, message))
+        self._notify()
+
+    def _notify(self) -> None:
+        if self._event is not None:
+            self._event.set()
