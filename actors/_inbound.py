@@ -30,6 +30,7 @@ from transport import (
     ErrCode,
     FaultInjector,
     FaultPlan,
+    FaultStatistics,
     Frame,
     Incarnation,
     Limits,
@@ -73,6 +74,8 @@ class InboundStatistics:
     rejected: dict[str, int]
     unroutable: int
     socket_full: int
+    #: What this node's fault injection did to its answers.
+    faults: FaultStatistics
 
 
 class InboundState:
@@ -119,6 +122,7 @@ class InboundState:
             rejected=dict(self.rejected),
             unroutable=self.unroutable,
             socket_full=self.socket_full,
+            faults=self.faults.statistics(),
         )
 
 

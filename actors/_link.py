@@ -29,6 +29,7 @@ from transport import (
     Err,
     FaultInjector,
     FaultPlan,
+    FaultStatistics,
     Frame,
     Incarnation,
     Limits,
@@ -137,6 +138,9 @@ class LinkStatistics:
     waiting_for_window: int
     bad_frames: int
     socket_full: int
+    #: What this node's fault injection did to the link (all zero unless
+    #: NodeConfig.faults is set).
+    faults: FaultStatistics
 
 
 class LinkState:
@@ -202,6 +206,7 @@ class LinkState:
             waiting_for_window=self.window.statistics().tasks_waiting,
             bad_frames=self.bad_frames,
             socket_full=self.socket_full,
+            faults=self.faults.statistics(),
         )
 
 

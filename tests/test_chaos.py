@@ -175,9 +175,7 @@ async def wait_stalled(record: Path) -> None:
 
 def fault_counts(node: Node) -> Counter[str]:
     """What ``node``'s fault injector did to its DATA towards "b"."""
-    # The injector's counters are not part of LinkStatistics (yet): read the
-    # link state the node keeps for "b".
-    stats = node._links[NodeId("b")].faults.statistics()
+    stats = node.statistics().links[NodeId("b")].faults
     return Counter(dropped=stats.dropped, duplicated=stats.duplicated, delayed=stats.delayed)
 
 
