@@ -118,7 +118,7 @@ def _node(args: argparse.Namespace) -> int:
         return 2
     job = _job(args)
     assert isinstance(job, Job)
-    trio.run(run_tile, topology, node_id, job, args.out)
+    trio.run(run_tile, topology, node_id, job, args.out, args.bind)
     return 0
 
 
@@ -150,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     _job_options(node, size=1024, frames=300)
     node.add_argument(
         "--out", default="out", help="without a coordinator: where to save this node's tile"
+    )
+    node.add_argument(
+        "--bind", help="bind here instead of the topology's endpoint (e.g. tcp://ib0:5601)"
     )
     node.set_defaults(run=_node)
 

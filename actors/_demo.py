@@ -164,7 +164,9 @@ def _summary(stats: Any) -> dict[str, int]:
     }
 
 
-async def run_tile(topology: Topology, node_id: str, job: Job, out: str = "out") -> None:
+async def run_tile(
+    topology: Topology, node_id: str, job: Job, out: str = "out", bind: str | None = None
+) -> None:
     """Run one tile node of the demo until its last frame is confirmed.
 
     Args:
@@ -175,6 +177,8 @@ async def run_tile(topology: Topology, node_id: str, job: Job, out: str = "out")
         node_id: which tile this process is.
         job: the run's parameters.
         out: where a node without a coordinator saves its tile.
+        bind: where to listen, if not the topology's endpoint (an interface
+            name, or an address the topology's host name resolves to).
     """
     coordinated = COORDINATOR in topology
     model = get_model(job.model)
@@ -197,7 +201,7 @@ async def run_tile(topology: Topology, node_id: str, job: Job, out: str = "out")
     peers: dict[str, str | None] = dict(topology.peers_of(node_id))
     async with open_node(
         node_id,
-        bind=topology.endpoint_of(node_id),
+        bind=bind or topology.endpoint_of(node_id),
         peers=peers,
         compute=lambda: _HaloActor(inbox),
         config=config,
@@ -289,6 +293,8 @@ class _Board:
     def __init__(self, names: list[str]) -> None:
         self.nodes = {name: _NodeView() for name in names}
         self.results: dict[str, bytes] = {}
+        #: Pauses carried out, as NODE@FRAME:SECONDS with the frame it was at.
+        self.frozen: list[str] = []
         self.done = trio.Event()
 
     def progress(self, peer: str, info: dict[str, Any]) -> None:
@@ -415,6 +421,7 @@ class DemoOutcome:
     faults: dict[str, float]
     per_node: dict[str, dict[str, Any]]
     pictures: dict[str, str]
+    paused: list[str]
 
 
 async def run_demo(
@@ -525,6 +532,7 @@ async def run_demo(
             for name, view in board.nodes.items()
         },
         pictures=pictures,
+        paused=board.frozen,
     )
 
 
@@ -557,6 +565,9 @@ async def _follow(
                     if board.nodes[pause.node].frame >= pause.frame:
                         procs[pause.node].send_signal(signal.SIGSTOP)
                         board.nodes[pause.node].paused = True
+                        board.frozen.append(
+                            f"{pause.node}@{board.nodes[pause.node].frame}:{pause.seconds:g}"
+                        )
                         pending.remove(pause)
                         nursery.start_soon(thaw, pause.node, pause.seconds)
                 for name, proc in procs.items():

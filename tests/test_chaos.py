@@ -109,6 +109,10 @@ async def test_grid_run_under_faults_equals_the_serial_run(
         assert duplicates > 0, "duplicate faults reached no receiver"
     for pause in pauses:
         assert elapsed >= pause.seconds, "the run finished while a node was frozen"
+    # Each pause was carried out before its node finished its frames.
+    assert len(outcome.paused) == len(pauses)
+    for done in outcome.paused:
+        assert int(done.split("@")[1].split(":")[0]) < job.frames
     halos = halo_messages(job.size, job.frames)
     tally["demo_runs"] += 1
     tally["demo_halo_messages_checked"] += halos

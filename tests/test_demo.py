@@ -41,12 +41,18 @@ async def test_tiled_run_equals_serial_run(model: str, fault: str, tmp_path: Pat
 
 
 async def test_frozen_node_is_waited_for_and_result_still_matches(tmp_path: Path) -> None:
-    job = Job(model="life", size=48, frames=15, seed=2)
+    job = Job(model="life", size=48, frames=400, seed=2)
     start = trio.current_time()
     outcome = await run_demo(
         job, nodes=4, out=tmp_path, pauses=[Pause("t0-1", 5, 1.5)], show=False, timeout=90
     )
     assert outcome.match
+    [pause] = outcome.paused
+    node, rest = pause.split("@")
+    frame = int(rest.split(":")[0])
+    # Frozen mid-run (progress reports come ten times a second), not after.
+    assert node == "t0-1"
+    assert 5 <= frame < 400
     assert trio.current_time() - start >= 1.5
 
 

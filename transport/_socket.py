@@ -96,6 +96,10 @@ DEALER_OPTIONS: Final[Mapping[zmq.SocketOption, int]] = MappingProxyType(
         # copies into a pipe that is lost if the peer restarts anyway; the
         # protocol's retransmission is what makes delivery reliable.
         zmq.IMMEDIATE: 1,
+        # Give up a TCP connect after 1 s and retry on RECONNECT_IVL, instead
+        # of waiting out the kernel's SYN backoff (1, 2, 4 ... s) when a
+        # peer's host was unreachable (measured in tests/test_multihost.py).
+        zmq.CONNECT_TIMEOUT: 1_000,
     }
 )
 
