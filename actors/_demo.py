@@ -512,9 +512,9 @@ async def run_demo(
         nodes=nodes,
         frames=job.frames,
         seconds=round(seconds, 3),
-        # Per node, from its first frame to its last: process start-up and the
-        # gather are not frame rate.
-        frames_per_second=round(float(np.median([v.fps for v in board.nodes.values()])), 1),
+        # The median node's own rate (see _rate): start-up and the gather
+        # are not frame rate.
+        frames_per_second=round(float(np.median([_rate(v) for v in board.nodes.values()])), 1),
         live_cells=int(final.sum()) if model.name == "life" else None,
         sha256=digest,
         serial_sha256=serial_digest,
@@ -583,6 +583,16 @@ async def _follow(
         if live is not None:
             live.update(_render(board, job, started))
             live.stop()
+
+
+def _rate(view: _NodeView) -> float:
+    """A node's own frames/s: its frame count over the time its frame loop took.
+
+    Measured in the node, so neither process start-up nor the batching of
+    progress reports on their way to the coordinator distorts it.
+    """
+    busy = sum(view.frame_ms) / 1000.0
+    return len(view.frame_ms) / busy if busy > 0 else 0.0
 
 
 def _pictures(model: Model, final: Grid, board: _Board, out: Path) -> dict[str, str]:
