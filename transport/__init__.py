@@ -73,6 +73,7 @@ from ._proto_sequencer import (
     StreamFailed,
     StreamSequencer,
 )
+from ._proxy import FaultProxy, ProxyStatistics, open_fault_proxy
 from ._socket import (
     DEALER_OPTIONS,
     ROUTER_OPTIONS,
@@ -98,6 +99,7 @@ __all__ = [
     "ErrCode",
     "FaultInjector",
     "FaultPlan",
+    "FaultProxy",
     "FaultStatistics",
     "Frame",
     "FrameKind",
@@ -126,6 +128,7 @@ __all__ = [
     "PeerState",
     "PeerStateChanged",
     "ProtocolError",
+    "ProxyStatistics",
     "QueryAnswered",
     "Received",
     "ReceiverConfig",
@@ -161,5 +164,6 @@ __all__ = [
     "dealer_socket",
     "decode",
     "encode",
+    "open_fault_proxy",
     "router_socket",
 ]
