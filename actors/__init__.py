@@ -24,7 +24,16 @@ from ._grid import Decomposition, Direction, GridError, Tile, assemble, interior
 from ._inbound import InboundStatistics
 from ._link import LinkStatistics, SendHandle
 from ._node import DEFAULT_STREAM, Node, NodeConfig, NodeStatistics, open_node
-from ._outcomes import Ack, Delivery, DeliveryFailed, Gap, PeerError, Reject, SendError
+from ._outcomes import (
+    Ack,
+    Delivery,
+    DeliveryFailed,
+    Gap,
+    PeerError,
+    Reject,
+    SendError,
+    StreamFailedError,
+)
 from ._spec import Backoff, ChildSpec, Restart, Status, Strategy, SupervisorSpec
 from ._supervisor import Supervisor, SupervisorStatistics, open_supervisor
 from ._topology import NodeSpec, Topology, TopologyError, node_id_from_env
@@ -70,6 +79,7 @@ __all__ = [
     "Status",
     "Strategy",
     "StreamConfig",
+    "StreamFailedError",
     "StreamId",
     "Supervisor",
     "SupervisorGaveUp",

@@ -58,7 +58,7 @@ from transport._proto_sequencer import Gap as GapEvent
 
 from ._actor import Actor, ActorRef
 from ._errors import ActorStopped
-from ._outcomes import Delivery, Gap, Reject
+from ._outcomes import Delivery, Gap, Reject, StreamFailedError
 
 _RECV_BUDGET = 256
 
@@ -425,6 +425,7 @@ class PeerSequencer(Actor[list[Any], None]):
     async def _drain(self) -> None:
         compute = self._compute
         inbound = self._inbound
+        failed: StreamFailedError | None = None
         for gap in self._take_pending_gaps():
             if compute is not None:
                 await compute.send(gap)
@@ -482,6 +483,15 @@ class PeerSequencer(Actor[list[Any], None]):
                                 "stream-failed",
                             )
                         )
+                    failed = failed or StreamFailedError(
+                        self._peer, name, event.first_missing, event.reason.value
+                    )
+        if failed is not None:
+            # Policy fail is an error for the supervisor too (OTP: let it
+            # crash). Raised only now, when every event has been handed on;
+            # on_stop answers what is still buffered, and the restarted
+            # sequencer takes the stream up again from the sender's floor.
+            raise failed
 
     def _take_pending_gaps(self) -> list[Gap]:
         gaps, self._pending_gaps = self._pending_gaps, []

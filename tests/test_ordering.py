@@ -15,6 +15,8 @@ from actors import Actor, Delivery, FaultPlan, Gap, ReceiverConfig, spawn
 from actors._inbound import InboundState, PeerSequencer, Receiver
 from transport import (
     Data,
+    Err,
+    ErrCode,
     GapPolicy,
     Incarnation,
     Limits,
@@ -180,3 +182,40 @@ async def test_flood_of_far_future_frames_is_refused_not_held(
     assert len(refused) == 60 - 2 - 8
     assert {f.reason for f in refused} == {RetryReason.BUFFER_FULL}
     assert seen == []
+
+
+async def test_fail_policy_tells_the_compute_actor_and_fails_the_sequencer(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # Message 1 never came, and the sender's stream floor moving to 2 says it
+    # has its outcome there (given up): it never will. Under "fail" the
+    # compute actor gets an explicit Gap and the peer's sequencer actor fails,
+    # which a supervisor sees; unsupervised here, the crash reaches the nursery.
+    from actors import ActorCrashed, StreamFailedError
+
+    seen: list[Any] = []
+    holder: list[Harness] = []
+
+    async def scenario() -> None:
+        async with trio.open_nursery() as nursery:
+            h = Harness(nursery, seen, GapPolicy.FAIL)
+            holder.append(h)
+            await h.start()
+            h.data(P, "halo", 2, floor=1)
+            h.data(P, "halo", 4, floor=2)
+            await trio.sleep(1.0)
+            nursery.cancel_scope.cancel()
+
+    crashes: list[BaseException] = []
+    try:
+        await scenario()
+    except* ActorCrashed as group:
+        crashes.extend(group.exceptions)
+    [h] = holder
+    [crash] = crashes
+    assert isinstance(crash.__cause__, StreamFailedError)
+    assert crash.__cause__.stream == "halo"
+    assert [k for _, _, _, k in seen] == ["gap 1-1 stream-failed"]
+    # The messages held behind the loss were answered, not dropped.
+    errs = [f for _, f in h.inbound.core.frames_to_send(trio.current_time()) if isinstance(f, Err)]
+    assert [e.code for e in errs] == [ErrCode.GAP_FAILED, ErrCode.GAP_FAILED]
