@@ -36,6 +36,7 @@ from transport import (
     Limits,
     LinkReceiver,
     LocalProtocolError,
+    Network,
     NodeId,
     ReceiverConfig,
     ReceiverStatistics,
@@ -44,6 +45,7 @@ from transport import (
     RetryReason,
     SequencerConfig,
     SequencerStatistics,
+    SocketLike,
     StreamId,
     StreamSequencer,
     Unroutable,
@@ -51,7 +53,6 @@ from transport import (
     encode,
 )
 from transport import Err as ErrFrame
-from transport._memnet import Network, SocketLike
 from transport._proto_link import Deliver, QueryAnswered, SessionEnded
 from transport._proto_sequencer import AskMissing, OfferResult, Release, StreamFailed
 from transport._proto_sequencer import Gap as GapEvent
@@ -108,7 +109,6 @@ class InboundState:
         self.unroutable = 0
         self.socket_full = 0
         self.socket: SocketLike | None = None
-        self.bound = trio.Event()
 
     def wake(self) -> None:
         """Ask the Receiver's owner task to flush answers and look again."""
@@ -179,7 +179,6 @@ class Receiver(Actor[Any, Any]):
             sock.close()
             raise
         st.socket = sock
-        st.bound.set()
         self.nursery.start_soon(self._serve, st, sock)
 
     async def on_stop(self) -> None:

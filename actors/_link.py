@@ -35,18 +35,19 @@ from transport import (
     Limits,
     LinkSender,
     LinkSeq,
+    Network,
     NodeId,
     Payload,
     PeerState,
     RemoteProtocolError,
     SenderConfig,
     SenderStatistics,
+    SocketLike,
     StreamId,
     StreamSeq,
     decode,
     encode,
 )
-from transport._memnet import Network, SocketLike
 from transport._proto_link import Answered, GaveUp, Held, PeerRestarted, PeerStateChanged
 
 from ._actor import Actor

@@ -27,6 +27,7 @@ from transport import (
     Incarnation,
     Limits,
     LocalProtocolError,
+    Network,
     NodeId,
     Payload,
     PeerState,
@@ -36,8 +37,8 @@ from transport import (
     SequencerConfig,
     SequencerStatistics,
     StreamId,
+    ZmqNetwork,
 )
-from transport._memnet import Network, ZmqNetwork
 
 from ._actor import Actor, ActorRef
 from ._inbound import InboundState, InboundStatistics, PeerSequencer, Receiver, _Query

@@ -1,7 +1,7 @@
 """Test helpers: nodes on an in-memory network, under virtual time, with faults.
 
 ``open_test_network`` gives a :class:`TestNetwork`: a
-:class:`~transport._memnet.MemoryNetwork` plus the nodes started on it. Each
+:class:`~transport.MemoryNetwork` plus the nodes started on it. Each
 node runs in its own task and can be stopped and started again (a process
 restart, with a greater incarnation). :class:`Inbox` is a ready-made compute
 layer that records what a node received and lets the test wait for it.
@@ -20,8 +20,7 @@ from typing import Any
 
 import trio
 
-from transport import FaultPlan, LocalProtocolError, Payload
-from transport._memnet import MemoryNetwork, NetworkStatistics
+from transport import FaultPlan, LocalProtocolError, MemoryNetwork, NetworkStatistics, Payload
 
 from ._actor import Actor
 from ._node import ComputeFactory, Node, NodeConfig, open_node
