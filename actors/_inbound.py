@@ -26,7 +26,9 @@ import trio
 
 from transport import Ack as AckFrame
 from transport import (
+    AskMissing,
     Batch,
+    Deliver,
     ErrCode,
     FaultInjector,
     FaultPlan,
@@ -38,14 +40,19 @@ from transport import (
     LocalProtocolError,
     Network,
     NodeId,
+    OfferResult,
+    QueryAnswered,
     ReceiverConfig,
     ReceiverStatistics,
+    Release,
     RemoteProtocolError,
     ReqAnswer,
     RetryReason,
     SequencerConfig,
     SequencerStatistics,
+    SessionEnded,
     SocketLike,
+    StreamFailed,
     StreamId,
     StreamSequencer,
     Unroutable,
@@ -53,9 +60,7 @@ from transport import (
     encode,
 )
 from transport import Err as ErrFrame
-from transport._proto_link import Deliver, QueryAnswered, SessionEnded
-from transport._proto_sequencer import AskMissing, OfferResult, Release, StreamFailed
-from transport._proto_sequencer import Gap as GapEvent
+from transport import Gap as GapEvent
 
 from ._actor import Actor, ActorRef
 from ._errors import ActorStopped

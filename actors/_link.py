@@ -24,6 +24,7 @@ from trio_util import AsyncValue
 
 from transport import Ack as AckFrame
 from transport import (
+    Answered,
     Batch,
     Data,
     Err,
@@ -31,6 +32,8 @@ from transport import (
     FaultPlan,
     FaultStatistics,
     Frame,
+    GaveUp,
+    Held,
     Incarnation,
     Limits,
     LinkSender,
@@ -38,7 +41,9 @@ from transport import (
     Network,
     NodeId,
     Payload,
+    PeerRestarted,
     PeerState,
+    PeerStateChanged,
     RemoteProtocolError,
     SenderConfig,
     SenderStatistics,
@@ -48,7 +53,6 @@ from transport import (
     decode,
     encode,
 )
-from transport._proto_link import Answered, GaveUp, Held, PeerRestarted, PeerStateChanged
 
 from ._actor import Actor
 from ._outcomes import Ack, DeliveryFailed, PeerError
