@@ -40,3 +40,19 @@ def _core_files() -> list[Path]:
 def test_protocol_core_is_sans_io(path: Path) -> None:
     forbidden = {"trio", "zmq", "cbor2", "socket", "asyncio", "threading", "time", "random"}
     assert not (_imports(path) & forbidden), f"{path.name} imports {_imports(path) & forbidden}"
+
+
+def _private_transport_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    return {
+        node.module
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom)
+        and node.module
+        and node.module.startswith("transport._")
+    }
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "actors").glob("*.py")), ids=lambda p: p.name)
+def test_actors_use_only_the_public_face_of_transport(path: Path) -> None:
+    assert not _private_transport_imports(path)
