@@ -327,6 +327,7 @@ class PeerLink(Actor[Any, Any]):
         if not events:
             return
         handles = st.handles
+        now = trio.current_time()
         freed = False
         for event in events:
             if type(event) is Answered:
@@ -343,7 +344,7 @@ class PeerLink(Actor[Any, Any]):
                             stream=handle.stream,
                             stream_seq=handle.stream_seq,
                             result=answer.result,
-                            rtt=trio.current_time() - handle.sent_at,
+                            rtt=now - handle.sent_at,
                             attempts=handle.attempts,
                         ),
                         None,
