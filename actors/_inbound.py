@@ -218,11 +218,8 @@ class Receiver(Actor[Any, Any]):
                 except RemoteProtocolError as exc:
                     st.rejected[exc.reason] += 1
                     continue
-                if type(frame) is Batch:
-                    for inner in frame.frames:
-                        core.receive_frame(peer, inner, now)
-                else:
-                    core.receive_frame(peer, frame, now)
+                # The core unpacks a Batch itself (and refuses nested ones).
+                core.receive_frame(peer, frame, now)
             core.poll(now)
             self._route(st)
             self._flush(st, sock, now, inject)

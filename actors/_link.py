@@ -266,11 +266,8 @@ class PeerLink(Actor[Any, Any]):
                 except RemoteProtocolError:
                     st.bad_frames += 1
                     continue
-                if type(frame) is Batch:
-                    for inner in frame.frames:
-                        core.receive_frame(inner, now)
-                else:
-                    core.receive_frame(frame, now)
+                # The core unpacks a Batch itself (and refuses nested ones).
+                core.receive_frame(frame, now)
             core.poll(now)
             self._dispatch(st)
             while True:
