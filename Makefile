@@ -33,7 +33,7 @@ fmt: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/transport.py
-	$(BIN)/python bench/links.py
+	$(BIN)/python bench/links.py --secure
 	$(BIN)/python bench/soak.py
 	$(BIN)/python -m pip install --quiet mpi4py mpich || echo "no MPI: the grid bench skips that column"
 	$(BIN)/python bench/grid.py --profile

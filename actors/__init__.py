@@ -7,14 +7,18 @@ receives :class:`Delivery` (and :class:`Gap`) messages.
 from __future__ import annotations
 
 from transport import (
+    CurveKeyPair,
     ErrCode,
     FaultPlan,
     GapPolicy,
+    KeyFileError,
     NodeId,
     PeerState,
     ReceiverConfig,
+    Security,
     SenderConfig,
     StreamId,
+    generate_key_pair,
 )
 from transport import SequencerConfig as StreamConfig
 
@@ -34,6 +38,7 @@ from ._outcomes import (
     SendError,
     StreamFailedError,
 )
+from ._security import SecurityStatistics, load_security
 from ._spec import Backoff, ChildSpec, Restart, Status, Strategy, SupervisorSpec
 from ._supervisor import Supervisor, SupervisorStatistics, open_supervisor
 from ._topology import NodeSpec, Topology, TopologyError, node_id_from_env
@@ -51,6 +56,7 @@ __all__ = [
     "AskTimeout",
     "Backoff",
     "ChildSpec",
+    "CurveKeyPair",
     "Decomposition",
     "Delivery",
     "DeliveryFailed",
@@ -61,6 +67,7 @@ __all__ = [
     "GapPolicy",
     "GridError",
     "InboundStatistics",
+    "KeyFileError",
     "LinkStatistics",
     "Node",
     "NodeConfig",
@@ -73,6 +80,8 @@ __all__ = [
     "Reject",
     "ReplySink",
     "Restart",
+    "Security",
+    "SecurityStatistics",
     "SendError",
     "SendHandle",
     "SenderConfig",
@@ -89,7 +98,9 @@ __all__ = [
     "Topology",
     "TopologyError",
     "assemble",
+    "generate_key_pair",
     "interior",
+    "load_security",
     "node_id_from_env",
     "open_node",
     "open_supervisor",

@@ -1,8 +1,9 @@
-"""The ``cellmesh`` command line: ``demo`` and ``node``."""
+"""The ``cellmesh`` command line: ``demo``, ``node`` and ``keys``."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -82,6 +83,7 @@ def _demo(args: argparse.Namespace) -> int:
             pauses=pauses,
             show=not args.json,
             timeout=args.timeout,
+            secure=args.secure,
         )
     )
     if args.json:
@@ -98,6 +100,13 @@ def _demo(args: argparse.Namespace) -> int:
         resent = sum(n["resent"] for n in outcome.per_node.values())
         dups = sum(n["duplicates_dropped"] for n in outcome.per_node.values())
         print(f"wire: {resent} retransmissions, {dups} duplicates dropped, nothing lost.")
+        if outcome.secure:
+            print(
+                f"security: CURVE on every link, {outcome.admitted} connections admitted "
+                f"by key, {outcome.refused} refused."
+            )
+        else:
+            print("security: plaintext on 127.0.0.1 (add --secure for CURVE with fresh keys).")
         print(f"picture of the final grid: {outcome.pictures['grid']}")
         print(f"per-frame times:           {outcome.pictures['frame_times']}")
     return 0 if outcome.match else 1
@@ -118,7 +127,58 @@ def _node(args: argparse.Namespace) -> int:
         return 2
     job = _job(args)
     assert isinstance(job, Job)
-    trio.run(run_tile, topology, node_id, job, args.out, args.bind)
+    security = None
+    if args.keys is None and topology.node(node_id).public_key is not None:
+        # A keyed topology means a secure cluster: never fall back to plaintext.
+        print(
+            f"cellmesh node: the topology lists a public key for {node_id!r}; "
+            "give --keys DIR (the folder with its .key_secret file)",
+            file=sys.stderr,
+        )
+        return 2
+    if args.keys is not None:
+        from ._security import load_security
+
+        try:
+            security = load_security(topology, node_id, args.keys)
+        except ValueError as exc:
+            print(f"cellmesh node: {exc}", file=sys.stderr)
+            return 2
+    trio.run(run_tile, topology, node_id, job, args.out, args.bind, security)
+    return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from transport import KeyFileError, generate_key_pair, write_key_pair
+
+    from ._topology import Topology, TopologyError
+
+    try:
+        topology = Topology.load(args.topology) if args.topology else None
+    except (OSError, TopologyError) as exc:
+        print(f"cellmesh keys: {exc}", file=sys.stderr)
+        return 2
+    names: list[str] = list(args.nodes) or (list(topology.ids) if topology else [])
+    if not names:
+        print("cellmesh keys: name the nodes, or give --topology", file=sys.stderr)
+        return 2
+    # Owner-only folder: it holds secret keys.
+    os.makedirs(args.dir, mode=0o700, exist_ok=True)
+    made: dict[str, str] = {}
+    try:
+        for name in names:
+            if topology is not None:
+                topology.node(name)
+            pair = generate_key_pair()
+            _, secret = write_key_pair(args.dir, name, pair, overwrite=args.force)
+            made[name] = pair.public
+            print(f"{name}: public key {pair.public}  (secret in {secret})")
+    except (FileExistsError, KeyFileError, TopologyError) as exc:
+        print(f"cellmesh keys: {exc} (nothing overwritten; --force replaces keys)", file=sys.stderr)
+        return 2
+    if topology is not None:
+        topology.with_public_keys(made).save(args.topology)
+        print(f"wrote the public keys into {args.topology}")
     return 0
 
 
@@ -142,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", default="out", help="folder for pictures and the topology")
     demo.add_argument("--json", action="store_true", help="print a JSON summary, no live view")
     demo.add_argument("--timeout", type=float, default=600.0, help="give up after SECONDS")
+    demo.add_argument(
+        "--secure",
+        action="store_true",
+        help="CURVE-encrypt and authenticate every link, with throwaway keys",
+    )
     demo.set_defaults(run=_demo)
 
     node = sub.add_parser("node", help="run one tile node of a grid simulation")
@@ -154,7 +219,24 @@ def main(argv: list[str] | None = None) -> int:
     node.add_argument(
         "--bind", help="bind here instead of the topology's endpoint (e.g. tcp://ib0:5601)"
     )
+    node.add_argument(
+        "--keys",
+        metavar="DIR",
+        help="run secure: DIR/<id>.key_secret is this node's key, the topology has the others",
+    )
     node.set_defaults(run=_node)
+
+    keys = sub.add_parser(
+        "keys",
+        help="make CURVE key pairs: DIR/<id>.key and DIR/<id>.key_secret (owner-only)",
+    )
+    keys.add_argument("nodes", nargs="*", metavar="ID", help="node ids (default: the topology's)")
+    keys.add_argument("--dir", required=True, help="folder for the key files (made 0700)")
+    keys.add_argument(
+        "--topology", metavar="FILE", help="also write the public keys into this topology"
+    )
+    keys.add_argument("--force", action="store_true", help="replace existing key files")
+    keys.set_defaults(run=_keys)
 
     args = parser.parse_args(argv)
     code: int = args.run(args)

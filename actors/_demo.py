@@ -14,12 +14,14 @@ ahead (it needs our halo first), so the inbox holds at most two frames.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +31,7 @@ import numpy as np
 import numpy.typing as npt
 import trio
 
-from transport import FaultPlan, SenderConfig
+from transport import FaultPlan, Security, SenderConfig, generate_key_pair, write_key_pair
 
 from ._actor import Actor
 from ._grid import Decomposition, Direction, Tile, assemble, interior, pad
@@ -37,6 +39,7 @@ from ._link import SendHandle
 from ._models import Model, get_model, grid_digest, load_rle, place_center, run_serial
 from ._node import NodeConfig, open_node
 from ._outcomes import Delivery
+from ._security import load_security
 from ._topology import NodeSpec, Topology
 
 COORDINATOR = "coord"
@@ -161,11 +164,18 @@ def _summary(stats: Any) -> dict[str, int]:
         "duplicates": duplicates,
         "reordered": reordered,
         "in_flight": in_flight,
+        "admitted": stats.security.admitted,
+        "refused": sum(stats.security.refused.values()),
     }
 
 
 async def run_tile(
-    topology: Topology, node_id: str, job: Job, out: str = "out", bind: str | None = None
+    topology: Topology,
+    node_id: str,
+    job: Job,
+    out: str = "out",
+    bind: str | None = None,
+    security: Security | None = None,
 ) -> None:
     """Run one tile node of the demo until its last frame is confirmed.
 
@@ -179,6 +189,7 @@ async def run_tile(
         out: where a node without a coordinator saves its tile.
         bind: where to listen, if not the topology's endpoint (an interface
             name, or an address the topology's host name resolves to).
+        security: run CURVE with these keys (:func:`load_security`).
     """
     coordinated = COORDINATOR in topology
     model = get_model(job.model)
@@ -205,6 +216,7 @@ async def run_tile(
         peers=peers,
         compute=lambda: _HaloActor(inbox),
         config=config,
+        security=security,
     ) as node:
         next_report = 0.0
         previous: list[SendHandle] = []
@@ -283,6 +295,8 @@ class _NodeView:
     duplicates: int = 0
     reordered: int = 0
     in_flight: int = 0
+    admitted: int = 0
+    refused: int = 0
     frame_ms: list[float] = field(default_factory=list)
     paused: bool = False
 
@@ -312,7 +326,7 @@ class _Board:
     def result(self, peer: str, info: dict[str, Any]) -> None:
         view = self.nodes[peer]
         view.frame_ms = [float(x) for x in info["frame_ms"]]
-        for key in ("resent", "duplicates", "reordered", "in_flight"):
+        for key in ("resent", "duplicates", "reordered", "in_flight", "admitted", "refused"):
             setattr(view, key, int(info[key]))
         self.results[peer] = bytes(info["data"])
         if len(self.results) == len(self.nodes):
@@ -422,6 +436,10 @@ class DemoOutcome:
     per_node: dict[str, dict[str, Any]]
     pictures: dict[str, str]
     paused: list[str]
+    #: CURVE on every link (``--secure``), and what the nodes' gates did.
+    secure: bool = False
+    admitted: int = 0
+    refused: int = 0
 
 
 async def run_demo(
@@ -432,6 +450,7 @@ async def run_demo(
     pauses: list[Pause],
     show: bool,
     timeout: float,
+    secure: bool = False,
 ) -> DemoOutcome:
     """Start the tile processes, follow them, gather and check the result.
 
@@ -442,6 +461,8 @@ async def run_demo(
         pauses: processes to freeze and thaw on the way.
         show: draw the live table (off for ``--json``).
         timeout: give up after this many seconds.
+        secure: make throwaway CURVE keys for every node (in a private
+            temporary folder, deleted afterwards) and run every link on them.
 
     Returns:
         The outcome; ``match`` says whether it equals the serial run.
@@ -459,8 +480,41 @@ async def run_demo(
         for name, port in zip([*names, COORDINATOR], sorted(ports), strict=True)
     }
     topology = grid_topology(decomp, endpoints)
-    topo_path = out / "topology.toml"
-    topology.save(topo_path)
+    with contextlib.ExitStack() as cleanup:
+        keys_dir: str | None = None
+        security: Security | None = None
+        if secure:
+            # mkdtemp makes the folder 0700; the secret files are 0600.
+            keys_dir = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="cellmesh-keys-"))
+            made: dict[str, str] = {}
+            for name in [*names, COORDINATOR]:
+                pair = generate_key_pair()
+                write_key_pair(keys_dir, name, pair)
+                made[name] = pair.public
+            topology = topology.with_public_keys(made)
+            security = load_security(topology, COORDINATOR, keys_dir)
+        topo_path = out / "topology.toml"
+        topology.save(topo_path)
+        return await _run_demo(
+            job, names, decomp, topology, topo_path, pauses, show, timeout, keys_dir, security, out
+        )
+
+
+async def _run_demo(
+    job: Job,
+    names: tuple[str, ...],
+    decomp: Decomposition,
+    topology: Topology,
+    topo_path: Path,
+    pauses: list[Pause],
+    show: bool,
+    timeout: float,
+    keys_dir: str | None,
+    security: Security | None,
+    out: Path,
+) -> DemoOutcome:
+    model = get_model(job.model)
+    endpoints = {n.id: n.endpoint for n in topology.nodes}
     for pause in pauses:
         if pause.node not in names:
             raise ValueError(f"--pause names {pause.node!r}; the tiles are {', '.join(names)}")
@@ -480,15 +534,19 @@ async def run_demo(
             peers=dict.fromkeys(names),
             compute=lambda: _BoardActor(board),
             config=config,
-        ):
+            security=security,
+        ) as coordinator:
             for name in names:
                 cmd = [sys.executable, "-m", "actors._cli", "node", "--topology", str(topo_path)]
                 cmd += ["--id", name, *job.args()]
+                if keys_dir is not None:
+                    cmd += ["--keys", keys_dir]
                 procs[name] = await trio.lowlevel.open_process(
                     cmd, stdin=subprocess.DEVNULL, env={**os.environ, **_CHILD_MALLOC_ENV}
                 )
             with trio.fail_after(timeout):
                 await _follow(board, job, procs, pauses, show, started)
+            gate = coordinator.statistics().security
     finally:
         with trio.CancelScope(shield=True):
             for proc in procs.values():
@@ -509,7 +567,7 @@ async def run_demo(
     return DemoOutcome(
         model=job.model,
         size=job.size,
-        nodes=nodes,
+        nodes=len(names),
         frames=job.frames,
         seconds=round(seconds, 3),
         # The median node's own rate (see _rate): start-up and the gather
@@ -533,6 +591,9 @@ async def run_demo(
         },
         pictures=pictures,
         paused=board.frozen,
+        secure=security is not None,
+        admitted=gate.admitted + sum(v.admitted for v in board.nodes.values()),
+        refused=sum(gate.refused.values()) + sum(v.refused for v in board.nodes.values()),
     )
 
 

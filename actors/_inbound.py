@@ -51,11 +51,13 @@ from transport import (
     SequencerConfig,
     SequencerStatistics,
     SessionEnded,
+    Socket,
     SocketLike,
     StreamFailed,
     StreamId,
     StreamSequencer,
     Unroutable,
+    ZmqNetwork,
     decode,
     encode,
 )
@@ -65,6 +67,7 @@ from transport import Gap as GapEvent
 from ._actor import Actor, ActorRef
 from ._errors import ActorStopped
 from ._outcomes import Delivery, Gap, Reject, StreamFailedError
+from ._security import SecurityState, watch_handshakes
 
 _RECV_BUDGET = 256
 
@@ -97,6 +100,7 @@ class InboundState:
         config: ReceiverConfig,
         faults: FaultPlan,
         limits: Limits,
+        security: SecurityState | None = None,
     ) -> None:
         self.node = node
         self.bind = bind
@@ -107,6 +111,12 @@ class InboundState:
         # Routing ids are the peers' node ids (design.md §5); anything else
         # is refused before it reaches the protocol core.
         self.routes: dict[bytes, NodeId] = {peer.encode(): peer for peer in peers}
+        self.security = security if security is not None else SecurityState(node, None, peers)
+        # Secure nodes: routing ids of peers whose route another (admitted)
+        # node took over by claiming their id (ROUTER_HANDOVER follows the
+        # newest connection). Answers for that peer are held back until it
+        # speaks on its route again, so they never go to the impostor.
+        self.hijacked: set[bytes] = set()
         self.sequencers: dict[NodeId, ActorRef[list[Any], None]] = {}
         self.sequencer_stats: dict[NodeId, Callable[[], dict[StreamId, SequencerStatistics]]] = {}
         self.queries: dict[int, _Query] = {}
@@ -172,6 +182,7 @@ class Receiver(Actor[Any, Any]):
     def __init__(self, state: InboundState, network: Network) -> None:
         self._state = state
         self._network = network
+        self._monitor: SocketLike | None = None
 
     async def on_start(self) -> None:
         st = self._state
@@ -184,6 +195,10 @@ class Receiver(Actor[Any, Any]):
             sock.close()
             raise
         st.socket = sock
+        if st.security.secure and isinstance(self._network, ZmqNetwork):
+            assert isinstance(sock, Socket)
+            self._monitor = self._network.monitor(sock)
+            self.nursery.start_soon(watch_handshakes, st.security, self._monitor)
         self.nursery.start_soon(self._serve, st, sock)
 
     async def on_stop(self) -> None:
@@ -191,6 +206,9 @@ class Receiver(Actor[Any, Any]):
         if st.socket is not None:
             st.socket.close()
             st.socket = None
+        if self._monitor is not None:
+            self._monitor.close()
+            self._monitor = None
 
     async def receive(self, msg: Any) -> Any:
         """The Receiver takes no messages; it is driven by its socket."""
@@ -202,17 +220,26 @@ class Receiver(Actor[Any, Any]):
         routes = st.routes
         faults = st.faults
         inject = faults.active
+        secure = st.security.secure
         while True:
             now = trio.current_time()
             for _ in range(_RECV_BUDGET):
                 try:
-                    parts = sock.recv_multipart_nowait()
+                    if secure:
+                        user, parts = sock.recv_authenticated_nowait()
+                    else:
+                        parts = sock.recv_multipart_nowait()
                 except trio.WouldBlock:
                     break
                 peer = routes.get(parts[0])
+                if secure and (peer is None or peer != user):
+                    self._refuse_claim(st, user, parts[0])
+                    continue
                 if peer is None:
                     st.rejected["unknown-peer"] += 1
                     continue
+                if secure and st.hijacked:
+                    st.hijacked.discard(parts[0])
                 try:
                     frame = decode(parts[1:], limits)
                 except RemoteProtocolError as exc:
@@ -230,6 +257,23 @@ class Receiver(Actor[Any, Any]):
                     deadline = held if deadline is None else min(deadline, held)
             with trio.move_on_at(math.inf if deadline is None else deadline):
                 await sock.wait_ready()
+
+    @staticmethod
+    def _refuse_claim(st: InboundState, user: str | None, claimed: bytes) -> None:
+        """A secure node got a message whose routing id is not its sender's own."""
+        name = claimed.decode(errors="replace")[:64]
+        if user is None:
+            # ZAP_ENFORCE_DOMAIN admits no connection without a User-Id;
+            # counted in case libzmq ever does.
+            st.security.refuse("unauthenticated", f"routing id {name!r}", "no ZAP User-Id")
+            return
+        if claimed in st.routes:
+            st.hijacked.add(claimed)
+        st.security.refuse(
+            "impersonation",
+            f"node {user!r}",
+            f"its key belongs to {user!r} but its messages claim to come from {name!r}",
+        )
 
     @staticmethod
     def _route(st: InboundState) -> None:
@@ -274,6 +318,9 @@ class Receiver(Actor[Any, Any]):
                 by_peer.setdefault(peer, []).append(frame)
             for peer, frames in by_peer.items():
                 rid = peer.encode()
+                if rid in st.hijacked:
+                    st.unroutable += 1
+                    continue
                 for parts in _encode_answers(frames, st.limits):
                     message = [rid, *parts]
                     if inject:

@@ -233,7 +233,7 @@ class PeerLink(Actor[Any, Any]):
 
     async def _own_socket(self) -> None:
         st = self._state
-        sock = self._network.dealer(self._routing_id)
+        sock = self._network.dealer(self._routing_id, peer=st.peer)
         try:
             sock.connect(st.endpoint)
             st.socket = sock

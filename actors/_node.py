@@ -14,6 +14,7 @@ restarted actor resumes its link's pending messages instead of losing them.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -33,6 +34,7 @@ from transport import (
     PeerState,
     ReceiverConfig,
     ReqAnswer,
+    Security,
     SenderConfig,
     SequencerConfig,
     SequencerStatistics,
@@ -44,6 +46,7 @@ from ._actor import Actor, ActorRef
 from ._inbound import InboundState, InboundStatistics, PeerSequencer, Receiver, _Query
 from ._link import LinkState, LinkStatistics, PeerLink, SendHandle
 from ._outcomes import Ack, DeliveryFailed, SendError
+from ._security import Gatekeeper, SecurityState, SecurityStatistics
 from ._spec import Backoff, ChildSpec, Restart, Strategy
 from ._supervisor import Supervisor, open_supervisor
 
@@ -94,6 +97,7 @@ class NodeStatistics:
     links: dict[NodeId, LinkStatistics]
     inbound: InboundStatistics
     streams: dict[NodeId, dict[StreamId, SequencerStatistics]]
+    security: SecurityStatistics
 
 
 class Node:
@@ -325,6 +329,7 @@ class Node:
             links={peer: link.statistics() for peer, link in self._links.items()},
             inbound=self._inbound.statistics(),
             streams={peer: get() for peer, get in self._inbound.sequencer_stats.items()},
+            security=self._inbound.security.statistics(),
         )
 
 
@@ -341,6 +346,7 @@ async def open_node(
     config: NodeConfig | None = None,
     incarnation: int | None = None,
     network: Network | None = None,
+    security: Security | None = None,
 ) -> AsyncIterator[Node]:
     """Open a node inside any Trio program; leaving the block shuts it down.
 
@@ -361,6 +367,11 @@ async def open_node(
         network: where the node's sockets come from; default real ZeroMQ.
             Pass a ``MemoryNetwork`` (``actors.testing``) to run nodes in
             one process under virtual time with faults the test controls.
+        security: this node's CURVE keys and its peers' public keys
+            (:func:`load_security`). Every link is then encrypted, only the
+            peers' keys may connect, and who sent a message is taken from its
+            connection's key. Without it the node runs plaintext and says so
+            in a warning on the ``cellmesh.security`` logger.
 
     Yields:
         The running :class:`Node`.
@@ -368,6 +379,8 @@ async def open_node(
     Raises:
         SupervisorGaveUp: the node's actors kept failing beyond the restart
             intensity.
+        LocalProtocolError: ``security`` lacks a peer's key, or comes with
+            a ``network`` (give the keys to ``ZmqNetwork(security=...)``).
     """
     cfg = config if config is not None else NodeConfig()
     me = NodeId(node_id)
@@ -375,10 +388,25 @@ async def open_node(
     peer_map = {NodeId(p): e for p, e in (peers or {}).items()}
     if me in peer_map:
         raise LocalProtocolError(f"node {node_id!r} lists itself among its peers")
+    if security is not None and network is not None:
+        raise LocalProtocolError("give the keys to the network you pass: ZmqNetwork(security=...)")
+    keys = network.security if isinstance(network, ZmqNetwork) else security
+    if keys is not None:
+        missing = sorted(p for p in peer_map if p not in keys.peers)
+        if missing:
+            raise LocalProtocolError(f"security has no public key for peers {missing}")
+    elif network is None or isinstance(network, ZmqNetwork):
+        logging.getLogger("cellmesh.security").warning(
+            "node %s runs UNAUTHENTICATED, unencrypted: whoever reaches %s may send as any "
+            "node. Fine on one machine; on a network give it keys (docs/security.md)",
+            node_id,
+            bind,
+        )
+    guard = SecurityState(me, keys, frozenset(peer_map))
     # The node closes only a network it made; a network passed in is the caller's.
     owned: ZmqNetwork | None = None
     if network is None:
-        network = owned = ZmqNetwork()
+        network = owned = ZmqNetwork(security=security)
     net: Network = network
     try:
         inbound = InboundState(
@@ -389,6 +417,7 @@ async def open_node(
             config=cfg.receiver,
             faults=cfg.faults,
             limits=cfg.limits,
+            security=guard,
         )
         links = {
             peer: LinkState(
@@ -422,6 +451,12 @@ async def open_node(
                         max_concurrency=cfg.compute_concurrency,
                     )
                 )
+            if keys is not None:
+                assert isinstance(net, ZmqNetwork)
+                zmq_net = net
+                # Before the ROUTER binds: with ZAP_ENFORCE_DOMAIN a peer
+                # that connects while nobody answers ZAP is turned away.
+                await sup.start_child(ChildSpec("gatekeeper", lambda: Gatekeeper(guard, zmq_net)))
             await sup.start_child(ChildSpec("receiver", lambda: Receiver(inbound, net)))
             for peer in peer_map:
                 inbound.sequencers[peer] = await sup.start_child(

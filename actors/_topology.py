@@ -379,6 +379,17 @@ class Topology:
         """
         return {n: self._by_id[n].endpoint for n in self.neighbours_of(node_id)}
 
+    def with_public_keys(self, keys: Mapping[str, str]) -> Topology:
+        """A copy with the given nodes' CURVE public keys set (others unchanged).
+
+        Raises:
+            TopologyError: a key names an unknown node or is not a Z85 key.
+        """
+        for node_id in keys:
+            self.node(node_id)
+        nodes = tuple(NodeSpec(n.id, n.endpoint, keys.get(n.id, n.public_key)) for n in self.nodes)
+        return Topology(nodes, self.links)
+
     def link_pairs(self) -> tuple[tuple[str, str], ...]:
         """Each link once as ``(a, b)`` with ``a`` before ``b`` in rank order, sorted."""
         rank = {nid: i for i, nid in enumerate(self._by_id)}

@@ -18,9 +18,13 @@ In the same run, the references:
   a DEALER sends [8-byte id, 64-byte payload], a ROUTER answers with the id,
   64 in flight, a dict of pending ids, no retries.
 
+With ``--secure`` the default window is measured once more with CURVE on
+the link (throwaway keys, ZAP authentication, per-message User-Id), so the
+cost of encryption shows against plaintext in the same run.
+
 Each figure is the median over the repetitions, after one warm-up repetition.
 
-Run: ``.venv/bin/python bench/links.py``; writes ``bench/results/links.json``.
+Run: ``.venv/bin/python bench/links.py [--secure]``; writes ``bench/results/links.json``.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import argparse
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -47,12 +52,20 @@ from actors import (  # noqa: E402
     Delivery,
     NodeConfig,
     ReceiverConfig,
+    Security,
     SenderConfig,
+    generate_key_pair,
     open_node,
 )
 from bench import transport as transport_bench  # noqa: E402
 from bench._common import machine_info, median, percentile, print_table, write_json  # noqa: E402
-from transport import NodeId  # noqa: E402
+from transport import (  # noqa: E402
+    NodeId,
+    read_key_pair,
+    read_public_key,
+    secret_key_path,
+    write_key_pair,
+)
 
 PAYLOAD = bytes(range(64))
 THROUGHPUT_N = 50_000
@@ -87,11 +100,33 @@ class _Sink(Actor[Delivery, None]):
         return None
 
 
-async def _serve_node(config_name: str) -> None:
+#: The configuration measured once more over CURVE with ``--secure``.
+SECURE_CONFIG = "window 256"
+
+
+def _security(keys_dir: str | None, me: str, peer: str) -> Security | None:
+    """Node ``me``'s keys from a folder :func:`_make_keys` filled, or None (plaintext)."""
+    if keys_dir is None:
+        return None
+    pair = read_key_pair(secret_key_path(keys_dir, me))
+    return Security(pair, {peer: read_public_key(secret_key_path(keys_dir, peer))})
+
+
+def _make_keys(keys_dir: str) -> None:
+    for name in ("a", "b"):
+        write_key_pair(keys_dir, name, generate_key_pair())
+
+
+async def _serve_node(config_name: str, keys_dir: str | None = None) -> None:
     config = CONFIGS[config_name]
     with trio.fail_after(RUN_DEADLINE * 10):
         async with open_node(
-            "b", bind="tcp://127.0.0.1:*", peers={"a": None}, compute=_Sink, config=config
+            "b",
+            bind="tcp://127.0.0.1:*",
+            peers={"a": None},
+            compute=_Sink,
+            config=config,
+            security=_security(keys_dir, "b", "a"),
         ) as node:
             print(node.endpoint, flush=True)
             await _wait_stdin_closed()
@@ -163,7 +198,12 @@ class _Child:
 
 
 async def _cellmesh(
-    endpoint: str, config: NodeConfig, n: int, latency_n: int, reps: int
+    endpoint: str,
+    config: NodeConfig,
+    n: int,
+    latency_n: int,
+    reps: int,
+    keys_dir: str | None = None,
 ) -> tuple[list[float], list[list[float]], dict[str, int]]:
     """Confirmed throughput (``reps`` runs), then latency (``reps`` runs if latency_n).
 
@@ -174,7 +214,11 @@ async def _cellmesh(
     rates: list[float] = []
     rtts: list[list[float]] = []
     async with open_node(
-        "a", bind="tcp://127.0.0.1:*", peers={"b": endpoint}, config=config
+        "a",
+        bind="tcp://127.0.0.1:*",
+        peers={"b": endpoint},
+        config=config,
+        security=_security(keys_dir, "a", "b"),
     ) as node:
         with trio.fail_after(RUN_DEADLINE):
             await node.send("b", PAYLOAD)  # connected, session established
@@ -239,20 +283,37 @@ def _ratio(ours: float, theirs: float) -> float:
     return ours / theirs if theirs else float("nan")
 
 
-def _measure_cellmesh(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Each node configuration against a fresh node "b"; latency with the first one."""
+def _measure_cellmesh(
+    args: argparse.Namespace, keys_dir: str | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Each node configuration against a fresh node "b", latency with the first one;
+    with ``keys_dir``, :data:`SECURE_CONFIG` once more over CURVE, latency too.
+
+    Returns:
+        throughput by label, and latency by label.
+    """
+    runs: list[tuple[str, str, str | None, bool]] = [
+        (name, name, None, index == 0) for index, name in enumerate(CONFIGS)
+    ]
+    if keys_dir is not None:
+        runs.append((f"{SECURE_CONFIG}, CURVE", SECURE_CONFIG, keys_dir, True))
     throughput: dict[str, Any] = {}
     latency: dict[str, Any] = {}
-    for index, (name, config) in enumerate(CONFIGS.items()):
-        latency_n = args.latency_n if index == 0 else 0
-        child = _Child("node", name)
+    for label, name, keys, with_latency in runs:
+        child = _Child("node", name, *([keys] if keys else []))
         try:
             rates, rtts, counters = trio.run(
-                _cellmesh, child.endpoint, config, args.throughput_n, latency_n, args.reps + 1
+                _cellmesh,
+                child.endpoint,
+                CONFIGS[name],
+                args.throughput_n,
+                args.latency_n if with_latency else 0,
+                args.reps + 1,
+                keys,
             )
         finally:
             child.close()
-        throughput[name] = {
+        throughput[label] = {
             "runs_msgs_per_s": rates[1:],
             "median_msgs_per_s": median(rates[1:]),
             "link_counters": counters,
@@ -260,8 +321,7 @@ def _measure_cellmesh(args: argparse.Namespace) -> tuple[dict[str, Any], dict[st
         if rtts:
             p50s = [percentile(r, 50) for r in rtts[1:]]
             p99s = [percentile(r, 99) for r in rtts[1:]]
-            latency = {
-                "config": name,
+            latency[label] = {
                 "runs_p50_us": p50s,
                 "runs_p99_us": p99s,
                 "median_p50_us": median(p50s),
@@ -311,7 +371,10 @@ def _report(
         }
         for name, r in throughput.items()
     }
-    ratios["latency_p50_vs_raw_rtt"] = _ratio(latency["median_p50_us"], raw_p50)
+    for label, lat in latency.items():
+        ratios[f"latency_p50_vs_raw_rtt, {label}"] = _ratio(lat["median_p50_us"], raw_p50)
+    plain = next(iter(latency))
+    ratios["latency_p50_vs_raw_rtt"] = ratios[f"latency_p50_vs_raw_rtt, {plain}"]
     rows: list[list[object]] = [
         [
             f"cellmesh, {name}",
@@ -339,16 +402,33 @@ def _report(
         "Latency, one message in flight",
         ["", "p50 us", "p99 us", "x raw rtt p50"],
         [
-            [
-                "cellmesh send -> ACK",
-                latency["median_p50_us"],
-                latency["median_p99_us"],
-                ratios["latency_p50_vs_raw_rtt"],
-            ],
+            *(
+                [
+                    f"cellmesh send -> ACK, {label}",
+                    lat["median_p50_us"],
+                    lat["median_p99_us"],
+                    ratios[f"latency_p50_vs_raw_rtt, {label}"],
+                ]
+                for label, lat in latency.items()
+            ),
             ["raw pyzmq lockstep round trip", raw_p50, raw["rtt_median_p99_us"], 1.0],
         ],
     )
-    best = max(throughput, key=lambda name: throughput[name]["median_msgs_per_s"])
+    secure = f"{SECURE_CONFIG}, CURVE"
+    if secure in throughput:
+        ratios["curve_vs_plaintext_throughput"] = _ratio(
+            throughput[secure]["median_msgs_per_s"],
+            throughput[SECURE_CONFIG]["median_msgs_per_s"],
+        )
+        ratios["curve_vs_plaintext_latency_p50"] = _ratio(
+            latency[secure]["median_p50_us"], latency[SECURE_CONFIG]["median_p50_us"]
+        )
+        print(
+            f"  CURVE costs: throughput x{ratios['curve_vs_plaintext_throughput']:.2f}, "
+            f"latency p50 x{ratios['curve_vs_plaintext_latency_p50']:.2f} of plaintext"
+        )
+    plaintext = [name for name in throughput if name in CONFIGS]
+    best = max(plaintext, key=lambda name: throughput[name]["median_msgs_per_s"])
     goals = {
         "confirmed throughput >= 1.0x raw one-way": ratios[best]["vs_raw_one_way"] >= 1.0,
         "latency p50 <= 1.5x raw round trip": ratios["latency_p50_vs_raw_rtt"] <= 1.5,
@@ -364,17 +444,23 @@ def main() -> None:
     parser.add_argument("--throughput-n", type=int, default=THROUGHPUT_N)
     parser.add_argument("--latency-n", type=int, default=LATENCY_N)
     parser.add_argument("--raw-throughput-n", type=int, default=RAW_THROUGHPUT_N)
+    parser.add_argument(
+        "--secure", action="store_true", help="also measure the default window over CURVE"
+    )
     parser.add_argument("--child", nargs="+", metavar="ROLE", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         if args.child[0] == "node":
-            trio.run(_serve_node, args.child[1])
+            trio.run(_serve_node, *args.child[1:])
         else:
             _serve_acker()
         return
 
     began = time.perf_counter()
-    throughput, latency = _measure_cellmesh(args)
+    with tempfile.TemporaryDirectory(prefix="cellmesh-bench-keys-") as keys_dir:
+        if args.secure:
+            _make_keys(keys_dir)
+        throughput, latency = _measure_cellmesh(args, keys_dir if args.secure else None)
     handwritten, raw = _measure_references(args)
     ratios, goals = _report(args.reps, throughput, latency, handwritten, raw)
     elapsed = time.perf_counter() - began
@@ -395,6 +481,7 @@ def main() -> None:
                 "handwritten_in_flight": HANDWRITTEN_IN_FLIGHT,
                 "reps": args.reps,
                 "warmup_reps": 1,
+                "secure": args.secure,
             },
             "cellmesh_throughput": throughput,
             "cellmesh_latency": latency,

@@ -128,3 +128,102 @@ def test_cellmesh_node_without_a_coordinator_saves_its_tile(tmp_path: Path) -> N
     assert all("wrote" in out for out in outputs)
     parts = {decomp.tile_of(n): np.load(tmp_path / f"{n}.npy") for n in names}
     assert np.array_equal(assemble(decomp, parts), run_serial("life", job.initial_grid(), 10))
+
+
+@pytest.mark.parametrize("nodes", [2, 4])
+async def test_secure_run_gives_the_plaintext_result(nodes: int, tmp_path: Path) -> None:
+    job = Job(model="life", size=48, frames=12, seed=3, drop=0.05)
+    plain = await run_demo(
+        job, nodes=nodes, out=tmp_path / "plain", pauses=[], show=False, timeout=90
+    )
+    secure = await run_demo(
+        job, nodes=nodes, out=tmp_path / "secure", pauses=[], show=False, timeout=90, secure=True
+    )
+    assert plain.match
+    assert secure.match
+    assert secure.sha256 == plain.sha256
+    assert (plain.secure, secure.secure) == (False, True)
+    # Every tile and the coordinator admitted its peers by key; nobody refused.
+    assert secure.admitted >= nodes + nodes * (nodes - 1) // 2
+    assert secure.refused == 0
+    topology = (tmp_path / "secure" / "topology.toml").read_text()
+    assert topology.count("public_key") == nodes + 1
+
+
+def _node_cmd(topology: Path, job: Job, out: Path, keys: Path) -> list[str]:
+    cmd = [sys.executable, "-m", "actors._cli", "node", "--topology", str(topology)]
+    return [*cmd, *job.args(), "--out", str(out), "--keys", str(keys)]
+
+
+def test_cellmesh_keys_then_secure_nodes_and_an_open_secret_file_is_refused(
+    tmp_path: Path,
+) -> None:
+    from actors import Decomposition, Topology, assemble
+    from actors._demo import free_port
+    from actors._models import run_serial
+
+    decomp = Decomposition.for_nodes((32, 32), 2)
+    names = decomp.node_ids()
+    topology = Topology.build(
+        [
+            NodeSpec(name, f"tcp://127.0.0.1:{port}")
+            for name, port in zip(names, _two_ports(free_port), strict=True)
+        ],
+        [(names[0], names[1])],
+    )
+    path = tmp_path / "grid.toml"
+    topology.save(path)
+    keys = tmp_path / "keys"
+    made = subprocess.run(
+        [sys.executable, "-m", "actors._cli", "keys", "--dir", str(keys), "--topology", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert made.returncode == 0, made.stderr
+    assert Topology.load(path).node(names[0]).public_key is not None
+    assert (keys.stat().st_mode & 0o777) == 0o700
+    job = Job(size=32, frames=10, seed=4, linger=1.0)
+    procs = [
+        subprocess.Popen(
+            _node_cmd(path, job, tmp_path, keys),
+            env={**os.environ, "SLURM_PROCID": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    try:
+        outputs = [p.communicate(timeout=60) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    # Secure nodes do not warn about running unauthenticated.
+    assert all("UNAUTHENTICATED" not in err for _, err in outputs)
+    parts = {decomp.tile_of(n): np.load(tmp_path / f"{n}.npy") for n in names}
+    assert np.array_equal(assemble(decomp, parts), run_serial("life", job.initial_grid(), 10))
+
+    without_keys = subprocess.run(
+        [*_node_cmd(path, job, tmp_path, keys)[:-2], "--id", names[0]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert without_keys.returncode == 2
+    assert "give --keys" in without_keys.stderr
+
+    (keys / f"{names[0]}.key_secret").chmod(0o644)
+    refused = subprocess.run(
+        [*_node_cmd(path, job, tmp_path, keys), "--id", names[0]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert refused.returncode == 2
+    assert "accessible by others" in refused.stderr
+    assert "chmod 600" in refused.stderr

@@ -39,6 +39,7 @@ import zmq
 
 from ._errors import LocalProtocolError
 from ._faults import FaultPlan
+from ._security import ZAP_DOMAIN, Security
 from ._socket import BytesLike, Socket, SocketStatistics, Unroutable, dealer_socket, router_socket
 
 if TYPE_CHECKING:
@@ -80,6 +81,10 @@ class SocketLike(Protocol):
         """Take one message or raise ``trio.WouldBlock``."""
         ...
 
+    def recv_authenticated_nowait(self) -> tuple[str | None, list[bytes]]:
+        """Take one message with the ZAP User-Id of its connection, or raise ``WouldBlock``."""
+        ...
+
     def send_multipart_nowait(self, parts: Sequence[BytesLike]) -> None:
         """Queue one message or raise ``trio.WouldBlock`` / :class:`Unroutable`."""
         ...
@@ -96,8 +101,12 @@ class SocketLike(Protocol):
 class Network(Protocol):
     """Where a node gets its sockets: ``open_node(..., network=...)``."""
 
-    def dealer(self, routing_id: bytes) -> SocketLike:
-        """A new, unconnected DEALER that ROUTER peers address as ``routing_id``."""
+    def dealer(self, routing_id: bytes, *, peer: str | None = None) -> SocketLike:
+        """A new, unconnected DEALER that ROUTER peers address as ``routing_id``.
+
+        ``peer`` names the node it will connect to, so that a secure network
+        can pin that node's CURVE server key.
+        """
         ...
 
     def router(self) -> SocketLike:
@@ -108,27 +117,109 @@ class Network(Protocol):
 class ZmqNetwork:
     """The real network: ZeroMQ sockets from one ``zmq.Context``.
 
+    With ``security`` every socket runs CURVE: the ROUTER is a CURVE server
+    that asks the ZAP handler (``ZAP_ENFORCE_DOMAIN``: no handler, no
+    connection) and each DEALER pins its peer's public key. The handler is
+    whoever serves :meth:`zap_socket`; a node runs one as an actor.
+
     Args:
         ctx: a synchronous context to make sockets from; by default a new one
-            that :meth:`close` destroys.
+            that :meth:`close` destroys. A secure network needs a context of
+            its own: a context has one ZAP endpoint, so one handler.
+        security: this node's keys and its peers' public keys, or None for
+            plaintext (one machine, tests).
     """
 
-    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]] | None = None) -> None:
+    def __init__(
+        self,
+        ctx: zmq.Context[zmq.Socket[bytes]] | None = None,
+        *,
+        security: Security | None = None,
+    ) -> None:
         self._owned = ctx is None
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context() if ctx is None else ctx
+        self._security = security
 
-    def dealer(self, routing_id: bytes) -> Socket:
-        """A DEALER with :data:`DEALER_OPTIONS` and the given routing id."""
-        return dealer_socket(self._ctx, routing_id=routing_id)
+    @property
+    def security(self) -> Security | None:
+        """The keys this network runs CURVE with, or None (plaintext)."""
+        return self._security
+
+    def dealer(self, routing_id: bytes, *, peer: str | None = None) -> Socket:
+        """A DEALER with :data:`DEALER_OPTIONS` and the given routing id.
+
+        Raises:
+            LocalProtocolError: the network is secure and ``peer`` has no
+                public key in it (an unpinned server could be anyone).
+        """
+        sec = self._security
+        if sec is None:
+            return dealer_socket(self._ctx, routing_id=routing_id)
+        server = sec.peers.get(peer) if peer is not None else None
+        if server is None:
+            raise LocalProtocolError(f"no public key for peer {peer!r}: cannot pin its server key")
+        return dealer_socket(
+            self._ctx,
+            routing_id=routing_id,
+            curve_serverkey=server.encode(),
+            curve_publickey=sec.keys.public.encode(),
+            curve_secretkey=sec.keys.secret.encode(),
+        )
 
     def router(self) -> Socket:
-        """A ROUTER with :data:`ROUTER_OPTIONS`."""
-        return router_socket(self._ctx)
+        """A ROUTER with :data:`ROUTER_OPTIONS` (a CURVE server if secure)."""
+        sec = self._security
+        if sec is None:
+            return router_socket(self._ctx)
+        return router_socket(
+            self._ctx,
+            curve_server=1,
+            curve_publickey=sec.keys.public.encode(),
+            curve_secretkey=sec.keys.secret.encode(),
+            zap_domain=ZAP_DOMAIN,
+            zap_enforce_domain=1,
+        )
+
+    def zap_socket(self) -> Socket:
+        """The ZAP handler's socket: a ROUTER bound at libzmq's ZAP endpoint.
+
+        Raises:
+            zmq.ZMQError: another handler is bound in this context already.
+        """
+        zsock = self._ctx.socket(zmq.ROUTER)
+        try:
+            zsock.setsockopt(zmq.LINGER, 0)
+            zsock.bind(ZAP_ENDPOINT)
+        except BaseException:
+            zsock.close(linger=0)
+            raise
+        return Socket(zsock)
+
+    def monitor(self, sock: Socket) -> Socket:
+        """A socket that receives ``sock``'s handshake outcomes (libzmq monitor events).
+
+        A refused plaintext or mismatched peer never reaches the ZAP handler;
+        these events are the only place it shows.
+        """
+        zmon = sock.zmq_socket.get_monitor_socket(MONITOR_EVENTS)
+        zmon.setsockopt(zmq.LINGER, 0)
+        return Socket(zmon)
 
     def close(self) -> None:
         """Destroy the context if this object made it (closing its sockets)."""
         if self._owned:
             self._ctx.destroy(linger=0)
+
+
+#: libzmq's fixed ZAP endpoint (RFC 27), one per context.
+ZAP_ENDPOINT: Final = "inproc://zeromq.zap.01"
+
+#: The monitor events a secure ROUTER reports: every failed handshake.
+MONITOR_EVENTS: Final = int(
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,8 +291,12 @@ class MemoryNetwork:
 
     # -- sockets ------------------------------------------------------------
 
-    def dealer(self, routing_id: bytes) -> MemorySocket:
-        """A new, unconnected DEALER; its node is ``routing_id`` decoded."""
+    def dealer(self, routing_id: bytes, *, peer: str | None = None) -> MemorySocket:
+        """A new, unconnected DEALER; its node is ``routing_id`` decoded.
+
+        ``peer`` is accepted for the :class:`Network` protocol; the memory
+        network has no keys to pin.
+        """
         return MemorySocket(self, "DEALER", bytes(routing_id))
 
     def router(self) -> MemorySocket:
@@ -441,6 +536,13 @@ class MemorySocket:
         self._queue.clear()
         if self._event is not None:
             self._event.set()
+
+    def recv_authenticated_nowait(self) -> tuple[str | None, list[bytes]]:
+        """Like :meth:`recv_multipart_nowait`; the user id is always None.
+
+        The memory network authenticates nobody: a node on it is a plaintext node.
+        """
+        return None, self.recv_multipart_nowait()
 
     def recv_multipart_nowait(self) -> list[bytes]:
         """Take the next message that is due, without blocking.
