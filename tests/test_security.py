@@ -428,3 +428,54 @@ def test_one_session_per_peer_identity_however_many_incarnations_it_claims() -> 
     assert session.held == 2
     assert session.retry_later_sent == 1
     assert stats.sessions_ended == 999
+
+
+async def test_without_a_zap_handler_a_secure_router_admits_nobody() -> None:
+    from zmq.utils.monitor import parse_monitor_message
+
+    from transport import ZmqNetwork
+
+    keys = make_keys("a", "b")
+    server = ZmqNetwork(security=security_of(keys, "b", "a"))
+    client = ZmqNetwork(security=security_of(keys, "a", "b"))
+    try:
+        with trio.fail_after(20):
+            router = server.router()
+            monitor = server.monitor(router)
+            dealer = client.dealer(b"a", peer="b")
+            async with router, monitor, dealer:
+                dealer.connect(router.bind("tcp://127.0.0.1:*"))
+                # The right keys, but nobody answers ZAP: the handshake fails.
+                event = parse_monitor_message(await monitor.recv_multipart())
+                assert event["event"] == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                with pytest.raises(trio.WouldBlock):
+                    router.recv_multipart_nowait()
+                # Once a handler serves ZAP, the same client gets in, as "a",
+                # when it redials after the stalled handshake (HANDSHAKE_IVL).
+                policy = ZapPolicy({"a": keys["a"].public})
+                async with server.zap_socket() as zap, trio.open_nursery() as nursery:
+
+                    async def serve_zap() -> None:
+                        while True:
+                            rid, empty, *request = await zap.recv_multipart()
+                            reply = policy.decide(request).reply
+                            assert reply is not None
+                            await zap.send_multipart([rid, empty, *reply])
+
+                    nursery.start_soon(serve_zap)
+                    # IMMEDIATE: the send waits for a completed (admitted) connection.
+                    await dealer.send_multipart([b"hello"])
+                    assert await _recv_authenticated(router) == ("a", [b"a", b"hello"])
+                    nursery.cancel_scope.cancel()
+                assert policy.statistics().admitted >= 1
+    finally:
+        client.close()
+        server.close()
+
+
+async def _recv_authenticated(sock: Socket) -> tuple[str | None, list[bytes]]:
+    while True:
+        try:
+            return sock.recv_authenticated_nowait()
+        except trio.WouldBlock:
+            await sock.wait_ready()

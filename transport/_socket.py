@@ -77,6 +77,12 @@ _COMMON_OPTIONS: Final[dict[zmq.SocketOption, int]] = {
     zmq.HEARTBEAT_IVL: 500,
     zmq.HEARTBEAT_TIMEOUT: 1_500,
     zmq.HEARTBEAT_TTL: 3_000,
+    # A connection must finish its ZMTP (and CURVE/ZAP) handshake within 3 s,
+    # not libzmq's 30 s: a handshake that stalls (measured: a secure ROUTER
+    # whose ZAP handler is momentarily absent leaves the client hanging with
+    # no disconnect) is dropped and redialled soon, and half-open handshakes
+    # cannot pile up.
+    zmq.HANDSHAKE_IVL: 3_000,
     # A peer cannot make us allocate more than 64 MiB for one message
     # (libzmq's default is unlimited); the codec's own limit is the same.
     zmq.MAXMSGSIZE: 64 * 1024 * 1024,
