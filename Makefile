@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/cellmesh demo
+	$(BIN)/cellmesh demo --secure
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
