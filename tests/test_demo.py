@@ -74,31 +74,36 @@ def test_pause_option_is_checked() -> None:
         Pause.parse("t0-1:5")
 
 
-def _two_ports(free_port: Any) -> list[int]:
-    ports: set[int] = set()
-    while len(ports) < 2:
-        ports.add(free_port())
-    return sorted(ports)
-
-
-def test_cellmesh_node_without_a_coordinator_saves_its_tile(tmp_path: Path) -> None:
-    # What `srun -n 2 cellmesh node --topology grid.toml ...` does on two hosts,
-    # here as two local processes whose ids come from the launcher's rank.
-    from actors import Decomposition, Topology, assemble
+def _two_tiles(tmp_path: Path) -> tuple[Any, Path]:
+    """A 32x32 grid in two tiles on two free local ports; its topology file."""
+    from actors import Decomposition, Topology
     from actors._demo import free_port
-    from actors._models import run_serial
 
     decomp = Decomposition.for_nodes((32, 32), 2)
     names = decomp.node_ids()
+    ports: set[int] = set()
+    while len(ports) < 2:
+        ports.add(free_port())
     topology = Topology.build(
         [
             NodeSpec(name, f"tcp://127.0.0.1:{port}")
-            for name, port in zip(names, _two_ports(free_port), strict=True)
+            for name, port in zip(names, sorted(ports), strict=True)
         ],
         [(names[0], names[1])],
     )
     path = tmp_path / "grid.toml"
     topology.save(path)
+    return decomp, path
+
+
+def test_cellmesh_node_without_a_coordinator_saves_its_tile(tmp_path: Path) -> None:
+    # What `srun -n 2 cellmesh node --topology grid.toml ...` does on two hosts,
+    # here as two local processes whose ids come from the launcher's rank.
+    from actors import assemble
+    from actors._models import run_serial
+
+    decomp, path = _two_tiles(tmp_path)
+    names = decomp.node_ids()
     job = Job(size=32, frames=10, seed=4, linger=1.0)
     procs = [
         subprocess.Popen(
@@ -158,21 +163,11 @@ def _node_cmd(topology: Path, job: Job, out: Path, keys: Path) -> list[str]:
 def test_cellmesh_keys_then_secure_nodes_and_an_open_secret_file_is_refused(
     tmp_path: Path,
 ) -> None:
-    from actors import Decomposition, Topology, assemble
-    from actors._demo import free_port
+    from actors import Topology, assemble
     from actors._models import run_serial
 
-    decomp = Decomposition.for_nodes((32, 32), 2)
+    decomp, path = _two_tiles(tmp_path)
     names = decomp.node_ids()
-    topology = Topology.build(
-        [
-            NodeSpec(name, f"tcp://127.0.0.1:{port}")
-            for name, port in zip(names, _two_ports(free_port), strict=True)
-        ],
-        [(names[0], names[1])],
-    )
-    path = tmp_path / "grid.toml"
-    topology.save(path)
     keys = tmp_path / "keys"
     made = subprocess.run(
         [sys.executable, "-m", "actors._cli", "keys", "--dir", str(keys), "--topology", str(path)],

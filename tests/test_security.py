@@ -169,14 +169,17 @@ FAST = NodeConfig(sender=SenderConfig(retry_timeout=0.05, retry_ceiling=0.2))
 
 
 @asynccontextmanager
-async def secure_pair(keys: Keys, seen: list[Any]) -> AsyncIterator[tuple[Node, Node]]:
+async def secure_pair(
+    keys: Keys, seen: list[Any], b_hears: tuple[str, ...] = ("a",)
+) -> AsyncIterator[tuple[Node, Node]]:
+    """Node a sends to node b; b admits the keys of ``b_hears``."""
     async with (
         open_node(
             "b",
             bind="tcp://127.0.0.1:*",
-            peers={"a": None},
+            peers=dict.fromkeys(b_hears),
             compute=lambda: Recorder(seen),
-            security=security_of(keys, "b", "a"),
+            security=security_of(keys, "b", *b_hears),
             config=FAST,
         ) as b,
         open_node(
@@ -296,23 +299,7 @@ async def test_a_known_key_claiming_another_node_is_refused(
     seen: list[Any] = []
     keys = make_keys("a", "b", "c")
     with trio.fail_after(20), caplog.at_level(logging.WARNING, logger="cellmesh.security"):
-        async with (
-            open_node(
-                "b",
-                bind="tcp://127.0.0.1:*",
-                peers={"a": None, "c": None},
-                compute=lambda: Recorder(seen),
-                security=security_of(keys, "b", "a", "c"),
-                config=FAST,
-            ) as b,
-            open_node(
-                "a",
-                bind="tcp://127.0.0.1:*",
-                peers={"b": b.endpoint},
-                security=security_of(keys, "a", "b"),
-                config=FAST,
-            ) as a,
-        ):
+        async with secure_pair(keys, seen, b_hears=("a", "c")) as (a, b):
             assert (await a.send("b", b"first")).result == 5
             # c holds a key b admits, but claims to be a: by routing id and in
             # the frame itself.

@@ -280,19 +280,7 @@ class Socket:
             trio.WouldBlock: Nothing is queued; await :meth:`wait_ready`.
             trio.ClosedResourceError: The socket or its context is closed.
         """
-        if self._closed:
-            raise trio.ClosedResourceError("socket is closed")
-        try:
-            parts = self._zsock.recv_multipart(_NOBLOCK)
-        except zmq.Again:
-            raise trio.WouldBlock from None
-        except zmq.ContextTerminated:
-            raise trio.ClosedResourceError("the zmq context was terminated") from None
-        finally:
-            if self._wait_scope is not None:
-                self._wait_scope.cancel()
-        self._received += 1
-        return parts
+        return cast("list[bytes]", self._recv_nowait(copy=True))
 
     def recv_authenticated_nowait(self) -> tuple[str | None, list[bytes]]:
         """Take one queued message and who sent it, without blocking.
@@ -309,18 +297,7 @@ class Socket:
             trio.WouldBlock: Nothing is queued; await :meth:`wait_ready`.
             trio.ClosedResourceError: The socket or its context is closed.
         """
-        if self._closed:
-            raise trio.ClosedResourceError("socket is closed")
-        try:
-            frames = self._zsock.recv_multipart(_NOBLOCK, copy=False)
-        except zmq.Again:
-            raise trio.WouldBlock from None
-        except zmq.ContextTerminated:
-            raise trio.ClosedResourceError("the zmq context was terminated") from None
-        finally:
-            if self._wait_scope is not None:
-                self._wait_scope.cancel()
-        self._received += 1
+        frames = cast("list[zmq.Frame]", self._recv_nowait(copy=False))
         user: str | None
         try:
             # Every frame of a message carries its connection's metadata;
@@ -329,6 +306,22 @@ class Socket:
         except zmq.ZMQError:
             user = None
         return user, [frame.bytes for frame in frames]
+
+    def _recv_nowait(self, *, copy: bool) -> list[bytes] | list[zmq.Frame]:
+        if self._closed:
+            raise trio.ClosedResourceError("socket is closed")
+        try:
+            parts = self._zsock.recv_multipart(_NOBLOCK, copy=copy)
+        except zmq.Again:
+            raise trio.WouldBlock from None
+        except zmq.ContextTerminated:
+            raise trio.ClosedResourceError("the zmq context was terminated") from None
+        finally:
+            # Any zmq call may eat the fd's edge: a sleeping owner re-reads EVENTS.
+            if self._wait_scope is not None:
+                self._wait_scope.cancel()
+        self._received += 1
+        return parts
 
     def send_multipart_nowait(self, parts: Sequence[BytesLike]) -> None:
         """Queue one multipart message, without blocking.
