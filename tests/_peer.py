@@ -27,7 +27,8 @@ from typing import IO, Any
 
 import trio
 
-from actors import Actor, Delivery, Gap, NodeConfig, ReceiverConfig, Reject, open_node
+from actors import Actor, Delivery, Gap, NodeConfig, ReceiverConfig, Reject, Security, open_node
+from transport import public_key_path, read_key_pair, read_public_key, secret_key_path
 
 
 def payload_index(payload: str) -> int:
@@ -135,6 +136,12 @@ async def run_receiver(args: argparse.Namespace, out: IO[str]) -> None:
     config = NodeConfig(
         receiver=ReceiverConfig(window=args.window, max_entries=2 * args.window),
     )
+    security = None
+    if args.keys is not None:
+        security = Security(
+            read_key_pair(secret_key_path(args.keys, args.id)),
+            {peer: read_public_key(public_key_path(args.keys, peer)) for peer in args.peer},
+        )
     async with open_node(
         args.id,
         bind=args.bind,
@@ -142,6 +149,7 @@ async def run_receiver(args: argparse.Namespace, out: IO[str]) -> None:
         compute=lambda: Recorder(out, incarnation, args.err_every, args.slow / 1000, args.stall_on),
         config=config,
         incarnation=incarnation,
+        security=security,
     ) as node:
         print(f"READY {node.endpoint} {incarnation}", flush=True)
         await _wait_stdin_closed()
@@ -162,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     rx.add_argument("--slow", type=float, default=0.0, help="milliseconds of compute per message")
     rx.add_argument("--stall-on", type=int, help="record index I, then never answer it")
     rx.add_argument("--window", type=int, default=256, help="the receiver's credit window")
+    rx.add_argument("--keys", help="run CURVE: DIR/<id>.key_secret and DIR/<peer>.key")
     args = parser.parse_args(argv)
     with open(args.record, "a", encoding="utf-8") as out:
         trio.run(run_receiver, args, out)

@@ -34,11 +34,13 @@ from actors import (
     NodeConfig,
     PeerError,
     PeerState,
+    Security,
     SenderConfig,
     SendHandle,
+    generate_key_pair,
     open_node,
 )
-from transport import NodeId, SenderStatistics
+from transport import NodeId, SenderStatistics, write_key_pair
 
 pytestmark = pytest.mark.slow
 
@@ -410,9 +412,20 @@ async def test_frozen_peer_is_suspected_then_down_and_every_send_still_completes
     )
 
 
+@pytest.mark.parametrize("secure", [False, True], ids=["plaintext", "curve"])
 async def test_killed_and_restarted_peer_loses_nothing_and_processes_nothing_twice(
-    tmp_path: Path,
+    tmp_path: Path, secure: bool
 ) -> None:
+    # Over CURVE too: the restarted process proves its key again, is admitted
+    # by ZAP and takes its routing id back (ROUTER_HANDOVER) like a plaintext one.
+    security: Security | None = None
+    keyed: tuple[str, ...] = ()
+    if secure:
+        keys = {name: generate_key_pair() for name in ("a", "b")}
+        for name, pair in keys.items():
+            write_key_pair(tmp_path, name, pair)
+        security = Security(keys["a"], {"b": keys["b"].public})
+        keyed = ("--keys", str(tmp_path))
     record = tmp_path / "record.jsonl"
     total = 600
     streams = ("p", "q")
@@ -429,6 +442,7 @@ async def test_killed_and_restarted_peer_loses_nothing_and_processes_nothing_twi
             bind="tcp://127.0.0.1:*",
             peers={"b": endpoint_of(port)},
             config=NodeConfig(sender=replace(QUICK, max_in_flight=128)),
+            security=security,
         ) as a:
 
             async def feed() -> None:
@@ -440,7 +454,7 @@ async def test_killed_and_restarted_peer_loses_nothing_and_processes_nothing_twi
 
             async with trio.open_nursery() as nursery:
                 stall = "--stall-on", str(stalled_at)
-                async with receiver(tmp_path, port, record, *stall) as first:
+                async with receiver(tmp_path, port, record, *stall, *keyed) as first:
                     nursery.start_soon(feed)
                     # The record is written by another process: polling it is
                     # the only way to see its progress.
@@ -453,7 +467,7 @@ async def test_killed_and_restarted_peer_loses_nothing_and_processes_nothing_twi
                     settled = {p for p, h in handles.items() if h.done}
                     await first.kill()
                 await trio.sleep(0.5)
-                async with receiver(tmp_path, port, record) as second:
+                async with receiver(tmp_path, port, record, *keyed) as second:
                     with trio.fail_after(40):
                         await fed.wait()
                         acks = {p: await h.wait() for p, h in handles.items()}
