@@ -9,9 +9,12 @@ driver (a ROUTER here, a DEALER in a child process), one driver at a time:
   echoes it, repeat; p50 and p99 per repetition.
 
 Drivers: ``pyzmq`` (blocking calls), ``trio-nowait`` (the owner-task drain
-loop the node's socket actors use: ``_nowait`` calls plus ``wait_ready``) and
-``trio-async`` (``await send_multipart`` / ``recv_multipart``). Each figure
-is the median over the repetitions, after one warm-up repetition.
+loop the node's socket actors use: ``_nowait`` calls plus ``wait_ready``),
+``trio-async`` (``await send_multipart`` / ``recv_multipart``) and
+``trio-floor``: not our code at all, the least any Trio glue must do
+(NOBLOCK pyzmq calls, ``EVENTS``, ``trio.lowlevel.wait_readable(ZMQ_FD)``),
+so the run shows how much of the gap to blocking pyzmq is Trio's own. Each
+figure is the median over the repetitions, after one warm-up repetition.
 
 Run: ``make bench`` or ``.venv/bin/python bench/transport.py``; writes
 ``bench/results/transport.json``.
@@ -25,7 +28,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 # This file is named like the package it measures: put the repository root,
 # not this directory, first on the path so ``import transport`` finds the
@@ -40,7 +43,7 @@ import zmq  # noqa: E402
 from bench._common import machine_info, median, percentile, print_table, write_json  # noqa: E402
 from transport import Socket, dealer_socket, router_socket  # noqa: E402
 
-DRIVERS = ("pyzmq", "trio-nowait", "trio-async")
+DRIVERS = ("pyzmq", "trio-nowait", "trio-async", "trio-floor")
 PAYLOAD = bytes(range(64))
 PEER_ID = b"bench-peer"
 THROUGHPUT_N = 100_000
@@ -90,7 +93,9 @@ async def _peer_trio(sock: Socket, driver: str, test: str, n: int, reps: int) ->
     with trio.fail_after(RUN_DEADLINE):
         await sock.send_multipart([b"hello"])
         for _ in range(reps):
-            if test == "throughput" and driver == "trio-nowait":
+            if driver == "trio-floor":
+                await _peer_floor(sock.zmq_socket, test, n)
+            elif test == "throughput" and driver == "trio-nowait":
                 sent = 0
                 while sent < n:
                     try:
@@ -110,6 +115,37 @@ async def _peer_trio(sock: Socket, driver: str, test: str, n: int, reps: int) ->
             else:
                 for _ in range(n):
                     await sock.send_multipart(await sock.recv_multipart())
+
+
+async def _peer_floor(zs: zmq.Socket[bytes], test: str, n: int) -> None:
+    fd = cast(int, zs.getsockopt(zmq.FD))
+    if test == "throughput":
+        for _ in range(n):
+            await _send_floor(zs, fd, [PAYLOAD])
+        await _recv_floor(zs, fd)
+    else:
+        for _ in range(n):
+            await _send_floor(zs, fd, await _recv_floor(zs, fd))
+
+
+async def _recv_floor(zs: zmq.Socket[bytes], fd: int) -> list[bytes]:
+    """The least a Trio receive can do: NOBLOCK, EVENTS, sleep on the fd."""
+    while True:
+        try:
+            return zs.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            if not cast(int, zs.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                await trio.lowlevel.wait_readable(fd)
+
+
+async def _send_floor(zs: zmq.Socket[bytes], fd: int, message: list[bytes]) -> None:
+    while True:
+        try:
+            zs.send_multipart(message, zmq.NOBLOCK)
+            return
+        except zmq.Again:
+            if not cast(int, zs.getsockopt(zmq.EVENTS)) & zmq.POLLOUT:
+                await trio.lowlevel.wait_readable(fd)
 
 
 async def _recv_owner(sock: Socket) -> list[bytes]:
@@ -149,8 +185,15 @@ def _main_blocking(zs: zmq.Socket[bytes], test: str, n: int, reps: int) -> list[
 
 
 async def _main_trio(sock: Socket, driver: str, test: str, n: int, reps: int) -> list[Any]:
+    zs = sock.zmq_socket
+    fd = cast(int, zs.getsockopt(zmq.FD))
     recv: Callable[[], Awaitable[list[bytes]]]
-    recv = (lambda: _recv_owner(sock)) if driver == "trio-nowait" else sock.recv_multipart
+    if driver == "trio-floor":
+        recv = lambda: _recv_floor(zs, fd)  # noqa: E731
+    elif driver == "trio-nowait":
+        recv = lambda: _recv_owner(sock)  # noqa: E731
+    else:
+        recv = sock.recv_multipart
     results: list[Any] = []
     message = [PEER_ID, PAYLOAD]
     with trio.fail_after(RUN_DEADLINE):
@@ -167,7 +210,9 @@ async def _main_trio(sock: Socket, driver: str, test: str, n: int, reps: int) ->
                 rtts = []
                 for _ in range(n):
                     t0 = time.perf_counter_ns()
-                    if driver == "trio-nowait":
+                    if driver == "trio-floor":
+                        await _send_floor(zs, fd, message)
+                    elif driver == "trio-nowait":
                         sock.send_multipart_nowait(message)
                     else:
                         await sock.send_multipart(message)
@@ -264,6 +309,12 @@ def main() -> None:
     }
     for goal, met in goals.items():
         print(f"  {'met ' if met else 'MISS'} {goal}")
+    floor = ratios["trio-floor"]["rtt_p50"]
+    print(
+        f"  Trio's own floor (wait_readable on ZMQ_FD, no cellmesh code): rtt p50 "
+        f"{floor:.2f}x pyzmq; trio-nowait is {_ratio(ratios['trio-nowait']['rtt_p50'], floor):.2f}x"
+        " that floor"
+    )
     elapsed = time.perf_counter() - began
     path = write_json(
         "transport",
