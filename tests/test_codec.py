@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from transport import (
     Ack,
+    AckRange,
     Batch,
     Data,
     Err,
@@ -89,6 +90,17 @@ hellos = st.builds(Hello, ids, u63, u63, st.booleans())
 datas = st.builds(Data, ids, u63, u63, ids, u63, u63, st.none() | u63, payloads, u63)
 receiveds = st.builds(Received, ids, u63, u63, u63, u63)
 acks = st.builds(Ack, ids, u63, u63, u63, u63, payloads)
+ack_ranges = st.builds(
+    lambda node, inc, peer_inc, a, b, credit: AckRange(
+        node, inc, peer_inc, min(a, b), max(a, b), credit
+    ),
+    ids,
+    u63,
+    u63,
+    u63,
+    u63,
+    u63,
+)
 err_codes = st.sampled_from(list(ErrCode)) | st.integers(100, U63)
 errs = st.builds(Err, ids, u63, u63, u63, u63, err_codes, st.text(max_size=40))
 retries = st.builds(RetryLater, ids, u63, u63, u63, u63, st.sampled_from(list(RetryReason)))
@@ -105,7 +117,9 @@ req_answers = st.one_of(
     st.builds(ReqAnswer, ids, u63, u63, st.none(), st.just(()), stream_statuses),
     st.builds(ReqAnswer, ids, u63, u63, ids, missing_items, stream_statuses),
 )
-single_frames = st.one_of(hellos, datas, receiveds, acks, errs, retries, reqs, req_answers)
+single_frames = st.one_of(
+    hellos, datas, receiveds, acks, ack_ranges, errs, retries, reqs, req_answers
+)
 batches = st.lists(single_frames, min_size=1, max_size=6).map(lambda fs: Batch(tuple(fs)))
 frames = st.one_of(single_frames, batches)
 
@@ -239,6 +253,24 @@ def test_enums_come_back_as_enums() -> None:
     )
     assert isinstance(retry, RetryLater)
     assert retry.reason is RetryReason.BUFFER_FULL
+
+
+def test_ack_range_is_one_compact_array() -> None:
+    run = AckRange(
+        NodeId("n1"), Incarnation(7), Incarnation(8), LinkSeq(3), LinkSeq(130), LinkSeq(300)
+    )
+    assert cbor2.loads(encode(run)[0]) == [10, "n1", 7, 8, 3, 130, 300]
+    assert decode(encode(run)) == run
+    single = AckRange(
+        NodeId("n1"), Incarnation(7), Incarnation(8), LinkSeq(3), LinkSeq(3), LinkSeq(300)
+    )
+    assert decode(encode(single)) == single
+    with pytest.raises(LocalProtocolError, match="first"):
+        encode(
+            AckRange(
+                NodeId("n1"), Incarnation(7), Incarnation(8), LinkSeq(4), LinkSeq(3), LinkSeq(9)
+            )
+        )
 
 
 def test_header_is_a_compact_array() -> None:
@@ -592,7 +624,7 @@ def test_bad_limits_are_refused(changes: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize(
     "header",
-    [[0, "n"], [10], [-1], [2**64 - 1], ["DATA"], [True, "n", 1, 2, False], [2.0, *raw_data()[1:]]],
+    [[0, "n"], [11], [-1], [2**64 - 1], ["DATA"], [True, "n", 1, 2, False], [2.0, *raw_data()[1:]]],
     ids=repr,
 )
 def test_unknown_kind(header: list[Any]) -> None:
@@ -664,6 +696,9 @@ def test_ids_must_be_non_empty_text(bad: Any) -> None:
         [8, "n", 1, 2, "s", [], "streams"],
         [1, "n", 1, 2, None],
         [4, "n", 1, 2, 3, 4],
+        [10, "n", 1, 2, 5, 4, 9],
+        [10, "n", 1, 2, 3, 4],
+        [10, "n", 1, 2, 3, -4, 9],
         "not an array",
         [],
         {"kind": 2},

@@ -12,7 +12,8 @@ A frame is a CBOR array whose first element is its :class:`FrameKind` and
 whose other elements are the dataclass fields, in declaration order. Arrays,
 not maps: no key strings on the wire, and a fixed shape to check. In CDDL::
 
-    frame       = hello / data / received / ack / err / retry-later / req / req-answer
+    frame       = hello / data / received / ack / ack-range / err / retry-later / req
+                  / req-answer
     message     = frame / batch
     batch       = [9, [1*4096 frame]]          ; never nests, never empty
     hello       = [1, node, incarnation, nonce: u63, reply: bool]
@@ -21,6 +22,8 @@ not maps: no key strings on the wire, and a fixed shape to check. In CDDL::
     received    = [3, node, incarnation, peer_incarnation: u63, seq: u63, credit: u63]
     ack         = [4, node, incarnation, peer_incarnation: u63, seq: u63, credit: u63,
                    result: payload]
+    ack-range   = [10, node, incarnation, peer_incarnation: u63, first: u63, last: u63,
+                   credit: u63]                ; first <= last: ACK, no result, each seq
     err         = [5, node, incarnation, peer_incarnation: u63, seq: u63, credit: u63,
                    code: 1..6 / 100..u63max, detail: tstr]
     retry-later = [6, node, incarnation, peer_incarnation: u63, seq: u63, credit: u63,
@@ -38,7 +41,8 @@ not maps: no key strings on the wire, and a fixed shape to check. In CDDL::
     oob         = #6.52753(uint)               ; index of a ZeroMQ part, from 1
 
 Enums travel as their integer values; a REQ or REQ_ANSWER whose ``missing``
-list is not empty must name its ``stream``.
+list is not empty must name its ``stream``; an ACK_RANGE's ``first`` is at
+most its ``last``.
 
 Payloads
 --------
@@ -100,6 +104,7 @@ from ._errors import LocalProtocolError, RemoteProtocolError
 from ._frames import (
     APP_ERR_MIN,
     Ack,
+    AckRange,
     Batch,
     Data,
     Err,
@@ -721,6 +726,16 @@ _SCHEMAS: Final = (
     _schema(FrameKind.RECEIVED, Received, *_ANSWER_HEAD),
     _schema(FrameKind.ACK, Ack, *_ANSWER_HEAD, ("result", _PAYLOAD_FIELD)),
     _schema(
+        FrameKind.ACK_RANGE,
+        AckRange,
+        ("node", _ID_FIELD),
+        ("incarnation", _U63_FIELD),
+        ("peer_incarnation", _U63_FIELD),
+        ("first", _U63_FIELD),
+        ("last", _U63_FIELD),
+        ("credit", _U63_FIELD),
+    ),
+    _schema(
         FrameKind.ERR,
         Err,
         *_ANSWER_HEAD,
@@ -760,6 +775,10 @@ _BY_CLASS: Final[dict[type[Any], _Schema]] = {s.cls: s for s in _SCHEMAS}
 _ASKS_STREAM: Final = frozenset({FrameKind.REQ.value, FrameKind.REQ_ANSWER.value})
 _STREAM_AT: Final = 4
 _MISSING_AT: Final = 5
+#: ACK_RANGE: wire positions of ``first`` and ``last``.
+_ACK_RANGE: Final = FrameKind.ACK_RANGE.value
+_FIRST_AT: Final = 4
+_LAST_AT: Final = 5
 _U63_PROBLEM: Final = "must be an int in 0..2**63-1"
 
 
@@ -798,6 +817,8 @@ def _decode_frame(item: Any, st: _Decoding) -> Frame:
             raise _remote(schema.named(i, str(exc)), exc.reason) from None
     if kind in _ASKS_STREAM and item[_STREAM_AT] is None and item[_MISSING_AT]:
         raise _bad_field(f"{schema.kind.name} lists missing messages but names no stream")
+    if kind == _ACK_RANGE and item[_FIRST_AT] > item[_LAST_AT]:
+        raise _bad_field("ACK_RANGE.first is above ACK_RANGE.last")
     return schema.cls(*item[1:])  # type: ignore[no-any-return]
 
 
@@ -827,6 +848,8 @@ def _encode_frame(frame: Frame, st: _Encoding) -> list[Any]:
             raise LocalProtocolError(schema.named_local(i, str(exc))) from None
     if schema.kind.value in _ASKS_STREAM and out[_STREAM_AT] is None and out[_MISSING_AT]:
         raise LocalProtocolError(f"{schema.cls.__name__} lists missing messages: name its stream")
+    if schema.kind.value == _ACK_RANGE and out[_FIRST_AT] > out[_LAST_AT]:
+        raise LocalProtocolError("AckRange.first must not be above AckRange.last")
     return out
 
 
