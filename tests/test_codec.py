@@ -46,7 +46,19 @@ from transport import (
     StreamSeq,
     StreamStatus,
 )
-from transport._codec import OOB_THRESHOLD, OUT_OF_BAND_TAG, Limits, decode, encode
+from transport._codec import (
+    OOB_THRESHOLD,
+    OUT_OF_BAND_TAG,
+    Limits,
+    _decode_by_schema,
+    _decode_data,
+    _Decoding,
+    _encode_by_schema,
+    _encode_data,
+    _Encoding,
+    decode,
+    encode,
+)
 
 U63 = 2**63 - 1
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -804,3 +816,105 @@ def test_encoder_refuses_what_cbor_data_cannot_hold(payload: Any, match: str) ->
 def test_encoder_refuses_invalid_frames(frame: Any) -> None:
     with pytest.raises(LocalProtocolError):
         encode(frame)
+
+
+#: DATA fields as the wire or a caller might give them: valid and invalid mixed.
+_any_field = st.one_of(
+    u63,
+    st.integers(-3, -1),
+    st.just(U63 + 1),
+    st.booleans(),
+    st.none(),
+    st.text(max_size=3),
+    st.text(min_size=60, max_size=70),
+    st.binary(max_size=4),
+    st.floats(allow_nan=False),
+)
+
+
+@st.composite
+def data_fields(draw: st.DrawFn) -> list[Any]:
+    """The nine DATA fields, valid, then up to two replaced or one added/removed."""
+    fields: list[Any] = [
+        draw(ids),
+        draw(u63),
+        draw(u63),
+        draw(ids),
+        draw(u63),
+        draw(u63),
+        draw(st.none() | u63),
+        # Payloads as the decoder returns them (lists, not tuples).
+        draw(st.none() | st.integers(-5, 5) | st.text(max_size=3) | st.lists(u63, max_size=2)),
+        draw(u63),
+    ]
+    for _ in range(draw(st.integers(0, 2))):
+        fields[draw(st.integers(0, 8))] = draw(_any_field)
+    change = draw(st.sampled_from(["none", "none", "add", "remove"]))
+    if change == "add":
+        fields.append(draw(_any_field))
+    elif change == "remove":
+        fields.pop()
+    return fields
+
+
+@settings(max_examples=300, deadline=None)
+@given(data_fields())
+def test_data_fast_paths_agree_with_the_schema_walk(fields: list[Any]) -> None:
+    # The hot DATA paths must accept exactly what the table-driven walk
+    # accepts, and build the same thing; anything else goes to the walk.
+    limits = Limits(max_id_bytes=64)
+    raw = [2, *fields]
+    try:
+        fast = _decode_data(list(raw), _Decoding([b""], limits))
+    except RemoteProtocolError:
+        # A bad payload: the walk refuses it too (it checks the same way).
+        with pytest.raises(RemoteProtocolError):
+            _decode_by_schema(list(raw), _Decoding([b""], limits))
+        return
+    try:
+        walked: Any = _decode_by_schema(list(raw), _Decoding([b""], limits))
+    except RemoteProtocolError:
+        walked = None
+    # The fast path may pass a frame on to the walk (None), never disagree.
+    if fast is not None:
+        assert fast == walked
+    if walked is None:
+        assert fast is None
+    if len(fields) != 9:
+        return
+    frame = Data(*fields)
+    encoded = _encode_data(frame, _Encoding(limits, OOB_THRESHOLD))
+    try:
+        walked = _encode_by_schema(frame, _Encoding(limits, OOB_THRESHOLD))
+    except LocalProtocolError:
+        walked = None
+    if encoded is not None:
+        assert encoded == walked
+    if walked is None:
+        assert encoded is None
+
+
+def test_data_fast_paths_refuse_each_bad_field_as_the_walk_does() -> None:
+    limits = Limits(max_id_bytes=64)
+    good: list[Any] = ["node", 5, 6, "stream", 7, 8, None, b"p", 9]
+    bad_values: list[Any] = [-1, U63 + 1, True, None, 1.5, "", "x" * 65, b"b", [1]]
+    for position in range(9):
+        for bad in bad_values:
+            fields = list(good)
+            fields[position] = bad
+            raw = [2, *fields]
+            try:
+                walked: Any = _decode_by_schema(list(raw), _Decoding([b""], limits))
+            except RemoteProtocolError:
+                walked = None
+            fast = _decode_data(list(raw), _Decoding([b""], limits))
+            assert fast == walked or fast is None, (position, bad)
+            assert walked is not None or fast is None, (position, bad)
+            frame = Data(*fields)
+            try:
+                encoded: Any = _encode_by_schema(frame, _Encoding(limits, OOB_THRESHOLD))
+            except LocalProtocolError:
+                encoded = None
+            fast_encoded = _encode_data(frame, _Encoding(limits, OOB_THRESHOLD))
+            assert fast_encoded == encoded or fast_encoded is None, (position, bad)
+            assert encoded is not None or fast_encoded is None, (position, bad)

@@ -782,7 +782,53 @@ _LAST_AT: Final = 5
 _U63_PROBLEM: Final = "must be an int in 0..2**63-1"
 
 
+_DATA: Final = FrameKind.DATA.value
+
+
+def _decode_data(item: list[Any], st: _Decoding) -> Data | None:
+    """DATA, the frame of every message, checked without the schema walk.
+
+    Returns None for anything unusual (a wrong field, a frame number, a
+    container payload is fine): the schema walk then decides, and names the
+    field in its error. The accepted set is exactly the walk's.
+    """
+    if len(item) != 10:
+        return None
+    _, node, inc, seq, stream, stream_seq, floor, frame_no, payload, watermark = item
+    quick = st.id_quick
+    if not (
+        type(node) is str
+        and 0 < len(node) <= quick
+        and type(stream) is str
+        and 0 < len(stream) <= quick
+        and type(inc) is int
+        and type(seq) is int
+        and type(stream_seq) is int
+        and type(floor) is int
+        and type(watermark) is int
+        and 0 <= inc <= _U63
+        and 0 <= seq <= _U63
+        and 0 <= stream_seq <= _U63
+        and 0 <= floor <= _U63
+        and 0 <= watermark <= _U63
+        and (frame_no is None or (type(frame_no) is int and 0 <= frame_no <= _U63))
+    ):
+        return None
+    if type(payload) not in _LEAF_TYPES:
+        # The decoded list is ours: the checked payload replaces the raw one.
+        item[8] = st.payload(payload, 0)
+    return Data(*item[1:])
+
+
 def _decode_frame(item: Any, st: _Decoding) -> Frame:
+    if type(item) is list and item and item[0] == _DATA and type(item[0]) is int:
+        data = _decode_data(item, st)
+        if data is not None:
+            return data
+    return _decode_by_schema(item, st)
+
+
+def _decode_by_schema(item: Any, st: _Decoding) -> Frame:
     if type(item) is not list or not item:
         raise _bad_field(f"a frame must be a non-empty array, got {type(item).__name__}")
     kind = item[0]
@@ -822,7 +868,53 @@ def _decode_frame(item: Any, st: _Decoding) -> Frame:
     return schema.cls(*item[1:])  # type: ignore[no-any-return]
 
 
+def _encode_data(frame: Data, st: _Encoding) -> list[Any] | None:
+    """DATA without the schema walk; None when a field needs the walk's checks."""
+    node = frame.node
+    stream = frame.stream
+    inc = frame.incarnation
+    seq = frame.seq
+    stream_seq = frame.stream_seq
+    floor = frame.stream_floor
+    frame_no = frame.frame_no
+    watermark = frame.watermark
+    quick = st.id_quick
+    if not (
+        type(node) is str
+        and 0 < len(node) <= quick
+        and type(stream) is str
+        and 0 < len(stream) <= quick
+        and type(inc) is int
+        and type(seq) is int
+        and type(stream_seq) is int
+        and type(floor) is int
+        and type(watermark) is int
+        and 0 <= inc <= _U63
+        and 0 <= seq <= _U63
+        and 0 <= stream_seq <= _U63
+        and 0 <= floor <= _U63
+        and 0 <= watermark <= _U63
+        and (frame_no is None or (type(frame_no) is int and 0 <= frame_no <= _U63))
+    ):
+        return None
+    payload = frame.payload
+    if type(payload) is bytes:
+        if len(payload) >= st.threshold:
+            payload = st.out_of_band(payload, len(payload))
+    else:
+        payload = st.payload(payload, 0)
+    return [_DATA, node, inc, seq, stream, stream_seq, floor, frame_no, payload, watermark]
+
+
 def _encode_frame(frame: Frame, st: _Encoding) -> list[Any]:
+    if type(frame) is Data:
+        fast = _encode_data(frame, st)
+        if fast is not None:
+            return fast
+    return _encode_by_schema(frame, st)
+
+
+def _encode_by_schema(frame: Frame, st: _Encoding) -> list[Any]:
     schema = _BY_CLASS.get(type(frame))
     if schema is None:
         if type(frame) is Batch:
