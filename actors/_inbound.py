@@ -118,6 +118,12 @@ class InboundState:
         # speaks on its route again, so they never go to the impostor.
         self.hijacked: set[bytes] = set()
         self.sequencers: dict[NodeId, ActorRef[list[Any], None]] = {}
+        # The running PeerSequencer of each peer, for the in-order fast path,
+        # and how many batches the Receiver has sent each one that it has not
+        # finished yet: a batch already handed to a waiting actor task does not
+        # show in the mailbox depth, so the depth alone cannot say "idle".
+        self.inline: dict[NodeId, PeerSequencer] = {}
+        self.backlog: dict[NodeId, int] = dict.fromkeys(peers, 0)
         self.sequencer_stats: dict[NodeId, Callable[[], dict[StreamId, SequencerStatistics]]] = {}
         self.queries: dict[int, _Query] = {}
         self.rejected: Counter[str] = Counter()
@@ -281,9 +287,18 @@ class Receiver(Actor[Any, Any]):
         if not events:
             return
         by_peer: dict[NodeId, list[Any]] = {}
+        inline = st.inline
         for event in events:
             if type(event) is Deliver:
-                by_peer.setdefault(event.peer, []).append(event)
+                peer = event.peer
+                if peer not in by_peer and not st.backlog[peer]:
+                    # Nothing of this peer is queued for or inside its
+                    # sequencer, so nothing can overtake: an in-order message
+                    # goes straight to the compute mailbox (one task hop less).
+                    sequencer = inline.get(peer)
+                    if sequencer is not None and sequencer.offer_inline(event):
+                        continue
+                by_peer.setdefault(peer, []).append(event)
             elif type(event) is SessionEnded:
                 # The sequencer reports what the old session left buffered now,
                 # not only when the restarted peer's first DATA arrives.
@@ -301,6 +316,7 @@ class Receiver(Actor[Any, Any]):
                 if ref is None:
                     raise trio.WouldBlock
                 ref.send_nowait(items)
+                st.backlog[peer] += 1
             except (trio.WouldBlock, ActorStopped):
                 # The peer's sequencer is flooded (or gone): refuse, do not hold.
                 for item in items:
@@ -396,12 +412,16 @@ class PeerSequencer(Actor[list[Any], None]):
         self._timer_scope: trio.CancelScope | None = None
         self._timer_at = math.inf
         self._pending_gaps: list[Gap] = []
+        self._busy = False
 
     async def on_start(self) -> None:
         self._inbound.sequencer_stats[self._peer] = self.statistics
+        self._inbound.inline[self._peer] = self
         self.nursery.start_soon(self._timer)
 
     async def on_stop(self) -> None:
+        if self._inbound.inline.get(self._peer) is self:
+            del self._inbound.inline[self._peer]
         # Messages buffered here will never be handed over by this instance:
         # answer them so no sender waits in vain (the sender resends; a new
         # instance starts clean).
@@ -414,6 +434,54 @@ class PeerSequencer(Actor[list[Any], None]):
         self._inbound.wake()
 
     async def receive(self, msg: list[Any]) -> None:
+        self._busy = True
+        try:
+            await self._receive(msg)
+        finally:
+            self._busy = False
+            if msg[0] is not _TICK:
+                self._inbound.backlog[self._peer] -= 1
+
+    def offer_inline(self, item: Deliver) -> bool:
+        """Hand ``item`` to the compute actor now, from the Receiver's task.
+
+        Only when nothing can overtake it or be overtaken: this instance is
+        not inside :meth:`receive`, the Receiver checked that no batch for
+        it is queued, and ``item`` is the next message of its stream in the
+        live session with nothing held. The stream's state then moves
+        exactly as in :meth:`_offer` followed by :meth:`_drain`.
+
+        Returns:
+            True if it was handed over; False if it must go the usual way
+            (through this actor's mailbox), and nothing changed.
+        """
+        compute = self._compute
+        if (
+            compute is None
+            or self._busy
+            or self._pending_gaps
+            or item.peer_incarnation != self._incarnation
+        ):
+            return False
+        stream = self._streams.get(item.stream)
+        if stream is None or not stream.releases_at_once(item.stream_seq, item.stream_floor):
+            return False
+        delivery = Delivery(
+            peer=item.peer,
+            stream=item.stream,
+            stream_seq=item.stream_seq,
+            frame_no=item.frame_no,
+            payload=item.payload,
+            seq=item.seq,
+        )
+        try:
+            compute.send_nowait(delivery, reply=_Completion(self._inbound, item))
+        except (trio.WouldBlock, ActorStopped):
+            return False
+        stream.release_at_once(item.stream_seq, item.stream_floor)
+        return True
+
+    async def _receive(self, msg: list[Any]) -> None:
         now = trio.current_time()
         for item in msg:
             if type(item) is Deliver:

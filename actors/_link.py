@@ -333,26 +333,26 @@ class PeerLink(Actor[Any, Any]):
                 if handle is None:
                     continue
                 answer = event.answer
-                if type(answer) is AckFrame:
+                if type(answer) is Err:
+                    handle._settle(
+                        None,
+                        PeerError(
+                            peer=handle.peer, seq=handle.seq, code=answer.code, detail=answer.detail
+                        ),
+                    )
+                else:
                     handle._settle(
                         Ack(
                             peer=handle.peer,
                             seq=handle.seq,
                             stream=handle.stream,
                             stream_seq=handle.stream_seq,
-                            result=answer.result,
+                            # An AckRange is an ACK without a result.
+                            result=answer.result if type(answer) is AckFrame else None,
                             rtt=now - handle.sent_at,
                             attempts=handle.attempts,
                         ),
                         None,
-                    )
-                else:
-                    assert type(answer) is Err
-                    handle._settle(
-                        None,
-                        PeerError(
-                            peer=handle.peer, seq=handle.seq, code=answer.code, detail=answer.detail
-                        ),
                     )
             elif type(event) is GaveUp:
                 handle = handles.pop(event.seq, None)

@@ -21,7 +21,18 @@ import math
 import random
 from dataclasses import dataclass, field
 
-from transport import Ack, Batch, Data, Err, Frame, Incarnation, LinkSeq, NodeId, StreamId
+from transport import (
+    Ack,
+    AckRange,
+    Batch,
+    Data,
+    Err,
+    Frame,
+    Incarnation,
+    LinkSeq,
+    NodeId,
+    StreamId,
+)
 from transport._proto_link import (
     Answered,
     Deliver,
@@ -38,11 +49,16 @@ B = NodeId("b")
 STREAMS = (StreamId("halo"), StreamId("ctl"))
 
 
-def decision(payload: int) -> tuple[str, int]:
-    """What the compute layer answers to ``payload``: ("ack", result) or ("err", code)."""
+def decision(payload: int) -> tuple[str, int | None]:
+    """What the compute layer answers to ``payload``: ("ack", result) or ("err", code).
+
+    Most ACKs carry no result, so the receiver sends runs of them as ACK_RANGE.
+    """
     if payload % 7 == 3:
         return "err", 100 + payload % 5
-    return "ack", payload * 2
+    if payload % 4 == 1:
+        return "ack", payload * 2
+    return "ack", None
 
 
 @dataclass
@@ -52,7 +68,9 @@ class SimResult:
     now: float = 0.0
     sent: int = 0
     #: (sender generation, seq) -> the outcome ("ack", result) / ("err", code) / ("gave_up", 0).
-    outcomes: dict[tuple[int, int], tuple[str, int]] = field(default_factory=dict)
+    outcomes: dict[tuple[int, int], tuple[str, int | None]] = field(default_factory=dict)
+    #: Outcomes that arrived in an ACK_RANGE.
+    ack_ranges: int = 0
     #: Messages that were in flight when their sender process died.
     died: int = 0
     #: (receiver generation, sender incarnation, seq) of every Deliver.
@@ -179,6 +197,8 @@ class SimNet:
         self._transmit("ab", frames)
         for event in self.sender.take_events():
             if isinstance(event, Answered):
+                if isinstance(event.answer, AckRange):
+                    self.result.ack_ranges += 1
                 self._outcome(event.seq, _answer_outcome(event.answer))
             elif isinstance(event, GaveUp):
                 _, deadline = self.sends[(self.sender_gen, event.seq)]
@@ -186,7 +206,7 @@ class SimNet:
                 self._given_up.add(event.seq)
                 self._outcome(event.seq, ("gave_up", 0))
 
-    def _outcome(self, seq: LinkSeq, outcome: tuple[str, int]) -> None:
+    def _outcome(self, seq: LinkSeq, outcome: tuple[str, int | None]) -> None:
         key = (self.sender_gen, seq)
         assert key in self.sends, f"outcome for unknown seq {seq}"
         assert key not in self.result.outcomes, f"second outcome for seq {seq}"
@@ -221,6 +241,7 @@ class SimNet:
         if kind == "ack":
             self.receiver.complete(event.peer, event.peer_incarnation, event.seq, result=value)
         else:
+            assert value is not None
             self.receiver.fail(event.peer, event.peer_incarnation, event.seq, value, "odd")
 
     def _restart_receiver(self) -> None:
@@ -291,7 +312,10 @@ class SimNet:
         raise AssertionError(f"not finished in {max_steps} steps")
 
 
-def _answer_outcome(answer: Ack | Err) -> tuple[str, int]:
+def _answer_outcome(answer: Ack | AckRange | Err) -> tuple[str, int | None]:
     if isinstance(answer, Ack):
         return "ack", answer.result
+    if isinstance(answer, AckRange):
+        assert answer.first <= answer.last
+        return "ack", None
     return "err", answer.code

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from transport import (
     Ack,
+    AckRange,
     Batch,
     Data,
     Err,
@@ -45,7 +46,19 @@ from transport import (
     StreamSeq,
     StreamStatus,
 )
-from transport._codec import OOB_THRESHOLD, OUT_OF_BAND_TAG, Limits, decode, encode
+from transport._codec import (
+    OOB_THRESHOLD,
+    OUT_OF_BAND_TAG,
+    Limits,
+    _decode_by_schema,
+    _decode_data,
+    _Decoding,
+    _encode_by_schema,
+    _encode_data,
+    _Encoding,
+    decode,
+    encode,
+)
 
 U63 = 2**63 - 1
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -89,6 +102,17 @@ hellos = st.builds(Hello, ids, u63, u63, st.booleans())
 datas = st.builds(Data, ids, u63, u63, ids, u63, u63, st.none() | u63, payloads, u63)
 receiveds = st.builds(Received, ids, u63, u63, u63, u63)
 acks = st.builds(Ack, ids, u63, u63, u63, u63, payloads)
+ack_ranges = st.builds(
+    lambda node, inc, peer_inc, a, b, credit: AckRange(
+        node, inc, peer_inc, min(a, b), max(a, b), credit
+    ),
+    ids,
+    u63,
+    u63,
+    u63,
+    u63,
+    u63,
+)
 err_codes = st.sampled_from(list(ErrCode)) | st.integers(100, U63)
 errs = st.builds(Err, ids, u63, u63, u63, u63, err_codes, st.text(max_size=40))
 retries = st.builds(RetryLater, ids, u63, u63, u63, u63, st.sampled_from(list(RetryReason)))
@@ -105,7 +129,9 @@ req_answers = st.one_of(
     st.builds(ReqAnswer, ids, u63, u63, st.none(), st.just(()), stream_statuses),
     st.builds(ReqAnswer, ids, u63, u63, ids, missing_items, stream_statuses),
 )
-single_frames = st.one_of(hellos, datas, receiveds, acks, errs, retries, reqs, req_answers)
+single_frames = st.one_of(
+    hellos, datas, receiveds, acks, ack_ranges, errs, retries, reqs, req_answers
+)
 batches = st.lists(single_frames, min_size=1, max_size=6).map(lambda fs: Batch(tuple(fs)))
 frames = st.one_of(single_frames, batches)
 
@@ -239,6 +265,24 @@ def test_enums_come_back_as_enums() -> None:
     )
     assert isinstance(retry, RetryLater)
     assert retry.reason is RetryReason.BUFFER_FULL
+
+
+def test_ack_range_is_one_compact_array() -> None:
+    run = AckRange(
+        NodeId("n1"), Incarnation(7), Incarnation(8), LinkSeq(3), LinkSeq(130), LinkSeq(300)
+    )
+    assert cbor2.loads(encode(run)[0]) == [10, "n1", 7, 8, 3, 130, 300]
+    assert decode(encode(run)) == run
+    single = AckRange(
+        NodeId("n1"), Incarnation(7), Incarnation(8), LinkSeq(3), LinkSeq(3), LinkSeq(300)
+    )
+    assert decode(encode(single)) == single
+    with pytest.raises(LocalProtocolError, match="first"):
+        encode(
+            AckRange(
+                NodeId("n1"), Incarnation(7), Incarnation(8), LinkSeq(4), LinkSeq(3), LinkSeq(9)
+            )
+        )
 
 
 def test_header_is_a_compact_array() -> None:
@@ -592,7 +636,7 @@ def test_bad_limits_are_refused(changes: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize(
     "header",
-    [[0, "n"], [10], [-1], [2**64 - 1], ["DATA"], [True, "n", 1, 2, False], [2.0, *raw_data()[1:]]],
+    [[0, "n"], [11], [-1], [2**64 - 1], ["DATA"], [True, "n", 1, 2, False], [2.0, *raw_data()[1:]]],
     ids=repr,
 )
 def test_unknown_kind(header: list[Any]) -> None:
@@ -664,6 +708,9 @@ def test_ids_must_be_non_empty_text(bad: Any) -> None:
         [8, "n", 1, 2, "s", [], "streams"],
         [1, "n", 1, 2, None],
         [4, "n", 1, 2, 3, 4],
+        [10, "n", 1, 2, 5, 4, 9],
+        [10, "n", 1, 2, 3, 4],
+        [10, "n", 1, 2, 3, -4, 9],
         "not an array",
         [],
         {"kind": 2},
@@ -769,3 +816,105 @@ def test_encoder_refuses_what_cbor_data_cannot_hold(payload: Any, match: str) ->
 def test_encoder_refuses_invalid_frames(frame: Any) -> None:
     with pytest.raises(LocalProtocolError):
         encode(frame)
+
+
+#: DATA fields as the wire or a caller might give them: valid and invalid mixed.
+_any_field = st.one_of(
+    u63,
+    st.integers(-3, -1),
+    st.just(U63 + 1),
+    st.booleans(),
+    st.none(),
+    st.text(max_size=3),
+    st.text(min_size=60, max_size=70),
+    st.binary(max_size=4),
+    st.floats(allow_nan=False),
+)
+
+
+@st.composite
+def data_fields(draw: st.DrawFn) -> list[Any]:
+    """The nine DATA fields, valid, then up to two replaced or one added/removed."""
+    fields: list[Any] = [
+        draw(ids),
+        draw(u63),
+        draw(u63),
+        draw(ids),
+        draw(u63),
+        draw(u63),
+        draw(st.none() | u63),
+        # Payloads as the decoder returns them (lists, not tuples).
+        draw(st.none() | st.integers(-5, 5) | st.text(max_size=3) | st.lists(u63, max_size=2)),
+        draw(u63),
+    ]
+    for _ in range(draw(st.integers(0, 2))):
+        fields[draw(st.integers(0, 8))] = draw(_any_field)
+    change = draw(st.sampled_from(["none", "none", "add", "remove"]))
+    if change == "add":
+        fields.append(draw(_any_field))
+    elif change == "remove":
+        fields.pop()
+    return fields
+
+
+@settings(max_examples=300, deadline=None)
+@given(data_fields())
+def test_data_fast_paths_agree_with_the_schema_walk(fields: list[Any]) -> None:
+    # The hot DATA paths must accept exactly what the table-driven walk
+    # accepts, and build the same thing; anything else goes to the walk.
+    limits = Limits(max_id_bytes=64)
+    raw = [2, *fields]
+    try:
+        fast = _decode_data(list(raw), _Decoding([b""], limits))
+    except RemoteProtocolError:
+        # A bad payload: the walk refuses it too (it checks the same way).
+        with pytest.raises(RemoteProtocolError):
+            _decode_by_schema(list(raw), _Decoding([b""], limits))
+        return
+    try:
+        walked: Any = _decode_by_schema(list(raw), _Decoding([b""], limits))
+    except RemoteProtocolError:
+        walked = None
+    # The fast path may pass a frame on to the walk (None), never disagree.
+    if fast is not None:
+        assert fast == walked
+    if walked is None:
+        assert fast is None
+    if len(fields) != 9:
+        return
+    frame = Data(*fields)
+    encoded = _encode_data(frame, _Encoding(limits, OOB_THRESHOLD))
+    try:
+        walked = _encode_by_schema(frame, _Encoding(limits, OOB_THRESHOLD))
+    except LocalProtocolError:
+        walked = None
+    if encoded is not None:
+        assert encoded == walked
+    if walked is None:
+        assert encoded is None
+
+
+def test_data_fast_paths_refuse_each_bad_field_as_the_walk_does() -> None:
+    limits = Limits(max_id_bytes=64)
+    good: list[Any] = ["node", 5, 6, "stream", 7, 8, None, b"p", 9]
+    bad_values: list[Any] = [-1, U63 + 1, True, None, 1.5, "", "x" * 65, b"b", [1]]
+    for position in range(9):
+        for bad in bad_values:
+            fields = list(good)
+            fields[position] = bad
+            raw = [2, *fields]
+            try:
+                walked: Any = _decode_by_schema(list(raw), _Decoding([b""], limits))
+            except RemoteProtocolError:
+                walked = None
+            fast = _decode_data(list(raw), _Decoding([b""], limits))
+            assert fast == walked or fast is None, (position, bad)
+            assert walked is not None or fast is None, (position, bad)
+            frame = Data(*fields)
+            try:
+                encoded: Any = _encode_by_schema(frame, _Encoding(limits, OOB_THRESHOLD))
+            except LocalProtocolError:
+                encoded = None
+            fast_encoded = _encode_data(frame, _Encoding(limits, OOB_THRESHOLD))
+            assert fast_encoded == encoded or fast_encoded is None, (position, bad)
+            assert encoded is not None or fast_encoded is None, (position, bad)

@@ -7,6 +7,7 @@ peer's sequencer, exactly as ``Receiver._route`` does.
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import trio
@@ -64,8 +65,12 @@ class Harness:
         self.config = SequencerConfig(gap_timeout=0.5, policy=policy)
         self.link_seq = {P: 0, Q: 0}
 
-    async def start(self) -> None:
-        compute = await spawn(self.nursery, lambda: Log(self.seen))
+    async def start(self, compute_factory: Any = None, compute_mailbox: int = 64) -> None:
+        compute = await spawn(
+            self.nursery,
+            compute_factory or (lambda: Log(self.seen)),
+            mailbox_size=compute_mailbox,
+        )
         for peer in (P, Q):
             self.inbound.sequencers[peer] = await spawn(
                 self.nursery,
@@ -219,3 +224,103 @@ async def test_fail_policy_tells_the_compute_actor_and_fails_the_sequencer(
     # The messages held behind the loss were answered, not dropped.
     errs = [f for _, f in h.inbound.core.frames_to_send(trio.current_time()) if isinstance(f, Err)]
     assert [e.code for e in errs] == [ErrCode.GAP_FAILED, ErrCode.GAP_FAILED]
+
+
+class SlowLog(Log):
+    """Logs like :class:`Log`, after a seeded random compute time (virtual)."""
+
+    def __init__(self, seen: list[Any], rng: random.Random) -> None:
+        super().__init__(seen)
+        self.rng = rng
+
+    async def receive(self, msg: Any) -> None:
+        await trio.sleep(self.rng.choice([0.0, 0.0, 0.0005, 0.002]))
+        await super().receive(msg)
+
+
+async def test_in_order_messages_skip_the_sequencer_actor(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    seen: list[Any] = []
+    async with trio.open_nursery() as nursery:
+        h = Harness(nursery, seen, GapPolicy.WAIT)
+        await h.start()
+        for k in range(1, 6):
+            h.data(P, "halo", k)
+            await trio.sleep(0.01)
+        processed = h.inbound.sequencers[P].statistics().processed
+        stats = h.inbound.sequencer_stats[P]()[StreamId("halo")]
+        nursery.cancel_scope.cancel()
+    assert [k for _, _, _, k in seen] == [1, 2, 3, 4, 5]
+    # The session's first message went through the sequencer's mailbox; the
+    # others, in order with nothing held, went straight to the compute actor.
+    assert processed == 1
+    assert stats.delivered == 5
+
+
+async def test_fast_path_keeps_order_while_the_sequencer_is_busy(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # A compute actor with a tiny mailbox and uneven compute times keeps the
+    # sequencer blocked mid-hand-over; arrivals out of order make it hold and
+    # release runs. In-order arrivals meanwhile must not overtake what the
+    # sequencer has released but not yet handed over.
+    rng = random.Random(7)
+    seen: list[Any] = []
+    per_stream = 100
+    async with trio.open_nursery() as nursery:
+        h = Harness(nursery, seen, GapPolicy.WAIT)
+        await h.start(lambda: SlowLog(seen, rng), compute_mailbox=2)
+        arrivals: list[tuple[str, int]] = []
+        for stream in ("x", "y"):
+            ks = list(range(1, per_stream + 1))
+            for i in range(len(ks) - 1):
+                if rng.random() < 0.3:
+                    ks[i], ks[i + 1] = ks[i + 1], ks[i]
+            arrivals.extend((stream, k) for k in ks)
+        # Interleave the two streams, keeping each one's own arrival order.
+        x = [a for a in arrivals if a[0] == "x"]
+        y = [a for a in arrivals if a[0] == "y"]
+        mixed: list[tuple[str, int]] = []
+        while x or y:
+            source = x if (x and (not y or rng.random() < 0.5)) else y
+            mixed.append(source.pop(0))
+        for stream, k in mixed:
+            h.data(P, stream, k)
+            await trio.sleep(rng.choice([0.0, 0.001, 0.002]))
+        await trio.sleep(5.0)
+        refused = [
+            f
+            for _, f in h.inbound.core.frames_to_send(trio.current_time())
+            if isinstance(f, RetryLater)
+        ]
+        nursery.cancel_scope.cancel()
+    assert refused == []
+    for stream in ("x", "y"):
+        got = [k for _, _, s, k in seen if s == stream]
+        assert got == list(range(1, per_stream + 1))
+
+
+async def test_fast_path_waits_for_a_sequencer_still_handing_over(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # The sequencer releases 1..5 at once into a compute mailbox of one: it
+    # blocks in the hand-over, and once the compute actor drains the mailbox
+    # it is runnable but may not have run yet when 6 arrives. 6 is then "in
+    # order" for the stream's state, yet 4 and 5 are not handed over. Each
+    # round lets the scheduler run a different number of steps before 6.
+    for steps in [s for s in range(12) for _ in range(4)]:
+        seen: list[Any] = []
+        async with trio.open_nursery() as nursery:
+            h = Harness(nursery, seen, GapPolicy.WAIT)
+            await h.start(compute_mailbox=1)
+            for k in (2, 3, 4, 5):
+                h.data(P, "halo", k)
+            await trio.sleep(0.01)
+            h.data(P, "halo", 1)
+            for _ in range(steps):
+                await trio.lowlevel.checkpoint()
+            h.data(P, "halo", 6)
+            await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        assert [k for _, _, _, k in seen] == [1, 2, 3, 4, 5, 6], f"after {steps} steps"

@@ -221,3 +221,16 @@ def test_long_run_memory_stays_bounded() -> None:
     assert session.delivered == 20_000
     assert session.cached_answers + session.held <= 2 * window
     assert math.isfinite(result.now)
+
+
+def test_runs_of_plain_acks_travel_as_ack_ranges() -> None:
+    # Compute takes no time: what arrives together is answered together.
+    sim = SimNet(11, count=150, drop=0.1, dup=0.1, compute=(0.0, 0.0))
+    result = sim.run()
+    assert len(result.outcomes) == 150
+    for (_, seq), outcome in result.outcomes.items():
+        payload, _ = sim.sends[(0, seq)]
+        assert outcome == decision(payload)
+    # Most plain ACKs arrived inside a range, each counted once per message.
+    plain = sum(1 for outcome in result.outcomes.values() if outcome == ("ack", None))
+    assert plain // 2 < result.ack_ranges <= plain

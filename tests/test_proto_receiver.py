@@ -7,6 +7,7 @@ import pytest
 from transport import (
     APP_ERR_MIN,
     Ack,
+    AckRange,
     Batch,
     Data,
     Err,
@@ -125,6 +126,29 @@ def test_duplicate_gets_received_then_the_same_final_answer() -> None:
     delivers = [e for e in r.take_events() if isinstance(e, Deliver)]
     assert len(delivers) == 1
     assert session(r).duplicates == 3
+
+
+def test_plain_acks_due_together_go_as_ranges_of_consecutive_numbers() -> None:
+    r = make(window=16, max_entries=32)
+    for seq in range(1, 10):
+        r.receive_frame(A, data(seq), 0.0)
+    flush(r)
+    # Completed out of order; 5 returns a result and 8 fails: both break runs.
+    for seq in (3, 1, 2, 4, 7, 6, 9):
+        r.complete(A, INC_A, LinkSeq(seq))
+    r.complete(A, INC_A, LinkSeq(5), result="r5")
+    r.fail(A, INC_A, LinkSeq(8), APP_ERR_MIN, "no")
+    credit = LinkSeq(1 + 9 + 16 - 1)
+    assert flush(r) == [
+        AckRange(B, INC_B, INC_A, LinkSeq(1), LinkSeq(4), credit),
+        AckRange(B, INC_B, INC_A, LinkSeq(6), LinkSeq(7), credit),
+        Ack(B, INC_B, INC_A, LinkSeq(9), credit, None),
+        Ack(B, INC_B, INC_A, LinkSeq(5), credit, "r5"),
+        Err(B, INC_B, INC_A, LinkSeq(8), credit, APP_ERR_MIN, "no"),
+    ]
+    # A duplicate of a message inside a range gets its own answer again.
+    r.receive_frame(A, data(2), 0.1)
+    assert flush(r, 0.1) == [Ack(B, INC_B, INC_A, LinkSeq(2), credit, None)]
 
 
 def test_watermark_prunes_cached_answers_and_drops_old_copies() -> None:

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from transport import (
     Ack,
+    AckRange,
     Batch,
     Data,
     Err,
@@ -80,6 +81,10 @@ def ack(seq: int, credit: int = 1000, inc: Incarnation = INC_B, result: object =
     return Ack(B, inc, INC_A, LinkSeq(seq), LinkSeq(credit), result)
 
 
+def ack_range(first: int, last: int, credit: int = 1000, inc: Incarnation = INC_B) -> AckRange:
+    return AckRange(B, inc, INC_A, LinkSeq(first), LinkSeq(last), LinkSeq(credit))
+
+
 def err(seq: int, code: int = 100, credit: int = 1000) -> Err:
     return Err(B, INC_B, INC_A, LinkSeq(seq), LinkSeq(credit), code, "no")
 
@@ -123,6 +128,40 @@ def test_watermark_and_stream_floor_follow_lowest_unfinished() -> None:
     s.receive_frame(ack(4), 1.1)
     assert s.watermark == 5
     assert s.statistics().in_flight == 0
+
+
+def test_ack_range_is_an_ack_without_result_for_each_number_in_it() -> None:
+    s = make()
+    for i in range(6):
+        s.send(HALO, i, now=0.0)
+    s.frames_to_send(0.0)
+    s.receive_frame(ack_range(2, 4, credit=300), 0.01)
+    events = [e for e in s.take_events() if isinstance(e, Answered)]
+    assert [e.seq for e in events] == [2, 3, 4]
+    assert all(e.answer == ack_range(2, 4, credit=300) for e in events)
+    stats = s.statistics()
+    assert (stats.acked, stats.in_flight, stats.watermark, stats.credit) == (3, 3, 1, 300)
+    assert stats.rtt == 0.01
+    # Overlapping an answered number and one never sent: those are duplicates.
+    s.receive_frame(ack_range(1, 7), 0.02)
+    assert [e.seq for e in s.take_events() if isinstance(e, Answered)] == [1, 5, 6]
+    stats = s.statistics()
+    assert (stats.acked, stats.in_flight, stats.watermark) == (6, 0, 7)
+    assert stats.duplicate_answers == 4
+
+
+def test_ack_range_from_the_network_costs_at_most_the_window() -> None:
+    s = make()
+    s.send(HALO, "x", now=0.0)
+    s.frames_to_send(0.0)
+    s.receive_frame(ack_range(0, 2**63 - 1), 0.01)
+    assert [e.seq for e in s.take_events() if isinstance(e, Answered)] == [1]
+    # A range from an older incarnation of the peer proves nothing.
+    s.send(HALO, "y", now=0.02)
+    s.frames_to_send(0.02)
+    s.receive_frame(ack_range(2, 2, inc=Incarnation(49)), 0.03)
+    assert s.take_events() == []
+    assert s.statistics().stale_answers == 1
 
 
 def test_ack_and_err_are_final_answers_reported_once() -> None:

@@ -10,6 +10,7 @@ from ._faults import FaultInjector, FaultPlan, FaultStatistics
 from ._frames import (
     APP_ERR_MIN,
     Ack,
+    AckRange,
     Answer,
     Batch,
     Data,
@@ -103,6 +104,7 @@ __all__ = [
     "DEALER_OPTIONS",
     "ROUTER_OPTIONS",
     "Ack",
+    "AckRange",
     "Answer",
     "Answered",
     "AskMissing",

@@ -12,7 +12,8 @@ A frame is a CBOR array whose first element is its :class:`FrameKind` and
 whose other elements are the dataclass fields, in declaration order. Arrays,
 not maps: no key strings on the wire, and a fixed shape to check. In CDDL::
 
-    frame       = hello / data / received / ack / err / retry-later / req / req-answer
+    frame       = hello / data / received / ack / ack-range / err / retry-later / req
+                  / req-answer
     message     = frame / batch
     batch       = [9, [1*4096 frame]]          ; never nests, never empty
     hello       = [1, node, incarnation, nonce: u63, reply: bool]
@@ -21,6 +22,8 @@ not maps: no key strings on the wire, and a fixed shape to check. In CDDL::
     received    = [3, node, incarnation, peer_incarnation: u63, seq: u63, credit: u63]
     ack         = [4, node, incarnation, peer_incarnation: u63, seq: u63, credit: u63,
                    result: payload]
+    ack-range   = [10, node, incarnation, peer_incarnation: u63, first: u63, last: u63,
+                   credit: u63]                ; first <= last: ACK, no result, each seq
     err         = [5, node, incarnation, peer_incarnation: u63, seq: u63, credit: u63,
                    code: 1..6 / 100..u63max, detail: tstr]
     retry-later = [6, node, incarnation, peer_incarnation: u63, seq: u63, credit: u63,
@@ -38,7 +41,8 @@ not maps: no key strings on the wire, and a fixed shape to check. In CDDL::
     oob         = #6.52753(uint)               ; index of a ZeroMQ part, from 1
 
 Enums travel as their integer values; a REQ or REQ_ANSWER whose ``missing``
-list is not empty must name its ``stream``.
+list is not empty must name its ``stream``; an ACK_RANGE's ``first`` is at
+most its ``last``.
 
 Payloads
 --------
@@ -100,6 +104,7 @@ from ._errors import LocalProtocolError, RemoteProtocolError
 from ._frames import (
     APP_ERR_MIN,
     Ack,
+    AckRange,
     Batch,
     Data,
     Err,
@@ -721,6 +726,16 @@ _SCHEMAS: Final = (
     _schema(FrameKind.RECEIVED, Received, *_ANSWER_HEAD),
     _schema(FrameKind.ACK, Ack, *_ANSWER_HEAD, ("result", _PAYLOAD_FIELD)),
     _schema(
+        FrameKind.ACK_RANGE,
+        AckRange,
+        ("node", _ID_FIELD),
+        ("incarnation", _U63_FIELD),
+        ("peer_incarnation", _U63_FIELD),
+        ("first", _U63_FIELD),
+        ("last", _U63_FIELD),
+        ("credit", _U63_FIELD),
+    ),
+    _schema(
         FrameKind.ERR,
         Err,
         *_ANSWER_HEAD,
@@ -760,10 +775,60 @@ _BY_CLASS: Final[dict[type[Any], _Schema]] = {s.cls: s for s in _SCHEMAS}
 _ASKS_STREAM: Final = frozenset({FrameKind.REQ.value, FrameKind.REQ_ANSWER.value})
 _STREAM_AT: Final = 4
 _MISSING_AT: Final = 5
+#: ACK_RANGE: wire positions of ``first`` and ``last``.
+_ACK_RANGE: Final = FrameKind.ACK_RANGE.value
+_FIRST_AT: Final = 4
+_LAST_AT: Final = 5
 _U63_PROBLEM: Final = "must be an int in 0..2**63-1"
 
 
+_DATA: Final = FrameKind.DATA.value
+
+
+def _decode_data(item: list[Any], st: _Decoding) -> Data | None:
+    """DATA, the frame of every message, checked without the schema walk.
+
+    Returns None for anything unusual (a wrong field, a frame number, a
+    container payload is fine): the schema walk then decides, and names the
+    field in its error. The accepted set is exactly the walk's.
+    """
+    if len(item) != 10:
+        return None
+    _, node, inc, seq, stream, stream_seq, floor, frame_no, payload, watermark = item
+    quick = st.id_quick
+    if not (
+        type(node) is str
+        and 0 < len(node) <= quick
+        and type(stream) is str
+        and 0 < len(stream) <= quick
+        and type(inc) is int
+        and type(seq) is int
+        and type(stream_seq) is int
+        and type(floor) is int
+        and type(watermark) is int
+        and 0 <= inc <= _U63
+        and 0 <= seq <= _U63
+        and 0 <= stream_seq <= _U63
+        and 0 <= floor <= _U63
+        and 0 <= watermark <= _U63
+        and (frame_no is None or (type(frame_no) is int and 0 <= frame_no <= _U63))
+    ):
+        return None
+    if type(payload) not in _LEAF_TYPES:
+        # The decoded list is ours: the checked payload replaces the raw one.
+        item[8] = st.payload(payload, 0)
+    return Data(*item[1:])
+
+
 def _decode_frame(item: Any, st: _Decoding) -> Frame:
+    if type(item) is list and item and item[0] == _DATA and type(item[0]) is int:
+        data = _decode_data(item, st)
+        if data is not None:
+            return data
+    return _decode_by_schema(item, st)
+
+
+def _decode_by_schema(item: Any, st: _Decoding) -> Frame:
     if type(item) is not list or not item:
         raise _bad_field(f"a frame must be a non-empty array, got {type(item).__name__}")
     kind = item[0]
@@ -798,10 +863,58 @@ def _decode_frame(item: Any, st: _Decoding) -> Frame:
             raise _remote(schema.named(i, str(exc)), exc.reason) from None
     if kind in _ASKS_STREAM and item[_STREAM_AT] is None and item[_MISSING_AT]:
         raise _bad_field(f"{schema.kind.name} lists missing messages but names no stream")
+    if kind == _ACK_RANGE and item[_FIRST_AT] > item[_LAST_AT]:
+        raise _bad_field("ACK_RANGE.first is above ACK_RANGE.last")
     return schema.cls(*item[1:])  # type: ignore[no-any-return]
 
 
+def _encode_data(frame: Data, st: _Encoding) -> list[Any] | None:
+    """DATA without the schema walk; None when a field needs the walk's checks."""
+    node = frame.node
+    stream = frame.stream
+    inc = frame.incarnation
+    seq = frame.seq
+    stream_seq = frame.stream_seq
+    floor = frame.stream_floor
+    frame_no = frame.frame_no
+    watermark = frame.watermark
+    quick = st.id_quick
+    if not (
+        type(node) is str
+        and 0 < len(node) <= quick
+        and type(stream) is str
+        and 0 < len(stream) <= quick
+        and type(inc) is int
+        and type(seq) is int
+        and type(stream_seq) is int
+        and type(floor) is int
+        and type(watermark) is int
+        and 0 <= inc <= _U63
+        and 0 <= seq <= _U63
+        and 0 <= stream_seq <= _U63
+        and 0 <= floor <= _U63
+        and 0 <= watermark <= _U63
+        and (frame_no is None or (type(frame_no) is int and 0 <= frame_no <= _U63))
+    ):
+        return None
+    payload = frame.payload
+    if type(payload) is bytes:
+        if len(payload) >= st.threshold:
+            payload = st.out_of_band(payload, len(payload))
+    else:
+        payload = st.payload(payload, 0)
+    return [_DATA, node, inc, seq, stream, stream_seq, floor, frame_no, payload, watermark]
+
+
 def _encode_frame(frame: Frame, st: _Encoding) -> list[Any]:
+    if type(frame) is Data:
+        fast = _encode_data(frame, st)
+        if fast is not None:
+            return fast
+    return _encode_by_schema(frame, st)
+
+
+def _encode_by_schema(frame: Frame, st: _Encoding) -> list[Any]:
     schema = _BY_CLASS.get(type(frame))
     if schema is None:
         if type(frame) is Batch:
@@ -827,6 +940,8 @@ def _encode_frame(frame: Frame, st: _Encoding) -> list[Any]:
             raise LocalProtocolError(schema.named_local(i, str(exc))) from None
     if schema.kind.value in _ASKS_STREAM and out[_STREAM_AT] is None and out[_MISSING_AT]:
         raise LocalProtocolError(f"{schema.cls.__name__} lists missing messages: name its stream")
+    if schema.kind.value == _ACK_RANGE and out[_FIRST_AT] > out[_LAST_AT]:
+        raise LocalProtocolError("AckRange.first must not be above AckRange.last")
     return out
 
 

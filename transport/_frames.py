@@ -9,7 +9,7 @@ Conventions that hold for every frame:
 
 * ``node`` and ``incarnation`` name the node that *sent this frame* and the
   process start it comes from.
-* Answers to DATA (RECEIVED, ACK, ERR, RETRY_LATER) come from the receiving
+* Answers to DATA (RECEIVED, ACK, ACK_RANGE, ERR, RETRY_LATER) come from the receiving
   node and also carry ``peer_incarnation``: the incarnation of the sender
   whose DATA they answer, so a restarted sender never takes an answer meant
   for its previous life. They carry ``credit`` too: the highest link sequence
@@ -41,6 +41,7 @@ class FrameKind(IntEnum):
     REQ = 7
     REQ_ANSWER = 8
     BATCH = 9
+    ACK_RANGE = 10
 
 
 class ErrCode(IntEnum):
@@ -155,6 +156,24 @@ class Ack:
 
 
 @dataclass(frozen=True, slots=True)
+class AckRange:
+    """Final answer ACK, without a result, for every link sequence number ``first..last``.
+
+    The common answer of a busy link (every message processed, nothing to
+    return) in one frame instead of one :class:`Ack` per message: the same
+    meaning, sequence number by sequence number, as ``Ack(..., seq, credit,
+    None)`` for each one. ``first <= last``.
+    """
+
+    node: NodeId
+    incarnation: Incarnation
+    peer_incarnation: Incarnation
+    first: LinkSeq
+    last: LinkSeq
+    credit: LinkSeq
+
+
+@dataclass(frozen=True, slots=True)
 class Err:
     """Final answer: received, but it could not be processed."""
 
@@ -233,7 +252,9 @@ class Batch:
 
 
 #: Anything that can stand alone in a ZeroMQ message.
-Frame: TypeAlias = Hello | Data | Received | Ack | Err | RetryLater | Req | ReqAnswer | Batch
+Frame: TypeAlias = (
+    Hello | Data | Received | Ack | AckRange | Err | RetryLater | Req | ReqAnswer | Batch
+)
 
 #: The answers a receiver gives to DATA.
-Answer: TypeAlias = Received | Ack | Err | RetryLater
+Answer: TypeAlias = Received | Ack | AckRange | Err | RetryLater

@@ -20,7 +20,7 @@ from enum import Enum
 from typing import TypeAlias
 
 from ._errors import LocalProtocolError
-from ._frames import Ack, Err, Payload, ReqAnswer
+from ._frames import Ack, AckRange, Err, Payload, ReqAnswer
 from ._ids import Incarnation, LinkSeq, NodeId, StreamId, StreamSeq
 
 #: A source of uniform floats in ``[0, 1)``, e.g. ``random.Random(seed).random``.
@@ -173,10 +173,14 @@ class PeerState(Enum):
 
 @dataclass(frozen=True, slots=True)
 class Answered:
-    """The receiver's final answer to ``seq``: ACK or ERR. The send is over."""
+    """The receiver's final answer to ``seq``: ACK or ERR. The send is over.
+
+    ``answer`` is the frame that carried it: an :class:`AckRange` (shared by
+    every number it covers) is an ACK with ``result`` None.
+    """
 
     seq: LinkSeq
-    answer: Ack | Err
+    answer: Ack | AckRange | Err
 
 
 @dataclass(frozen=True, slots=True)

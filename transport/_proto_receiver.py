@@ -14,6 +14,8 @@ Rules that live here (design.md §3, §3.1):
   queued at once so a slow compute step causes no retransmission, but if the
   final answer is known by flush time only the final answer goes. A duplicate
   gets the cached final answer again (or RECEIVED while still processing).
+  ACKs without a result that are due at the same flush go as one ACK_RANGE
+  per run of consecutive numbers.
 * Cached answers are dropped as soon as the sender's watermark passes them,
   and copies below the watermark are dropped unanswered: the table stays at
   ``max_entries`` per session at most.
@@ -36,6 +38,7 @@ from ._errors import LocalProtocolError
 from ._frames import (
     APP_ERR_MIN,
     Ack,
+    AckRange,
     Batch,
     Data,
     Err,
@@ -569,6 +572,10 @@ class LinkReceiver:
         incarnation = self._incarnation
         window = self._window
         sessions = self._sessions
+        # ACKs without a result, by session: sent as runs (ACK_RANGE), the
+        # answer of nearly every message on a busy link.
+        plain: dict[NodeId, list[int]] = {}
+        others: list[tuple[NodeId, Frame]] = []
         for peer, peer_incarnation, seq in self._answers:
             session = sessions.get(peer)
             if session is None or session.incarnation != peer_incarnation:
@@ -576,11 +583,19 @@ class LinkReceiver:
             entry = session.entries.get(seq)
             if entry is None:
                 continue
-            credit = LinkSeq(session.floor + window - 1)
             frame: Frame
             if entry.state == _ACKED:
+                if entry.result is None:
+                    seqs = plain.get(peer)
+                    if seqs is None:
+                        plain[peer] = [seq]
+                    else:
+                        seqs.append(seq)
+                    continue
+                credit = LinkSeq(session.floor + window - 1)
                 frame = Ack(node, incarnation, peer_incarnation, LinkSeq(seq), credit, entry.result)
             elif entry.state == _ERRED:
+                credit = LinkSeq(session.floor + window - 1)
                 frame = Err(
                     node,
                     incarnation,
@@ -591,10 +606,49 @@ class LinkReceiver:
                     entry.detail,
                 )
             else:
+                credit = LinkSeq(session.floor + window - 1)
                 frame = Received(node, incarnation, peer_incarnation, LinkSeq(seq), credit)
-            out.append((peer, frame))
+            others.append((peer, frame))
         self._answers.clear()
+        for peer, seqs in plain.items():
+            session = sessions[peer]
+            self._ack_runs(out, peer, session.incarnation, seqs, session.floor + window - 1)
+        out.extend(others)
         return out
+
+    def _ack_runs(
+        self,
+        out: list[tuple[NodeId, Frame]],
+        peer: NodeId,
+        peer_incarnation: Incarnation,
+        seqs: list[int],
+        credit: int,
+    ) -> None:
+        """Append one ACK_RANGE per run of consecutive numbers (a lone one: ACK)."""
+        # Completions come in any order (concurrent compute): sorted, they
+        # form the fewest runs. Each number appears once (``_answers`` is a set).
+        seqs.sort()
+        first = last = seqs[0]
+        for seq in seqs[1:]:
+            if seq != last + 1:
+                out.append((peer, self._ack_run(peer_incarnation, first, last, credit)))
+                first = seq
+            last = seq
+        out.append((peer, self._ack_run(peer_incarnation, first, last, credit)))
+
+    def _ack_run(self, peer_incarnation: Incarnation, first: int, last: int, credit: int) -> Frame:
+        if first == last:
+            return Ack(
+                self._node, self._incarnation, peer_incarnation, LinkSeq(first), LinkSeq(credit)
+            )
+        return AckRange(
+            self._node,
+            self._incarnation,
+            peer_incarnation,
+            LinkSeq(first),
+            LinkSeq(last),
+            LinkSeq(credit),
+        )
 
     def take_events(self) -> list[ReceiverEvent]:
         """Hand over the events produced since the last call, oldest first.

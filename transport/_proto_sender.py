@@ -37,6 +37,7 @@ from collections import deque
 from ._errors import LocalProtocolError
 from ._frames import (
     Ack,
+    AckRange,
     Batch,
     Data,
     Err,
@@ -470,7 +471,9 @@ class LinkSender:
         if frame.node != self._peer:
             self._reject("wrong-peer")
             return
-        if isinstance(frame, Received | Ack | Err | RetryLater):
+        if isinstance(frame, AckRange):
+            self._on_ack_range(frame, now)
+        elif isinstance(frame, Received | Ack | Err | RetryLater):
             self._on_answer(frame, now)
         elif isinstance(frame, Hello):
             self._on_hello(frame, now)
@@ -557,6 +560,36 @@ class LinkSender:
         else:
             # Not held: the retry timer armed at transmission already backs off.
             self._retry_later += 1
+
+    def _on_ack_range(self, answer: AckRange, now: float) -> None:
+        if answer.peer_incarnation != self._incarnation or not self._accept_incarnation(
+            answer.incarnation, now
+        ):
+            self._stale_answers += 1
+            return
+        if answer.credit > self._credit:
+            self._credit = answer.credit
+        msgs = self._msgs
+        events = self._events
+        # Only numbers that can still be waiting (watermark .. last sent): a
+        # range from the network costs at most max_in_flight steps, however wide.
+        first = max(answer.first, self._watermark)
+        last = min(answer.last, self._next_seq - 1)
+        finished = 0
+        sampled = False
+        for seq in range(first, last + 1):
+            msg = msgs.get(seq)
+            if msg is None or msg.due is None:
+                continue
+            if not sampled and not msg.sampled and not msg.retransmitted:
+                # One RTT sample per frame: its messages share one round trip.
+                sampled = True
+                self._rtt_sample(now - msg.sent_at)
+            self._finish(msg, now)
+            events.append(Answered(LinkSeq(seq), answer))
+            finished += 1
+        self._acked += finished
+        self._duplicate_answers += answer.last - answer.first + 1 - finished
 
     def _is_blocker(self, msg: _Msg) -> bool:
         """Whether ``msg`` is the oldest unfinished message and the window is shut."""
