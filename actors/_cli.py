@@ -51,6 +51,13 @@ def _job_options(parser: argparse.ArgumentParser, *, size: int, frames: int) -> 
         metavar="SECONDS",
         help="after its last frame a node keeps answering its peers this long",
     )
+    parser.add_argument(
+        "--depth",
+        type=int,
+        default=None,
+        metavar="FRAMES",
+        help="frames per halo exchange (halos that many frames deep; default: by tile size)",
+    )
 
 
 def _job(args: argparse.Namespace) -> object:
@@ -66,6 +73,7 @@ def _job(args: argparse.Namespace) -> object:
         dup=args.dup,
         delay_ms=args.delay,
         linger=args.linger,
+        depth=args.depth,
     )
 
 

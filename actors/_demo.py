@@ -6,10 +6,11 @@ progress live, gathers the final tiles, and checks the result against a
 serial numpy run of the same start. Every byte between processes — halos,
 progress, results — travels as a cellmesh ``send`` with an ACK.
 
-Each frame a tile node sends its edges and corners to its (up to eight)
-neighbours on the ordered stream ``"halo"`` with ``frame_no`` set, waits for
-theirs, fills its halo and steps. A neighbour is never more than one frame
-ahead (it needs our halo first), so the inbox holds at most two frames.
+Every ``depth`` frames a tile node sends its edges and corners, ``depth``
+frames deep, to its (up to eight) neighbours on the ordered stream ``"halo"``
+with ``frame_no`` set, waits for theirs, fills its halo and steps ``depth``
+frames on its own (:class:`DeepTile`). A neighbour is never more than one
+exchange ahead (it needs our halo first), so the inbox holds at most two.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import trio
 from transport import FaultPlan, Security, SenderConfig, generate_key_pair, write_key_pair
 
 from ._actor import Actor
-from ._grid import Decomposition, Direction, Tile, assemble, interior, pad
+from ._grid import Decomposition, Direction, GridError, Tile, assemble, interior, pad
 from ._link import SendHandle
 from ._models import Model, get_model, grid_digest, load_rle, place_center, run_serial
 from ._node import NodeConfig, open_node
@@ -46,6 +47,13 @@ COORDINATOR = "coord"
 
 #: Seconds between a tile node's progress reports.
 _REPORT_EVERY = 0.1
+
+#: The automatic halo depth: at most this many frames per exchange ...
+_MAX_AUTO_DEPTH = 16
+#: ... and one frame of depth per this many cells of the tile's narrower
+#: side, so the cells stepped twice (by a tile and its neighbour) stay a few
+#: per cent of the tile: 16 frames of a 512-cell-wide tile recompute ~3%.
+_CELLS_PER_DEPTH = 32
 
 #: glibc returns large freed blocks to the OS and takes them back every frame
 #: (the step allocates a tile-sized array); these keep them in the heap.
@@ -68,6 +76,8 @@ class Job:
     dup: float = 0.0
     delay_ms: float = 0.0
     linger: float = 10.0
+    #: Frames per halo exchange (None: :func:`auto_depth` picks it).
+    depth: int | None = None
 
     def fault_plan(self, salt: int) -> FaultPlan:
         """The seeded wire faults of one process."""
@@ -95,6 +105,8 @@ class Job:
         out += ["--delay", str(self.delay_ms), "--linger", str(self.linger)]
         if self.pattern is not None:
             out += ["--pattern", self.pattern]
+        if self.depth is not None:
+            out += ["--depth", str(self.depth)]
         return out
 
 
@@ -120,6 +132,110 @@ def tile_decomposition(topology: Topology, size: int) -> Decomposition:
 
 
 # --- the tile node ---------------------------------------------------------------------
+
+
+def auto_depth(decomp: Decomposition, model: Model) -> int:
+    """The halo depth a tile node uses when the job names none.
+
+    Deep enough that the messages of an exchange are spread over many
+    frames, shallow enough that the recomputed border stays small (see
+    ``_CELLS_PER_DEPTH``); 1 for tiles too small to gain from it.
+    """
+    side = min(decomp.min_tile_shape())
+    return max(1, min(_MAX_AUTO_DEPTH, side // _CELLS_PER_DEPTH) // model.halo)
+
+
+class DeepTile:
+    """One tile's cells with a halo ``depth`` frames deep: one exchange per ``depth`` frames.
+
+    Ghost-cell expansion (C. Ding and Y. He, "A ghost cell expansion method
+    for reducing communications in solving PDE problems", SC 2001): the halo
+    is ``depth * model.halo`` cells wide; after an exchange the tile steps
+    ``depth`` frames on its own, each frame over a region one ``model.halo``
+    smaller per side than the last, and the last frame's region is exactly
+    the tile. The border cells a tile computes are the ones its neighbours
+    compute too, from the same inputs by the same element-wise operations,
+    so the result equals the serial run's bit for bit. Sides at the grid's
+    edge keep the model's boundary value and are never stepped. Measured
+    (docs/performance.md, Grid): a confirmed halo costs a node more CPU than
+    a 1024² Life frame does, so one exchange per 16 frames instead of one
+    per frame is what makes the tiled run fast.
+
+    Call :meth:`fill` for every neighbour when :attr:`needs_halos` is true,
+    then :meth:`step`.
+    """
+
+    def __init__(
+        self, model: Model, decomp: Decomposition, tile: Tile, local: Grid, depth: int
+    ) -> None:
+        """Pad ``local`` (the tile's cells) for halos ``depth`` frames deep.
+
+        Raises:
+            GridError: ``depth`` < 1, or a tile narrower than the halo it needs.
+        """
+        if depth < 1:
+            raise GridError(f"halo depth must be >= 1 frame, got {depth}")
+        width = depth * model.halo
+        decomp.check_halo(width)
+        self.model = model
+        self.depth = depth
+        self.width = width
+        self.neighbours = decomp.neighbours(tile)
+        self._send = {d: decomp.halo_send_slices(tile, d, width) for d in self.neighbours}
+        self._recv = {d: decomp.halo_recv_slices(tile, d, width) for d in self.neighbours}
+        first = pad(np.array(local, dtype=model.dtype, order="C"), width, model.boundary)
+        # Two buffers, stepped from one into the other: a frame's region reads
+        # cells the frame before wrote, never its own output.
+        self._bufs = (first, first.copy())
+        self._current = 0
+        self._frame = 0
+        rows, cols = first.shape
+        h = model.halo
+        self._regions: list[tuple[slice, slice]] = []
+        for done in range(depth):
+            # The region frame `done` of an exchange reads: all the still
+            # valid halo on a side with a neighbour, the fixed boundary ring
+            # of width `h` on a side at the grid's edge.
+            grow = done * h
+            top = grow if Direction.N in self.neighbours else width - h
+            left = grow if Direction.W in self.neighbours else width - h
+            bottom = rows - grow if Direction.S in self.neighbours else rows - width + h
+            right = cols - grow if Direction.E in self.neighbours else cols - width + h
+            self._regions.append((slice(top, bottom), slice(left, right)))
+
+    @property
+    def needs_halos(self) -> bool:
+        """Whether the next :meth:`step` starts an exchange (fill every halo first)."""
+        return self._frame % self.depth == 0
+
+    def cells(self) -> Grid:
+        """The tile's current cells (a view: copy it to keep it)."""
+        return interior(self._bufs[self._current], self.width)
+
+    def edge(self, direction: Direction) -> Grid:
+        """The cells the neighbour towards ``direction`` needs, as a view."""
+        return self.cells()[self._send[direction]]
+
+    def fill(self, direction: Direction, data: bytes) -> None:
+        """Put the neighbour towards ``direction``'s edge (raw bytes) into the halo.
+
+        Raises:
+            ValueError: ``data`` has not the size that halo needs.
+        """
+        slot = self._bufs[self._current][self._recv[direction]]
+        slot[...] = np.frombuffer(data, dtype=self.model.dtype).reshape(slot.shape)
+
+    def step(self) -> None:
+        """Advance the tile one frame."""
+        rows, cols = self._regions[self._frame % self.depth]
+        h = self.model.halo
+        src = self._bufs[self._current]
+        dst = self._bufs[1 - self._current]
+        dst[rows.start + h : rows.stop - h, cols.start + h : cols.stop - h] = self.model.step(
+            src[rows, cols]
+        )
+        self._current = 1 - self._current
+        self._frame += 1
 
 
 class _Inbox:
@@ -194,15 +310,12 @@ async def run_tile(
     coordinated = COORDINATOR in topology
     model = get_model(job.model)
     decomp = tile_decomposition(topology, job.size)
-    decomp.check_halo(model.halo)
     tile = decomp.tile_of(node_id)
-    local = np.array(job.initial_grid()[decomp.tile_slices(tile)], order="C")
-    padded = pad(local, model.halo, model.boundary)
+    depth = job.depth if job.depth is not None else auto_depth(decomp, model)
+    cells = DeepTile(model, decomp, tile, job.initial_grid()[decomp.tile_slices(tile)], depth)
     towards: dict[str, Direction] = {
-        decomp.node_id(other): d for d, other in decomp.neighbours(tile).items()
+        decomp.node_id(other): d for d, other in cells.neighbours.items()
     }
-    send_slices = {p: decomp.halo_send_slices(tile, d, model.halo) for p, d in towards.items()}
-    recv_slices = {p: decomp.halo_recv_slices(tile, d, model.halo) for p, d in towards.items()}
     inbox = _Inbox()
     config = NodeConfig(
         faults=job.fault_plan(topology.rank_of(node_id)),
@@ -224,22 +337,21 @@ async def run_tile(
         frame_ms: list[float] = []
         for frame in range(job.frames):
             started = time.perf_counter()
-            core = interior(padded, model.halo)
-            sent = [
-                node.send_nowait(
-                    peer, core[send_slices[peer]].tobytes(), stream="halo", frame_no=frame
-                )
-                for peer in towards
-            ]
-            halos = await inbox.take(frame, len(towards))
-            for peer, data in halos.items():
-                slot = padded[recv_slices[peer]]
-                slot[...] = np.frombuffer(data, dtype=model.dtype).reshape(slot.shape)
-            core[...] = model.step(padded)
-            # Keep one frame of halos in flight, confirm the one before.
-            for handle in previous:
-                await handle.wait()
-            previous = sent
+            exchange = cells.needs_halos
+            if exchange:
+                sent = [
+                    node.send_nowait(peer, cells.edge(d).tobytes(), stream="halo", frame_no=frame)
+                    for peer, d in towards.items()
+                ]
+                halos = await inbox.take(frame, len(towards))
+                for peer, data in halos.items():
+                    cells.fill(towards[peer], data)
+            cells.step()
+            if exchange:
+                # Keep one exchange of halos in flight, confirm the one before.
+                for handle in previous:
+                    await handle.wait()
+                previous = sent
             frame_ms.append((time.perf_counter() - started) * 1000.0)
             now = time.perf_counter()
             last = frame + 1 == job.frames
@@ -260,7 +372,7 @@ async def run_tile(
                 print(f"{node_id}: frame {frame + 1}/{job.frames} {report}", flush=True)
         for handle in previous + progress:
             await handle.wait()
-        result = np.ascontiguousarray(interior(padded, model.halo))
+        result = np.ascontiguousarray(cells.cells())
         if coordinated:
             await node.send(
                 COORDINATOR,
@@ -471,7 +583,10 @@ async def run_demo(
     model = get_model(job.model)
     names = Decomposition.for_nodes((job.size, job.size), nodes).node_ids()
     decomp = Decomposition.for_nodes((job.size, job.size), nodes, names=list(names))
-    decomp.check_halo(model.halo)
+    if job.depth is not None and job.depth < 1:
+        raise GridError(f"halo depth must be >= 1 frame, got {job.depth}")
+    # A depth the tiles cannot take fails here, not in every node process.
+    decomp.check_halo(model.halo * (job.depth or 1))
     ports: set[int] = set()
     while len(ports) < len(names) + 1:
         ports.add(free_port())

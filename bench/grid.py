@@ -18,11 +18,12 @@ column is a *reference* measured earlier on this machine (115 frames/s with
 Ray actors), not in this run.
 
 ``--profile`` adds a probe: tile nodes running the demo's frame loop (minus the
-progress reports) with a clock around each phase — send the halos, wait for
-the neighbours' halos, fill + step, wait for the previous frame's ACKs — plus
-the one-way halo latency (send -> neighbour's compute actor, stamped with
-``perf_counter``, one clock for all processes of a Linux host) and the ACK
-round trip.
+progress reports), once with one halo exchange per frame (depth 1, the loop
+before deep halos) and once with the demo's automatic depth, with a clock
+around each phase — send the halos, wait for the neighbours' halos, wait for
+the previous exchange's ACKs, step — the thread's CPU time, the one-way halo
+latency (send -> neighbour's compute actor, stamped with ``perf_counter``,
+one clock for all processes of a Linux host) and the ACK round trip.
 
 Run: ``.venv/bin/python bench/grid.py [--profile]``; writes
 ``bench/results/grid.json`` and ``docs/grid-bench.png``. Without mpi4py and an
@@ -62,11 +63,9 @@ from actors import (  # noqa: E402
     SenderConfig,
     SendHandle,
     Topology,
-    interior,
     open_node,
-    pad,
 )
-from actors._demo import Job, _summary, free_port, run_demo  # noqa: E402
+from actors._demo import DeepTile, Job, _summary, auto_depth, free_port, run_demo  # noqa: E402
 from actors._models import LIFE, grid_digest, run_serial  # noqa: E402
 from bench._common import machine_info, median, percentile, print_table, write_json  # noqa: E402
 
@@ -188,22 +187,24 @@ class _ProbeActor(Actor[Any, None]):
 
 
 async def _probe_tile(
-    topology_path: str, node_id: str, size: int, frames: int, overlap: bool
+    topology_path: str, node_id: str, size: int, frames: int, depth: int
 ) -> dict[str, Any]:
     """The demo's frame loop (``run_tile``) without progress reports, timed per phase.
 
-    With ``overlap`` the tile steps the cells that need no halo *before* it
-    waits for the halos, and only the one-cell ring after: the usual way to
-    hide halo latency behind computation (the demo does not do this).
+    ``depth`` frames per halo exchange (``DeepTile``; 0 = the demo's
+    ``auto_depth``). Exchange phases are summed per exchange; ``step`` is per
+    frame. ``cpu`` is this thread's CPU time (``time.thread_time``) over the
+    same span as the wall clock: the rest is time the process was not running
+    (waiting for its neighbours, or for a core).
     """
     topology = Topology.load(topology_path)
     decomp = Decomposition.for_nodes((size, size), len(topology.ids), names=topology.ids)
     tile = decomp.tile_of(node_id)
-    local = np.array(LIFE.initial((size, size), 1)[decomp.tile_slices(tile)], order="C")
-    padded = pad(local, LIFE.halo, LIFE.boundary)
-    towards = {decomp.node_id(other): d for d, other in decomp.neighbours(tile).items()}
-    send_at = {p: decomp.halo_send_slices(tile, d, LIFE.halo) for p, d in towards.items()}
-    recv_at = {p: decomp.halo_recv_slices(tile, d, LIFE.halo) for p, d in towards.items()}
+    depth = depth or auto_depth(decomp, LIFE)
+    cells = DeepTile(
+        LIFE, decomp, tile, LIFE.initial((size, size), 1)[decomp.tile_slices(tile)], depth
+    )
+    towards = {decomp.node_id(other): d for d, other in cells.neighbours.items()}
     inbox = _ProbeInbox()
     config = NodeConfig(
         sender=SenderConfig(retry_timeout=0.1, retry_ceiling=0.5, send_timeout=120.0), seed=1
@@ -211,9 +212,11 @@ async def _probe_tile(
     phases: dict[str, list[float]] = {
         "send": [],
         "wait_halos": [],
-        "fill_step": [],
+        "fill": [],
         "wait_acks": [],
+        "exchange_cpu": [],
     }
+    step_ms: list[float] = []
     rtt_ms: list[float] = []
     with trio.fail_after(RUN_TIMEOUT):
         async with open_node(
@@ -224,52 +227,49 @@ async def _probe_tile(
             config=config,
         ) as node:
             previous: list[SendHandle] = []
-            timed_from = 0.0
+            timed_from = cpu_from = 0.0
             for frame in range(frames):
                 if frame == PROBE_WARMUP:
-                    timed_from = time.perf_counter()
+                    timed_from, cpu_from = time.perf_counter(), time.thread_time()
                     inbox.latency_ms.clear()
                     rtt_ms.clear()
+                    step_ms.clear()
                     for samples in phases.values():
                         samples.clear()
-                t0 = time.perf_counter()
-                core = interior(padded, LIFE.halo)
-                stamp = struct.pack("<d", time.perf_counter())
-                sent = [
-                    node.send_nowait(
-                        peer, stamp + core[send_at[peer]].tobytes(), stream="halo", frame_no=frame
-                    )
-                    for peer in towards
-                ]
-                inner = None
-                if overlap:
-                    # send_nowait only queues: let the link actors put the halos
-                    # on the wire before the step blocks this thread.
-                    await trio.lowlevel.checkpoint()
-                    inner = LIFE.step(core)
-                t1 = time.perf_counter()
-                halos = await inbox.take(frame, len(towards))
-                t2 = time.perf_counter()
-                for peer, data in halos.items():
-                    slot = padded[recv_at[peer]]
-                    slot[...] = np.frombuffer(data, dtype=np.uint8).reshape(slot.shape)
-                if inner is None:
-                    core[...] = LIFE.step(padded)
-                else:
-                    _step_ring(padded, inner)
-                t3 = time.perf_counter()
-                for handle in previous:
-                    rtt_ms.append((await handle.wait()).rtt * 1000.0)
-                previous = sent
-                t4 = time.perf_counter()
-                for name, a, b in (
-                    ("send", t0, t1),
-                    ("wait_halos", t1, t2),
-                    ("fill_step", t2, t3),
-                    ("wait_acks", t3, t4),
-                ):
-                    phases[name].append((b - a) * 1000.0)
+                exchange = cells.needs_halos
+                if exchange:
+                    c0 = time.thread_time()
+                    t0 = time.perf_counter()
+                    stamp = struct.pack("<d", time.perf_counter())
+                    sent = [
+                        node.send_nowait(
+                            peer, stamp + cells.edge(d).tobytes(), stream="halo", frame_no=frame
+                        )
+                        for peer, d in towards.items()
+                    ]
+                    t1 = time.perf_counter()
+                    halos = await inbox.take(frame, len(towards))
+                    t2 = time.perf_counter()
+                    for peer, data in halos.items():
+                        cells.fill(towards[peer], data)
+                    t3 = time.perf_counter()
+                    for handle in previous:
+                        rtt_ms.append((await handle.wait()).rtt * 1000.0)
+                    previous = sent
+                    t4 = time.perf_counter()
+                    for name, a, b in (
+                        ("send", t0, t1),
+                        ("wait_halos", t1, t2),
+                        ("fill", t2, t3),
+                        ("wait_acks", t3, t4),
+                    ):
+                        phases[name].append((b - a) * 1000.0)
+                    phases["exchange_cpu"].append((time.thread_time() - c0) * 1000.0)
+                t5 = time.perf_counter()
+                cells.step()
+                step_ms.append((time.perf_counter() - t5) * 1000.0)
             elapsed = time.perf_counter() - timed_from
+            cpu = time.thread_time() - cpu_from
             for handle in previous:
                 await handle.wait()
             # What the demo's per-frame progress report costs before it is sent.
@@ -277,11 +277,15 @@ async def _probe_tile(
             for _ in range(200):
                 _summary(node.statistics())
             stats_ms = (time.perf_counter() - t0) / 200 * 1000.0
+            timed = frames - PROBE_WARMUP
             report = {
                 "node": node_id,
-                "fps": (frames - PROBE_WARMUP) / elapsed,
-                "phase_ms_p50": {k: percentile(v, 50) for k, v in phases.items()},
-                "phase_ms_mean": {k: sum(v) / len(v) for k, v in phases.items()},
+                "depth": depth,
+                "fps": timed / elapsed,
+                "wall_ms_per_frame": elapsed / timed * 1000.0,
+                "cpu_ms_per_frame": cpu / timed * 1000.0,
+                "exchange_ms_mean": {k: sum(v) / len(v) for k, v in phases.items() if v},
+                "step_ms_mean": sum(step_ms) / len(step_ms),
                 "halo_one_way_ms": {
                     "p50": percentile(inbox.latency_ms, 50),
                     "p90": percentile(inbox.latency_ms, 90),
@@ -289,7 +293,7 @@ async def _probe_tile(
                 "ack_rtt_ms": {"p50": percentile(rtt_ms, 50), "p90": percentile(rtt_ms, 90)},
                 "resent": sum(s.protocol.resent for s in node.statistics().links.values()),
                 "statistics_call_ms": stats_ms,
-                "sha256": grid_digest(np.ascontiguousarray(interior(padded, LIFE.halo))),
+                "sha256": grid_digest(np.ascontiguousarray(cells.cells())),
             }
             print(json.dumps(report), flush=True)
             # Our neighbours may still wait for our ACK of their last halo: serve a
@@ -298,17 +302,7 @@ async def _probe_tile(
     return report
 
 
-def _step_ring(padded: Any, inner: Any) -> None:
-    """Finish an overlapped step: the one-cell ring from the halos, the rest precomputed."""
-    core = interior(padded, LIFE.halo)
-    top, bottom = LIFE.step(padded[0:3, :]), LIFE.step(padded[-3:, :])
-    left, right = LIFE.step(padded[:, 0:3]), LIFE.step(padded[:, -3:])
-    core[1:-1, 1:-1] = inner
-    core[0:1, :], core[-1:, :] = top, bottom
-    core[:, 0:1], core[:, -1:] = left, right
-
-
-def measure_probe(size: int, frames: int, nodes: int, overlap: bool) -> list[dict[str, Any]]:
+def measure_probe(size: int, frames: int, nodes: int, depth: int) -> list[dict[str, Any]]:
     """Start ``nodes`` probe processes on one topology; their per-node reports.
 
     Raises:
@@ -334,9 +328,10 @@ def measure_probe(size: int, frames: int, nodes: int, overlap: bool) -> list[dic
         topology.save(path)
         procs = [
             subprocess.Popen(
-                [sys.executable, __file__, "--probe-tile", name, "--topology", str(path)]
-                + ["--size", str(size), "--frames", str(frames)]
-                + (["--overlap"] if overlap else []),
+                [
+                    *(sys.executable, __file__, "--probe-tile", name, "--topology", str(path)),
+                    *("--size", str(size), "--frames", str(frames), "--depth", str(depth)),
+                ],
                 stdout=subprocess.PIPE,
                 stdin=subprocess.DEVNULL,
                 text=True,
@@ -423,10 +418,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe-tile", help=argparse.SUPPRESS)
     parser.add_argument("--topology", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--overlap", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--depth", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.probe_tile is not None:
-        trio.run(_probe_tile, args.topology, args.probe_tile, args.size, args.frames, args.overlap)
+        trio.run(_probe_tile, args.topology, args.probe_tile, args.size, args.frames, args.depth)
         return 0
 
     mpiexec, why = (None, "--no-mpi given") if args.no_mpi else find_mpiexec()
@@ -523,42 +518,47 @@ def main(argv: list[str] | None = None) -> int:
         for size in args.sizes:
             for nodes in (n for n in args.nodes if n > 1):
                 frames = args.frames or FRAMES.get(size, 150)
-                for overlap in (False, True):
-                    name = f"{size}/{nodes}{' overlap' if overlap else ''}"
-                    probe[name] = measure_probe(size, frames, nodes, overlap)
+                # Depth 1 is the loop before deep halos: one exchange per frame.
+                for depth in (1, 0):
+                    name = f"{size}/{nodes} depth {'auto' if depth == 0 else depth}"
+                    probe[name] = measure_probe(size, frames, nodes, depth)
         rows = []
         for key, reports in probe.items():
             for rep in reports:
-                p = rep["phase_ms_mean"]
+                p = rep["exchange_ms_mean"]
                 rows.append(
                     [
                         key,
                         rep["node"],
                         rep["fps"],
+                        rep["wall_ms_per_frame"],
+                        rep["cpu_ms_per_frame"],
+                        rep["step_ms_mean"],
                         p["send"],
                         p["wait_halos"],
-                        p["fill_step"],
                         p["wait_acks"],
+                        p["exchange_cpu"],
                         rep["halo_one_way_ms"]["p50"],
                         rep["ack_rtt_ms"]["p50"],
                         rep["resent"],
-                        rep["statistics_call_ms"],
                     ]
                 )
         print_table(
-            "Probe: mean ms per frame by phase (demo loop without progress reports)",
+            "Probe: the demo loop without progress reports; ms per frame, ms per exchange",
             [
-                "size/nodes variant",
+                "size/nodes depth",
                 "node",
                 "fps",
-                "send",
+                "wall/frame",
+                "cpu/frame",
+                "step",
+                "exch: send",
                 "wait halos",
-                "fill+step",
                 "wait ACKs",
+                "exch cpu",
                 "halo 1-way p50",
                 "ACK rtt p50",
                 "resent",
-                "stats() ms",
             ],
             rows,
         )

@@ -40,6 +40,18 @@ async def test_tiled_run_equals_serial_run(model: str, fault: str, tmp_path: Pat
     assert (await trio.Path(outcome.pictures["grid"]).stat()).st_size > 0
 
 
+@pytest.mark.parametrize("fault", list(FAULTS))
+async def test_deep_halos_under_faults_equal_the_serial_run(fault: str, tmp_path: Path) -> None:
+    # Halos 5 frames deep: 3 exchanges for 13 frames, the last one partly used.
+    job = Job(model="life", size=48, frames=13, seed=6, depth=5, **FAULTS[fault])  # type: ignore[arg-type]
+    outcome = await run_demo(job, nodes=4, out=tmp_path, pauses=[], show=False, timeout=90)
+    assert outcome.sha256 == outcome.serial_sha256
+    if fault == "drop":
+        assert sum(n["resent"] for n in outcome.per_node.values()) > 0
+    if fault == "dup":
+        assert sum(n["duplicates_dropped"] for n in outcome.per_node.values()) > 0
+
+
 async def test_frozen_node_is_waited_for_and_result_still_matches(tmp_path: Path) -> None:
     job = Job(model="life", size=48, frames=400, seed=2)
     start = trio.current_time()
