@@ -10,9 +10,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from transport import APP_ERR_MIN, LinkSeq, LocalProtocolError, NodeId, Payload, StreamId, StreamSeq
+from transport import (
+    APP_ERR_MIN,
+    LinkSeq,
+    LocalProtocolError,
+    NodeId,
+    Payload,
+    StreamId,
+    StreamSeq,
+    fast_init,
+)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Ack:
     """The peer's compute layer took the message and processed it without error.
@@ -91,6 +101,7 @@ class Reject(Exception):
         self.detail = detail
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Delivery:
     """One message handed to a compute actor, in stream order.

@@ -98,6 +98,7 @@ from ._socket import (
     dealer_socket,
     router_socket,
 )
+from ._values import fast_init
 
 __all__ = [
     "APP_ERR_MIN",
@@ -186,6 +187,7 @@ __all__ = [
     "dealer_socket",
     "decode",
     "encode",
+    "fast_init",
     "generate_key_pair",
     "open_fault_proxy",
     "public_key_path",

@@ -23,6 +23,7 @@ from enum import IntEnum
 from typing import Any, TypeAlias
 
 from ._ids import Incarnation, LinkSeq, NodeId, StreamId, StreamSeq
+from ._values import fast_init
 
 #: What a message can carry: bytes (numpy arrays travel as bytes) or plain
 #: CBOR data: None, bool, int, float, str, bytes, lists and str-keyed maps.
@@ -90,6 +91,7 @@ class MissingStatus(IntEnum):
     ANSWERED = 5
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Hello:
     """Session announcement and heartbeat, in both directions.
@@ -104,6 +106,7 @@ class Hello:
     reply: bool
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Data:
     """One application message on a link.
@@ -132,6 +135,7 @@ class Data:
     watermark: LinkSeq
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Received:
     """The receiver holds the DATA; its final answer follows later."""
@@ -143,6 +147,7 @@ class Received:
     credit: LinkSeq
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Ack:
     """Final answer: handed to the compute layer and processed without error."""
@@ -155,6 +160,7 @@ class Ack:
     result: Payload = None
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class AckRange:
     """Final answer ACK, without a result, for every link sequence number ``first..last``.
@@ -173,6 +179,7 @@ class AckRange:
     credit: LinkSeq
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Err:
     """Final answer: received, but it could not be processed."""
@@ -186,6 +193,7 @@ class Err:
     detail: str
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class RetryLater:
     """Not held (window or buffer full): back off and send it again."""
@@ -198,6 +206,7 @@ class RetryLater:
     reason: RetryReason
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Req:
     """A question to the sender of a link.
@@ -214,6 +223,7 @@ class Req:
     missing: tuple[StreamSeq, ...]
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class MissingItem:
     """What became of one message a REQ asked for."""
@@ -222,6 +232,7 @@ class MissingItem:
     status: MissingStatus
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class StreamStatus:
     """The sender's view of one of its streams on a link."""
@@ -232,6 +243,7 @@ class StreamStatus:
     given_up: int
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class ReqAnswer:
     """The answer to a :class:`Req`, matched by ``query_id``."""
@@ -244,6 +256,7 @@ class ReqAnswer:
     streams: tuple[StreamStatus, ...]
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Batch:
     """Several frames in one ZeroMQ message. Batches do not nest."""

@@ -22,6 +22,7 @@ from typing import TypeAlias
 from ._errors import LocalProtocolError
 from ._frames import Ack, AckRange, Err, Payload, ReqAnswer
 from ._ids import Incarnation, LinkSeq, NodeId, StreamId, StreamSeq
+from ._values import fast_init
 
 #: A source of uniform floats in ``[0, 1)``, e.g. ``random.Random(seed).random``.
 Rng: TypeAlias = Callable[[], float]
@@ -171,6 +172,7 @@ class PeerState(Enum):
 # --- sender events -------------------------------------------------------------------
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Answered:
     """The receiver's final answer to ``seq``: ACK or ERR. The send is over.
@@ -183,6 +185,7 @@ class Answered:
     answer: Ack | AckRange | Err
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Held:
     """The receiver's current incarnation holds ``seq`` (RECEIVED); a final answer follows."""
@@ -190,6 +193,7 @@ class Held:
     seq: LinkSeq
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class GaveUp:
     """``seq`` reached its deadline without a final answer; it is never sent again."""
@@ -199,6 +203,7 @@ class GaveUp:
     stream_seq: StreamSeq
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class PeerRestarted:
     """The peer shows a new incarnation: everything unanswered is being resent to it."""
@@ -207,6 +212,7 @@ class PeerRestarted:
     new: Incarnation
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class PeerStateChanged:
     """The peer's liveness changed."""
@@ -221,6 +227,7 @@ SenderEvent: TypeAlias = Answered | Held | GaveUp | PeerRestarted | PeerStateCha
 # --- receiver events -----------------------------------------------------------------
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Deliver:
     """The first copy of a DATA: hand it to the compute layer, which must answer it.
