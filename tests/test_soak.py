@@ -122,7 +122,9 @@ def check_state_is_bounded(a_stats: NodeStatistics, b_stats: NodeStatistics, sen
     """Nothing in flight once drained; what stays is bounded by the window."""
     link = a_stats.links[NodeId("b")].protocol
     assert (link.acked, link.in_flight, link.queued, link.held) == (sent, 0, 0, 0)
-    assert link.resent == 0
+    # Resends are not asserted away: a busy machine can stall both nodes past
+    # the 0.2 s retry timeout (seen with MPI ranks busy-polling both cores).
+    # They change nothing below: each resend is a duplicate the session drops.
     inbound = b_stats.inbound
     [session] = inbound.protocol.sessions
     assert (session.delivered, session.held) == (sent, 0)
