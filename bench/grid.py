@@ -4,14 +4,31 @@ For each grid size (1024², 2048²) and node count (1, 2, 4), in the same run:
 
 * **serial**: ``run_serial`` of the whole grid in this process (pad + ``life_step``
   per frame); frames/s = frames / elapsed, median of the repetitions;
-* **mpi**: ``bench/mpi_halo.py`` under ``mpiexec -n N``: the same decomposition
-  and the same ``life_step``, halos swapped with ``Isend``/``Irecv`` of numpy
-  buffers; it reports the median of its repetitions (after a warm-up);
+* **mpi**: ``bench/mpi_halo.py`` under ``mpiexec -n N``: the same decomposition,
+  the same deep-halo algorithm (``DeepTile``) at the same depth and the same
+  ``life_step``, halos swapped with ``Isend``/``Irecv`` of numpy buffers; one
+  timed repetition per ``mpiexec`` (after its warm-up), median of the
+  repetitions;
 * **cellmesh**: ``run_demo`` (what ``cellmesh demo --json`` runs): one node
   process per tile, every halo a cellmesh send with an ACK, progress sent to a
-  coordinator every frame; frames/s = the demo's own figure (median over nodes
-  of frames/s from a node's first progress report to its last), median of the
+  coordinator ten times a second; frames/s = the demo's own figure (median
+  over nodes of frames over the time their frame loop took), median of the
   repetitions.
+
+The mpi4py and cellmesh repetitions alternate (mpi, cellmesh, mpi, ...), so a
+burst of load from other work on the machine hits both; the table gives the
+ratio of the medians and the range of the back-to-back pairs' ratios.
+
+Both distributed systems run at two halo depths where there are halos (2 and
+4 nodes): **1** (a one-cell halo swapped every frame) and the demo's
+**auto** depth (``auto_depth``: 16 at 1024² and 2048²), so every cellmesh /
+mpi4py ratio, and the goal check, compares runs of the same algorithm. One
+node has no halos and runs at the auto depth only. The depth-1 runs take
+``--depth1-reps`` repetitions (default as many as the others; lower it to
+shorten the run, the table's title says). MPI ranks get the same malloc
+settings as the demo's node processes (``_CHILD_MALLOC_ENV``): without them a
+2048² MPI run was 2-4x slower (glibc trimming and regrowing its heap around
+every step's temporaries), so the allocator is not what differs either.
 
 Every run's final grid is checked against the serial one (SHA-256). The Ray
 column is a *reference* measured earlier on this machine (115 frames/s with
@@ -65,7 +82,15 @@ from actors import (  # noqa: E402
     Topology,
     open_node,
 )
-from actors._demo import DeepTile, Job, _summary, auto_depth, free_port, run_demo  # noqa: E402
+from actors._demo import (  # noqa: E402
+    _CHILD_MALLOC_ENV,
+    DeepTile,
+    Job,
+    _summary,
+    auto_depth,
+    free_port,
+    run_demo,
+)
 from actors._models import LIFE, grid_digest, run_serial  # noqa: E402
 from bench._common import machine_info, median, percentile, print_table, write_json  # noqa: E402
 
@@ -73,6 +98,8 @@ from bench._common import machine_info, median, percentile, print_table, write_j
 FRAMES = {1024: 300, 2048: 150}
 NODES = (1, 2, 4)
 REPS = 3
+#: Repetitions of the depth-1 runs (the slow, pre-deep-halo algorithm), for the run time.
+DEPTH1_REPS = 3
 #: Frames/s of the Life demo on Ray actors, measured earlier on this machine (not in this run).
 RAY_REFERENCE_FPS = 115.0
 #: The issue's goals: cellmesh / mpi4py at 2 and 4 nodes, and cellmesh / Ray.
@@ -112,28 +139,40 @@ def find_mpiexec() -> tuple[str | None, str]:
     return found, ""
 
 
-def measure_mpi(mpiexec: str, size: int, frames: int, nodes: int, reps: int) -> dict[str, Any]:
-    """Run ``bench/mpi_halo.py`` on ``nodes`` ranks; its JSON summary.
+def measure_mpi(
+    mpiexec: str, size: int, frames: int, nodes: int, reps: int, depth: int
+) -> dict[str, Any]:
+    """Run ``bench/mpi_halo.py`` on ``nodes`` ranks, ``depth`` frames per exchange; its summary.
 
     Raises:
-        RuntimeError: mpiexec failed or printed no summary.
+        RuntimeError: mpiexec failed, printed no summary, or ran another depth.
     """
     cmd = [mpiexec, "-n", str(nodes), sys.executable, str(_HERE / "mpi_halo.py")]
     cmd += ["--size", str(size), "--frames", str(frames), "--reps", str(reps)]
+    cmd += ["--depth", str(depth)]
     done = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT, stdin=subprocess.DEVNULL
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, **_CHILD_MALLOC_ENV},
     )
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr[-2000:]}")
     result: dict[str, Any] = json.loads(lines[-1])
+    if result.get("depth") != depth:
+        raise RuntimeError(f"{' '.join(cmd)} ran depth {result.get('depth')}, not {depth}")
     return result
 
 
-def measure_cellmesh(size: int, frames: int, nodes: int, reps: int) -> list[dict[str, Any]]:
-    """``reps`` runs of the demo; per run its frames/s, match, per-node figures."""
+def measure_cellmesh(
+    size: int, frames: int, nodes: int, reps: int, depth: int
+) -> list[dict[str, Any]]:
+    """``reps`` runs of the demo at ``depth`` frames per exchange; per run its figures."""
     runs: list[dict[str, Any]] = []
-    job = Job(model="life", size=size, frames=frames, seed=1)
+    job = Job(model="life", size=size, frames=frames, seed=1, depth=depth)
     for _ in range(reps):
         with tempfile.TemporaryDirectory(prefix="cellmesh-grid-") as out:
             outcome = trio.run(
@@ -366,8 +405,40 @@ def _ratio(ours: float, theirs: float | None) -> float | None:
     return ours / theirs if theirs else None
 
 
+def _span(values: list[float]) -> str:
+    return f"{min(values):.2f}-{max(values):.2f}" if values else "n/a"
+
+
+def _depth_label(row: dict[str, Any]) -> str:
+    return f"{row['depth']} (auto)" if row["auto_depth"] else str(row["depth"])
+
+
+def _depth_gains(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per size and node count run at both depths: frames/s at the auto depth / at depth 1."""
+    gains: list[dict[str, Any]] = []
+    for auto in (r for r in results if r["auto_depth"]):
+        one = [
+            r
+            for r in results
+            if r["size"] == auto["size"] and r["nodes"] == auto["nodes"] and not r["auto_depth"]
+        ]
+        if one:
+            gains.append(
+                {
+                    "size": auto["size"],
+                    "nodes": auto["nodes"],
+                    "depth": auto["depth"],
+                    "mpi": None
+                    if auto["mpi_fps"] is None
+                    else _ratio(auto["mpi_fps"], one[0]["mpi_fps"]),
+                    "cellmesh": auto["cellmesh_fps"] / one[0]["cellmesh_fps"],
+                }
+            )
+    return gains
+
+
 def plot(results: list[dict[str, Any]], path: Path) -> None:
-    """Bars of frames/s by node count, one panel per grid size (log scale)."""
+    """Bars of frames/s by node count and halo depth, one panel per grid size (log scale)."""
     os.environ.setdefault("MPLBACKEND", "Agg")
     import matplotlib
 
@@ -375,30 +446,48 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     sizes = sorted({r["size"] for r in results})
-    fig, axes = plt.subplots(1, len(sizes), figsize=(5.5 * len(sizes), 4.2), dpi=120, sharey=True)
+    fig, axes = plt.subplots(1, len(sizes), figsize=(6.5 * len(sizes), 4.6), dpi=120, sharey=True)
     axes = np.atleast_1d(axes)
-    width = 0.27
+    width = 0.16
+    series = [
+        ("serial numpy (1 process)", "serial_fps", None, "#999999", ""),
+        ("mpi4py, depth 1", "mpi_fps", False, "#9ecae1", "//"),
+        ("mpi4py, auto depth", "mpi_fps", True, "#1f77b4", ""),
+        ("cellmesh, depth 1", "cellmesh_fps", False, "#f4a6a6", "//"),
+        ("cellmesh, auto depth", "cellmesh_fps", True, "#d62728", ""),
+    ]
     for ax, size in zip(axes, sizes, strict=True):
-        rows = [r for r in results if r["size"] == size]
-        x = np.arange(len(rows))
-        series = [
-            ("serial numpy (1 process)", "serial_fps", "#999999"),
-            ("mpi4py", "mpi_fps", "#1f77b4"),
-            ("cellmesh", "cellmesh_fps", "#d62728"),
-        ]
-        for i, (label, key, colour) in enumerate(series):
-            values = [r[key] or 0.0 for r in rows]
-            bars = ax.bar(x + (i - 1) * width, values, width, label=label, color=colour)
-            ax.bar_label(bars, fmt="%.0f", fontsize=7)
+        counts = sorted({r["nodes"] for r in results if r["size"] == size})
+        x = np.arange(len(counts))
+        for i, (label, key, auto, colour, hatch) in enumerate(series):
+            xs: list[float] = []
+            values: list[float] = []
+            for j, nodes in enumerate(counts):
+                rows = [
+                    r
+                    for r in results
+                    if r["size"] == size
+                    and r["nodes"] == nodes
+                    and (auto is None or r["auto_depth"] == auto)
+                    and r[key]
+                ]
+                if rows:
+                    xs.append(float(x[j]) + (i - 2) * width)
+                    values.append(float(rows[0][key]))
+            bars = ax.bar(xs, values, width, label=label, color=colour, hatch=hatch)
+            ax.bar_label(bars, fmt="%.0f", fontsize=6)
         ax.axhline(RAY_REFERENCE_FPS, color="black", linestyle=":", linewidth=1)
-        ax.text(x[-1] + 0.45, RAY_REFERENCE_FPS * 1.08, "Ray (reference)", ha="right", fontsize=7)
-        ax.set_xticks(x, [f"{r['nodes']} node{'s' if r['nodes'] > 1 else ''}" for r in rows])
+        ax.text(x[0] - 0.45, RAY_REFERENCE_FPS * 1.08, "Ray (reference)", ha="left", fontsize=7)
+        ax.set_xticks(x, [f"{n} node{'s' if n > 1 else ''}" for n in counts])
         ax.set_yscale("log")
-        ax.set_title(f"Life {size}x{size}, {rows[0]['frames']} frames")
+        depth = max(r["depth"] for r in results if r["size"] == size)
+        frames = next(r["frames"] for r in results if r["size"] == size)
+        ax.set_title(f"Life {size}x{size}, {frames} frames, auto depth = {depth}")
         ax.set_ylabel("frames/s (log)")
-    axes[-1].legend(fontsize=8, loc="upper right")
+    axes[-1].legend(fontsize=7, loc="upper right")
     fig.suptitle(
-        "cellmesh grid demo vs serial numpy and mpi4py (2 shared cores: 4 nodes oversubscribe)"
+        "cellmesh grid demo vs serial numpy and mpi4py at the same halo depth "
+        "(2 shared cores: 4 nodes oversubscribe; 1 node has no halos)"
     )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -412,6 +501,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=list(FRAMES), help="grid sides")
     parser.add_argument("--nodes", type=int, nargs="+", default=list(NODES), help="node counts")
     parser.add_argument("--reps", type=int, default=REPS, help="repetitions (median taken)")
+    parser.add_argument(
+        "--depth1-reps",
+        type=int,
+        default=DEPTH1_REPS,
+        help=f"repetitions of the depth-1 runs (default {DEPTH1_REPS}, at most --reps)",
+    )
     parser.add_argument("--frames", type=int, default=None, help="override frames per run")
     parser.add_argument("--no-mpi", action="store_true", help="skip the mpi4py column")
     parser.add_argument("--profile", action="store_true", help="also run the per-phase probe")
@@ -433,45 +528,82 @@ def main(argv: list[str] | None = None) -> int:
         serial_runs, serial_digest = measure_serial(size, frames, args.reps)
         serial_fps = median(serial_runs)
         for nodes in args.nodes:
-            print(f"size {size}, {nodes} node(s), {frames} frames ...", flush=True)
-            mpi: dict[str, Any] | None = None
-            if mpiexec is not None:
-                mpi = measure_mpi(mpiexec, size, frames, nodes, args.reps)
-            runs = measure_cellmesh(size, frames, nodes, args.reps)
-            fps = median([r["frames_per_second"] for r in runs])
-            mpi_fps: float | None = mpi["frames_per_second"] if mpi else None
-            results.append(
-                {
-                    "size": size,
-                    "nodes": nodes,
-                    "frames": frames,
-                    "serial_fps": serial_fps,
-                    "serial_runs_fps": serial_runs,
-                    "mpi_fps": mpi_fps,
-                    "mpi": mpi,
-                    "cellmesh_fps": fps,
-                    "cellmesh_runs": runs,
-                    "cellmesh_vs_mpi": _ratio(fps, mpi_fps),
-                    "cellmesh_vs_serial": _ratio(fps, serial_fps),
-                    "cellmesh_vs_ray_reference": fps / RAY_REFERENCE_FPS,
-                    "all_match_serial": all(r["sha256"] == serial_digest for r in runs)
-                    and (mpi is None or mpi["sha256"] == serial_digest),
-                }
-            )
+            auto = auto_depth(Decomposition.for_nodes((size, size), nodes), LIFE)
+            # One node exchanges no halos: its depth changes nothing.
+            depths = [auto] if nodes == 1 or auto == 1 else [1, auto]
+            for depth in depths:
+                reps = args.reps if depth == auto else min(args.reps, args.depth1_reps)
+                print(
+                    f"size {size}, {nodes} node(s), depth {depth}, {frames} frames, "
+                    f"{reps} rep(s) ...",
+                    flush=True,
+                )
+                # Alternate the two, one repetition each, so that both see the
+                # same load from whatever else shares the cores at that moment.
+                mpi_runs: list[dict[str, Any]] = []
+                runs: list[dict[str, Any]] = []
+                for _ in range(reps):
+                    if mpiexec is not None:
+                        mpi_runs.append(measure_mpi(mpiexec, size, frames, nodes, 1, depth))
+                    runs += measure_cellmesh(size, frames, nodes, 1, depth)
+                fps = median([r["frames_per_second"] for r in runs])
+                mpi: dict[str, Any] | None = None
+                mpi_fps: float | None = None
+                pairs: list[float] = []
+                if mpi_runs:
+                    mpi_fps = median([m["frames_per_second"] for m in mpi_runs])
+                    pairs = [
+                        c["frames_per_second"] / m["frames_per_second"]
+                        for c, m in zip(runs, mpi_runs, strict=True)
+                    ]
+                    mpi = {
+                        "runs": mpi_runs,
+                        "frames_per_second": mpi_fps,
+                        "mpi": mpi_runs[0]["mpi"],
+                        "sha256": mpi_runs[0]["sha256"],
+                    }
+                results.append(
+                    {
+                        "size": size,
+                        "nodes": nodes,
+                        "frames": frames,
+                        "depth": depth,
+                        "auto_depth": depth == auto,
+                        "reps": reps,
+                        "serial_fps": serial_fps,
+                        "serial_runs_fps": serial_runs,
+                        "mpi_fps": mpi_fps,
+                        "mpi": mpi,
+                        "cellmesh_fps": fps,
+                        "cellmesh_runs": runs,
+                        "cellmesh_vs_mpi": _ratio(fps, mpi_fps),
+                        "cellmesh_vs_mpi_pairs": pairs,
+                        "cellmesh_vs_serial": _ratio(fps, serial_fps),
+                        "cellmesh_vs_ray_reference": fps / RAY_REFERENCE_FPS,
+                        "all_match_serial": all(r["sha256"] == serial_digest for r in runs)
+                        and all(m["sha256"] == serial_digest for m in mpi_runs),
+                    }
+                )
 
     def cell(value: float | None) -> object:
         return "n/a" if value is None else value
 
+    depth1_reps = min(args.reps, args.depth1_reps)
+    runs_text = f"{args.reps} runs" + (
+        "" if depth1_reps == args.reps else f" ({depth1_reps} at depth 1, to save time)"
+    )
     print_table(
-        f"Life frames/s, median of {args.reps} runs "
+        f"Life frames/s, median of {runs_text} "
         f"({os.cpu_count()} cores: 4 nodes oversubscribe them)",
         [
             "size",
             "nodes",
+            "depth",
             "serial",
             "mpi4py",
             "cellmesh",
-            "cm/mpi",
+            "cm/mpi same depth",
+            "pairs min-max",
             "cm/serial",
             f"cm/Ray ref {RAY_REFERENCE_FPS:.0f}*",
             "results = serial",
@@ -480,10 +612,12 @@ def main(argv: list[str] | None = None) -> int:
             [
                 f"{r['size']}²",
                 r["nodes"],
+                _depth_label(r),
                 r["serial_fps"],
                 cell(r["mpi_fps"]),
                 r["cellmesh_fps"],
                 cell(r["cellmesh_vs_mpi"]),
+                _span(r["cellmesh_vs_mpi_pairs"]),
                 r["cellmesh_vs_serial"],
                 r["cellmesh_vs_ray_reference"],
                 "yes" if r["all_match_serial"] else "NO",
@@ -492,11 +626,25 @@ def main(argv: list[str] | None = None) -> int:
         ],
     )
     print(
+        "  depth: frames per halo exchange, the same for both systems in a row; 'auto' is the "
+        "demo's default (auto_depth); 1 node exchanges no halos.\n"
+        "  pairs: cellmesh / mpi4py of each back-to-back pair of runs (they alternate).\n"
         f"  * Ray: {RAY_REFERENCE_FPS:.0f} frames/s is a reference measured earlier on this "
         "machine, not in this run."
     )
+    gains = _depth_gains(results)
+    if gains:
+        print_table(
+            "What the deep halos gain each system (auto depth / depth 1, frames/s)",
+            ["size", "nodes", "auto depth", "mpi4py", "cellmesh"],
+            [
+                [f"{g['size']}²", g["nodes"], g["depth"], cell(g["mpi"]), g["cellmesh"]]
+                for g in gains
+            ],
+        )
     goals = {
-        f"{r['size']}/{r['nodes']} vs mpi >= {GOAL_VS_MPI}": (
+        f"{r['size']}/{r['nodes']} depth {_depth_label(r)}: vs mpi4py at the same depth "
+        f">= {GOAL_VS_MPI}": (
             None if r["cellmesh_vs_mpi"] is None else r["cellmesh_vs_mpi"] >= GOAL_VS_MPI
         )
         for r in results
@@ -504,7 +652,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     goals.update(
         {
-            f"{r['size']}/{r['nodes']} vs Ray >= {GOAL_VS_RAY:.0f}x": r["cellmesh_vs_ray_reference"]
+            f"{r['size']}/{r['nodes']} depth {_depth_label(r)}: vs Ray >= {GOAL_VS_RAY:.0f}x": r[
+                "cellmesh_vs_ray_reference"
+            ]
             >= GOAL_VS_RAY
             for r in results
         }
@@ -570,6 +720,8 @@ def main(argv: list[str] | None = None) -> int:
             "mpi": None if mpiexec is None else results[0]["mpi"]["mpi"] if results else None,
             "mpi_skipped": why or None,
             "reps": args.reps,
+            "depth1_reps": depth1_reps,
+            "depth_gains": gains,
             "ray_reference_fps": RAY_REFERENCE_FPS,
             "results": results,
             "goals": goals,
