@@ -108,15 +108,16 @@ class InboundState:
         self.limits = limits
         self.core = LinkReceiver(node, incarnation, config=config)
         self.faults: FaultInjector[list[Any]] = FaultInjector(faults, salt=f"{node}<-")
-        # Routing ids are the peers' node ids (design.md §5); anything else
-        # is refused before it reaches the protocol core.
+        # Plaintext: routing ids are the peers' node ids (design.md §5);
+        # anything else is refused before it reaches the protocol core.
         self.routes: dict[bytes, NodeId] = {peer.encode(): peer for peer in peers}
         self.security = security if security is not None else SecurityState(node, None, peers)
-        # Secure nodes: routing ids of peers whose route another (admitted)
-        # node took over by claiming their id (ROUTER_HANDOVER follows the
-        # newest connection). Answers for that peer are held back until it
-        # speaks on its route again, so they never go to the impostor.
-        self.hijacked: set[bytes] = set()
+        # Secure: the sender is the node its key proved (ZAP User-Id), and
+        # routing ids mean nothing (the ROUTER picks them; a peer cannot claim
+        # another's). Answers go to the connection each peer's key last spoke
+        # on, so a restarted peer's new connection takes over by speaking.
+        self.peer_ids: dict[str, NodeId] = {peer: peer for peer in peers}
+        self.reply_routes: dict[NodeId, bytes] = {}
         self.sequencers: dict[NodeId, ActorRef[list[Any], None]] = {}
         # The running PeerSequencer of each peer, for the in-order fast path,
         # and how many batches the Receiver has sent each one that it has not
@@ -201,6 +202,8 @@ class Receiver(Actor[Any, Any]):
             sock.close()
             raise
         st.socket = sock
+        # A new ROUTER: the old connections' routing ids are gone with it.
+        st.reply_routes.clear()
         if st.security.secure and isinstance(self._network, ZmqNetwork):
             assert isinstance(sock, Socket)
             self._monitor = self._network.monitor(sock)
@@ -224,6 +227,7 @@ class Receiver(Actor[Any, Any]):
         core = st.core
         limits = st.limits
         routes = st.routes
+        peer_ids = st.peer_ids
         faults = st.faults
         inject = faults.active
         secure = st.security.secure
@@ -233,24 +237,35 @@ class Receiver(Actor[Any, Any]):
                 try:
                     if secure:
                         user, parts = sock.recv_authenticated_nowait()
+                        peer = peer_ids.get(user) if user is not None else None
                     else:
                         parts = sock.recv_multipart_nowait()
+                        peer = routes.get(parts[0])
                 except trio.WouldBlock:
                     break
-                peer = routes.get(parts[0])
-                if secure and (peer is None or peer != user):
-                    self._refuse_claim(st, user, parts[0])
-                    continue
                 if peer is None:
-                    st.rejected["unknown-peer"] += 1
+                    if secure:
+                        # ZAP_ENFORCE_DOMAIN admits no connection without a
+                        # peer's User-Id; counted in case libzmq ever does.
+                        st.security.refuse("unauthenticated", "a connection", "no peer's User-Id")
+                    else:
+                        st.rejected["unknown-peer"] += 1
                     continue
-                if secure and st.hijacked:
-                    st.hijacked.discard(parts[0])
                 try:
                     frame = decode(parts[1:], limits)
                 except RemoteProtocolError as exc:
                     st.rejected[exc.reason] += 1
                     continue
+                if secure:
+                    claimed = _claimed_node(frame, peer)
+                    if claimed is not None:
+                        st.security.refuse(
+                            "impersonation",
+                            f"node {peer!r} as {claimed!r}",
+                            f"its key belongs to {peer!r} but its frames claim to be {claimed!r}",
+                        )
+                        continue
+                    st.reply_routes[peer] = parts[0]
                 # The core unpacks a Batch itself (and refuses nested ones).
                 core.receive_frame(peer, frame, now)
             core.poll(now)
@@ -263,23 +278,6 @@ class Receiver(Actor[Any, Any]):
                     deadline = held if deadline is None else min(deadline, held)
             with trio.move_on_at(math.inf if deadline is None else deadline):
                 await sock.wait_ready()
-
-    @staticmethod
-    def _refuse_claim(st: InboundState, user: str | None, claimed: bytes) -> None:
-        """A secure node got a message whose routing id is not its sender's own."""
-        name = claimed.decode(errors="replace")[:64]
-        if user is None:
-            # ZAP_ENFORCE_DOMAIN admits no connection without a User-Id;
-            # counted in case libzmq ever does.
-            st.security.refuse("unauthenticated", f"routing id {name!r}", "no ZAP User-Id")
-            return
-        if claimed in st.routes:
-            st.hijacked.add(claimed)
-        st.security.refuse(
-            "impersonation",
-            f"node {user!r}",
-            f"its key belongs to {user!r} but its messages claim to come from {name!r}",
-        )
 
     @staticmethod
     def _route(st: InboundState) -> None:
@@ -332,11 +330,14 @@ class Receiver(Actor[Any, Any]):
             by_peer: dict[NodeId, list[Frame]] = {}
             for peer, frame in outgoing:
                 by_peer.setdefault(peer, []).append(frame)
+            secure = st.security.secure
             for peer, frames in by_peer.items():
-                rid = peer.encode()
-                if rid in st.hijacked:
+                found = st.reply_routes.get(peer) if secure else peer.encode()
+                if found is None:
+                    # Nothing from this peer's key yet: no connection to answer on.
                     st.unroutable += 1
                     continue
+                rid = found
                 for parts in _encode_answers(frames, st.limits):
                     message = [rid, *parts]
                     if inject:
@@ -347,6 +348,17 @@ class Receiver(Actor[Any, Any]):
         if inject:
             for message in st.faults.due(now):
                 _send(st, sock, message)
+
+
+def _claimed_node(frame: Frame, peer: NodeId) -> str | None:
+    """The other node a frame (or any frame of a batch) claims to come from, if any."""
+    if isinstance(frame, Batch):
+        for inner in frame.frames:
+            # A nested batch is the core's to refuse.
+            if not isinstance(inner, Batch) and inner.node != peer:
+                return inner.node
+        return None
+    return frame.node if frame.node != peer else None
 
 
 def _encode_answers(frames: list[Frame], limits: Limits) -> list[list[Any]]:

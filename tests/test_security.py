@@ -301,8 +301,8 @@ async def test_a_known_key_claiming_another_node_is_refused(
     with trio.fail_after(20), caplog.at_level(logging.WARNING, logger="cellmesh.security"):
         async with secure_pair(keys, seen, b_hears=("a", "c")) as (a, b):
             assert (await a.send("b", b"first")).result == 5
-            # c holds a key b admits, but claims to be a: by routing id and in
-            # the frame itself.
+            # c holds a key b admits, but claims to be a: by the routing id it
+            # sets and in the frames themselves.
             ctx = zmq.Context()
             try:
                 c_keys = keys["c"]
@@ -320,13 +320,15 @@ async def test_a_known_key_claiming_another_node_is_refused(
                     count = await wait_refused(b, "impersonation")
                     await wait_until(lambda: b.statistics().security.refused["impersonation"] == 20)
                     assert count >= 1
-                # a takes its route back and carries on; nothing forged arrived.
-                assert (await a.send("b", b"second", timeout=10)).result == 6
+                    # Claiming a's routing id took nothing from a: on a secure
+                    # node routing ids are the ROUTER's, and answers follow keys.
+                    assert (await a.send("b", b"second")).result == 6
+                    assert b.statistics().inbound.unroutable == 0
             finally:
                 ctx.destroy(linger=0)
     assert seen == [("a", b"first"), ("a", b"second")]
     # Twenty forgeries, one log line.
-    claims = [r for r in caplog.records if "claim to come from 'a'" in r.getMessage()]
+    claims = [r for r in caplog.records if "claim to be 'a'" in r.getMessage()]
     assert len(claims) == 1
 
 
@@ -452,7 +454,10 @@ async def test_without_a_zap_handler_a_secure_router_admits_nobody() -> None:
                     nursery.start_soon(serve_zap)
                     # IMMEDIATE: the send waits for a completed (admitted) connection.
                     await dealer.send_multipart([b"hello"])
-                    assert await _recv_authenticated(router) == ("a", [b"a", b"hello"])
+                    user, parts = await _recv_authenticated(router)
+                    # Known by its key; the routing id is the ROUTER's own pick.
+                    assert (user, parts[1:]) == ("a", [b"hello"])
+                    assert parts[0] != b"a"
                     nursery.cancel_scope.cancel()
                 assert policy.statistics().admitted >= 1
     finally:

@@ -148,6 +148,8 @@ class ZmqNetwork:
     def dealer(self, routing_id: bytes, *, peer: str | None = None) -> Socket:
         """A DEALER with :data:`DEALER_OPTIONS` and the given routing id.
 
+        A secure DEALER pins ``peer``'s public key and sets no routing id.
+
         Raises:
             LocalProtocolError: the network is secure and ``peer`` has no
                 public key in it (an unpinned server could be anyone).
@@ -158,9 +160,11 @@ class ZmqNetwork:
         server = sec.peers.get(peer) if peer is not None else None
         if server is None:
             raise LocalProtocolError(f"no public key for peer {peer!r}: cannot pin its server key")
+        # No routing id: the ROUTER names the connection itself (a random-based
+        # id nobody can predict), and knows the sender by its key. A chosen id
+        # could be claimed by another admitted peer to take the route over.
         return dealer_socket(
             self._ctx,
-            routing_id=routing_id,
             curve_serverkey=server.encode(),
             curve_publickey=sec.keys.public.encode(),
             curve_secretkey=sec.keys.secret.encode(),
