@@ -14,8 +14,9 @@ refusal by reason:
   failed handshakes, e.g. a client that pinned the wrong server key, are
   ``handshake-failed``);
 * the Receiver checks every message: the sender is the node whose key its
-  connection proved (ZAP ``User-Id``); a routing id naming another node is
-  ``impersonation`` and the message is dropped.
+  connection proved (ZAP ``User-Id``); a frame naming another node is
+  ``impersonation`` and the message is dropped. Routing ids name nothing on
+  a secure node (the ROUTER picks them), so claiming one takes nothing over.
 
 Each refusal is logged once per reason and peer (key, address or claimed id),
 not once per message or reconnect attempt: a misconfigured peer redials every
