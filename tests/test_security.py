@@ -69,9 +69,13 @@ def test_keys_are_not_overwritten_by_accident(tmp_path: Path) -> None:
     write_key_pair(tmp_path, "n1", generate_key_pair())
     with pytest.raises(FileExistsError):
         write_key_pair(tmp_path, "n1", generate_key_pair())
+    # Replacing a secret file that had been opened up makes it owner-only again.
+    secret_key_path(tmp_path, "n1").chmod(0o644)
     fresh = generate_key_pair()
     write_key_pair(tmp_path, "n1", fresh, overwrite=True)
+    assert secret_key_path(tmp_path, "n1").stat().st_mode & 0o777 == 0o600
     assert read_key_pair(secret_key_path(tmp_path, "n1")) == fresh
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["n1.key", "n1.key_secret"]
 
 
 @pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660])

@@ -136,13 +136,25 @@ def write_key_pair(
         f"{header}#   SECRET: keep this file readable by its owner only (mode 0600).\n"
         f'metadata\ncurve\n    public-key = "{pair.public}"\n    secret-key = "{pair.secret}"\n'
     )
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
+    if not overwrite:
+        for path in (secret_path, public_path):
+            if path.exists():
+                raise FileExistsError(f"{path} exists")
     for path, text, mode in ((secret_path, secret_text, 0o600), (public_path, public_text, 0o644)):
-        fd = os.open(path, flags, mode)
-        with os.fdopen(fd, "w", encoding="ascii") as f:
+        # A new file with its final mode, renamed into place: an existing
+        # (perhaps more open) file is never rewritten in place.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        try:
+            with os.fdopen(fd, "w", encoding="ascii") as f:
+                f.write(text)
             if overwrite:
-                os.fchmod(fd, mode)
-            f.write(text)
+                os.replace(tmp, path)
+            else:
+                # link() fails if the name was taken meanwhile: never replaces.
+                os.link(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
     return public_path, secret_path
 
 
