@@ -9,14 +9,21 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 import timeit
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
+# Run as a script, this directory would come first on the path and
+# ``import transport`` would find bench/transport.py instead of the package.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
 
-from transport import (
+import numpy as np  # noqa: E402
+
+from transport import (  # noqa: E402
     Ack,
     Batch,
     Data,

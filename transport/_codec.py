@@ -785,18 +785,24 @@ _U63_PROBLEM: Final = "must be an int in 0..2**63-1"
 _DATA: Final = FrameKind.DATA.value
 
 
-def _decode_data(item: list[Any], st: _Decoding) -> Data | None:
-    """DATA, the frame of every message, checked without the schema walk.
+def _plain_data_fields(
+    quick: int,
+    node: object,
+    inc: object,
+    seq: object,
+    stream: object,
+    stream_seq: object,
+    floor: object,
+    frame_no: object,
+    watermark: object,
+) -> bool:
+    """Whether DATA's fields (all but the payload) are the common, plainly valid kind.
 
-    Returns None for anything unusual (a wrong field, a frame number, a
-    container payload is fine): the schema walk then decides, and names the
-    field in its error. The accepted set is exactly the walk's.
+    One check for both fast paths (encode and decode): ids of at most
+    ``quick`` characters (so surely within the byte limit), numbers unsigned
+    64-bit ints. False sends the frame through the schema walk instead.
     """
-    if len(item) != 10:
-        return None
-    _, node, inc, seq, stream, stream_seq, floor, frame_no, payload, watermark = item
-    quick = st.id_quick
-    if not (
+    return (
         type(node) is str
         and 0 < len(node) <= quick
         and type(stream) is str
@@ -812,6 +818,21 @@ def _decode_data(item: list[Any], st: _Decoding) -> Data | None:
         and 0 <= floor <= _U63
         and 0 <= watermark <= _U63
         and (frame_no is None or (type(frame_no) is int and 0 <= frame_no <= _U63))
+    )
+
+
+def _decode_data(item: list[Any], st: _Decoding) -> Data | None:
+    """DATA, the frame of every message, checked without the schema walk.
+
+    Returns None for anything unusual (a wrong field, a frame number, a
+    container payload is fine): the schema walk then decides, and names the
+    field in its error. The accepted set is exactly the walk's.
+    """
+    if len(item) != 10:
+        return None
+    _, node, inc, seq, stream, stream_seq, floor, frame_no, payload, watermark = item
+    if not _plain_data_fields(
+        st.id_quick, node, inc, seq, stream, stream_seq, floor, frame_no, watermark
     ):
         return None
     if type(payload) not in _LEAF_TYPES:
@@ -878,23 +899,8 @@ def _encode_data(frame: Data, st: _Encoding) -> list[Any] | None:
     floor = frame.stream_floor
     frame_no = frame.frame_no
     watermark = frame.watermark
-    quick = st.id_quick
-    if not (
-        type(node) is str
-        and 0 < len(node) <= quick
-        and type(stream) is str
-        and 0 < len(stream) <= quick
-        and type(inc) is int
-        and type(seq) is int
-        and type(stream_seq) is int
-        and type(floor) is int
-        and type(watermark) is int
-        and 0 <= inc <= _U63
-        and 0 <= seq <= _U63
-        and 0 <= stream_seq <= _U63
-        and 0 <= floor <= _U63
-        and 0 <= watermark <= _U63
-        and (frame_no is None or (type(frame_no) is int and 0 <= frame_no <= _U63))
+    if not _plain_data_fields(
+        st.id_quick, node, inc, seq, stream, stream_seq, floor, frame_no, watermark
     ):
         return None
     payload = frame.payload
