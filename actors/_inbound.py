@@ -350,6 +350,18 @@ class Receiver(Actor[Any, Any]):
                 _send(st, sock, message)
 
 
+def _delivery(item: Deliver) -> Delivery:
+    """What the compute actor gets for a message the core delivered."""
+    return Delivery(
+        peer=item.peer,
+        stream=item.stream,
+        stream_seq=item.stream_seq,
+        frame_no=item.frame_no,
+        payload=item.payload,
+        seq=item.seq,
+    )
+
+
 def _claimed_node(frame: Frame, peer: NodeId) -> str | None:
     """The other node a frame (or any frame of a batch) claims to come from, if any."""
     if isinstance(frame, Batch):
@@ -478,16 +490,8 @@ class PeerSequencer(Actor[list[Any], None]):
         stream = self._streams.get(item.stream)
         if stream is None or not stream.releases_at_once(item.stream_seq, item.stream_floor):
             return False
-        delivery = Delivery(
-            peer=item.peer,
-            stream=item.stream,
-            stream_seq=item.stream_seq,
-            frame_no=item.frame_no,
-            payload=item.payload,
-            seq=item.seq,
-        )
         try:
-            compute.send_nowait(delivery, reply=_Completion(self._inbound, item))
+            compute.send_nowait(_delivery(item), reply=_Completion(self._inbound, item))
         except (trio.WouldBlock, ActorStopped):
             return False
         stream.release_at_once(item.stream_seq, item.stream_floor)
@@ -570,14 +574,7 @@ class PeerSequencer(Actor[list[Any], None]):
                             "this node runs no compute actor",
                         )
                         continue
-                    delivery = Delivery(
-                        peer=item.peer,
-                        stream=item.stream,
-                        stream_seq=item.stream_seq,
-                        frame_no=item.frame_no,
-                        payload=item.payload,
-                        seq=item.seq,
-                    )
+                    delivery = _delivery(item)
                     completion = _Completion(inbound, item)
                     try:
                         # No checkpoint per message: a whole batch reaches the

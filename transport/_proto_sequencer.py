@@ -500,15 +500,7 @@ class StreamSequencer(Generic[T]):
         """
         # The common case first: the next message, nothing held, nothing known
         # lost. O(1), and the Release is the only allocation.
-        if (
-            stream_seq == self._next
-            and self._ordered
-            and not self._buffer
-            and not self._lost
-            and not self._failed
-            and not self._ended
-            and 1 <= stream_floor <= stream_seq
-        ):
+        if self.releases_at_once(stream_seq, stream_floor):
             if stream_floor > self._floor:
                 self._learn_floor(stream_floor)
             self._next = stream_seq + 1
