@@ -234,6 +234,73 @@ async def test_wake_interrupts_wait_ready(ctx: Ctx, autojump_clock: trio.abc.Clo
         assert sock.statistics().wakes == 3
 
 
+@pytest.mark.parametrize("eventfd_wake", [True, False], ids=["eventfd", "cancel"])
+async def test_both_wake_paths_wake_once_per_wake_and_see_messages(
+    ctx: Ctx, autojump_clock: trio.abc.Clock, eventfd_wake: bool
+) -> None:
+    # The eventfd (Linux) and the cancel-scope fallback must behave alike: a
+    # wake ends one wait and is then used up (the eventfd is read back); the
+    # next test: a message still ends a wait, and close() ends one with an error.
+    sock = Socket(ctx.socket(zmq.DEALER), eventfd_wake=eventfd_wake)
+    async with sock:
+        sock.zmq_socket.setsockopt(zmq.LINGER, 0)
+        woke_at: list[float] = []
+
+        async def owner(waits: int) -> None:
+            for _ in range(waits):
+                with trio.move_on_after(10):
+                    await sock.wait_ready()
+                woke_at.append(trio.current_time())
+
+        with trio.fail_after(100):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(owner, 3)
+                for _ in range(2):
+                    await trio.sleep(1)
+                    sock.wake()
+        # Two wakes end two waits at once; the third wait runs to its timeout.
+        assert woke_at == [1.0, 2.0, 12.0]
+
+
+@pytest.mark.parametrize("eventfd_wake", [True, False], ids=["eventfd", "cancel"])
+async def test_both_wake_paths_see_messages_and_close(ctx: Ctx, eventfd_wake: bool) -> None:
+    router = router_socket(ctx)
+    port = router.bind(TCP)
+    sock = Socket(ctx.socket(zmq.DEALER), eventfd_wake=eventfd_wake)
+    async with router, sock:
+        sock.zmq_socket.setsockopt(zmq.LINGER, 0)
+        sock.connect(port)
+        with trio.fail_after(10):
+            await sock.send_multipart([b"ping"])
+            routing_id, ping = await router.recv_multipart()
+            assert ping == b"ping"
+            await router.send_multipart([routing_id, b"pong"])
+            for _ in range(100):
+                await sock.wait_ready()
+                try:
+                    assert sock.recv_multipart_nowait() == [b"pong"]
+                    break
+                except trio.WouldBlock:
+                    continue
+            else:
+                pytest.fail("the reply never woke the owner")
+
+        outcome: list[BaseException] = []
+
+        async def closed_under() -> None:
+            try:
+                await sock.wait_ready()
+            except trio.ClosedResourceError as exc:
+                outcome.append(exc)
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(closed_under)
+                await trio.testing.wait_all_tasks_blocked()
+                sock.close()
+        assert len(outcome) == 1
+
+
 async def test_wake_does_not_end_a_convenience_recv(
     ctx: Ctx, autojump_clock: trio.abc.Clock
 ) -> None:
