@@ -315,7 +315,8 @@ def main() -> None:
             print(f"  {s['node']} CPU µs/msg by task: {top}")
     for s in sides:
         print(
-            f"  {s['node']} per msg: user {s['user_us_per_round'] / args.k:.0f} µs, "
+            f"  {s['node']} per msg (busy gaps included): "
+            f"user {s['user_us_per_round'] / args.k:.0f} µs, "
             f"sys {s['sys_us_per_round'] / args.k:.0f} µs, "
             f"context switches {s['ctx_switches_per_round'] / args.k:.1f}; "
             f"node.statistics() {s['statistics_us']:.0f} µs"
