@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -420,3 +421,23 @@ def test_bind_reports_the_real_endpoint(ctx: Ctx, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="at least one part"):
         dealer.send_multipart_nowait([])
     dealer.close()
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts fds in /proc")
+def test_sockets_closed_or_dropped_release_their_wake_fds(ctx: Ctx) -> None:
+    # Each socket holds an epoll set and an eventfd for wake(): close() frees
+    # them, and so does dropping a socket that was never closed.
+    def open_fds() -> int:
+        return len(list(Path("/proc/self/fd").iterdir()))
+
+    Socket(ctx.socket(zmq.DEALER)).close()  # zmq's own fds, opened once per context
+    before = open_fds()
+    for _ in range(50):
+        sock = Socket(ctx.socket(zmq.DEALER))
+        sock.close()
+    for _ in range(50):
+        dropped = Socket(ctx.socket(zmq.DEALER))
+        dropped.zmq_socket.close(linger=0)
+        del dropped
+    gc.collect()
+    assert open_fds() == before

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import select
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
@@ -211,6 +212,8 @@ class Socket:
         if eventfd_wake:
             self._epoll = select.epoll()
             self._event_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            # A socket dropped without close() must not leak the eventfd.
+            self._release = weakref.finalize(self, _close_wake_fds, self._epoll, self._event_fd)
             self._epoll.register(self._fd, select.EPOLLIN)
             self._epoll.register(self._event_fd, select.EPOLLIN)
             self._wait_fd = self._epoll.fileno()
@@ -253,8 +256,7 @@ class Socket:
                 trio.lowlevel.notify_closing(self._fd)
         self._zsock.close(linger=0)
         if self._epoll is not None:
-            self._epoll.close()
-            os.close(self._event_fd)
+            self._release()
 
     async def __aenter__(self) -> Self:
         return self
@@ -594,6 +596,11 @@ class Socket:
             await trio.lowlevel.wait_readable(self._wait_fd)
         except trio.ClosedResourceError:
             raise trio.ClosedResourceError("socket was closed while waiting") from None
+
+
+def _close_wake_fds(epoll: select.epoll, event_fd: int) -> None:
+    epoll.close()
+    os.close(event_fd)
 
 
 def _apply_options(
