@@ -431,6 +431,7 @@ def test_sockets_closed_or_dropped_release_their_wake_fds(ctx: Ctx) -> None:
         return len(list(Path("/proc/self/fd").iterdir()))
 
     Socket(ctx.socket(zmq.DEALER)).close()  # zmq's own fds, opened once per context
+    gc.collect()  # earlier tests' garbage may still hold fds
     before = open_fds()
     for _ in range(50):
         sock = Socket(ctx.socket(zmq.DEALER))
@@ -440,4 +441,5 @@ def test_sockets_closed_or_dropped_release_their_wake_fds(ctx: Ctx) -> None:
         dropped.zmq_socket.close(linger=0)
         del dropped
     gc.collect()
-    assert open_fds() == before
+    # A leak would add 50 or 100; nothing here opens fds that stay open.
+    assert open_fds() <= before
