@@ -276,8 +276,13 @@ class Receiver(Actor[Any, Any]):
                 held = faults.next_deadline()
                 if held is not None:
                     deadline = held if deadline is None else min(deadline, held)
-            with trio.move_on_at(math.inf if deadline is None else deadline):
+            if deadline is None:
+                # No timer (the usual case between sparse messages): no
+                # cancel scope to enter and leave either.
                 await sock.wait_ready()
+            else:
+                with trio.move_on_at(deadline):
+                    await sock.wait_ready()
 
     @staticmethod
     def _route(st: InboundState) -> None:

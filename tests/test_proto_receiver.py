@@ -374,6 +374,28 @@ def test_received_waits_for_the_delay_and_is_skipped_when_the_answer_is_ready() 
     assert r.next_deadline() is None
 
 
+def test_answered_messages_leave_no_received_timer_behind() -> None:
+    # Sparse messages: each is answered long before its RECEIVED would be
+    # due; a timer left armed would wake the shell for nothing after each.
+    r = make(received_delay=0.01)
+    r.receive_frame(A, data(1), 0.0)
+    r.receive_frame(A, data(2), 0.0)
+    r.receive_frame(A, data(3), 0.0)
+    r.take_events()
+    r.complete(A, INC_A, LinkSeq(1))
+    r.complete(A, INC_A, LinkSeq(2))
+    [(_, ack)] = r.frames_to_send(0.001)
+    assert isinstance(ack, AckRange)
+    assert (ack.first, ack.last) == (1, 2)
+    # 3 is still processing: its RECEIVED stays due at 0.01.
+    assert r.next_deadline() == 0.01
+    r.complete(A, INC_A, LinkSeq(3))
+    [(_, ack3)] = r.frames_to_send(0.002)
+    assert isinstance(ack3, Ack)
+    assert r.next_deadline() is None
+    assert r.frames_to_send(0.02) == []
+
+
 def test_duplicate_of_a_message_in_processing_gets_received_at_once() -> None:
     r = make(received_delay=0.01)
     r.receive_frame(A, data(1), 0.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -234,6 +235,73 @@ async def test_wake_interrupts_wait_ready(ctx: Ctx, autojump_clock: trio.abc.Clo
         assert sock.statistics().wakes == 3
 
 
+@pytest.mark.parametrize("eventfd_wake", [True, False], ids=["eventfd", "cancel"])
+async def test_both_wake_paths_wake_once_per_wake_and_see_messages(
+    ctx: Ctx, autojump_clock: trio.abc.Clock, eventfd_wake: bool
+) -> None:
+    # The eventfd (Linux) and the cancel-scope fallback must behave alike: a
+    # wake ends one wait and is then used up (the eventfd is read back); the
+    # next test: a message still ends a wait, and close() ends one with an error.
+    sock = Socket(ctx.socket(zmq.DEALER), eventfd_wake=eventfd_wake)
+    async with sock:
+        sock.zmq_socket.setsockopt(zmq.LINGER, 0)
+        woke_at: list[float] = []
+
+        async def owner(waits: int) -> None:
+            for _ in range(waits):
+                with trio.move_on_after(10):
+                    await sock.wait_ready()
+                woke_at.append(trio.current_time())
+
+        with trio.fail_after(100):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(owner, 3)
+                for _ in range(2):
+                    await trio.sleep(1)
+                    sock.wake()
+        # Two wakes end two waits at once; the third wait runs to its timeout.
+        assert woke_at == [1.0, 2.0, 12.0]
+
+
+@pytest.mark.parametrize("eventfd_wake", [True, False], ids=["eventfd", "cancel"])
+async def test_both_wake_paths_see_messages_and_close(ctx: Ctx, eventfd_wake: bool) -> None:
+    router = router_socket(ctx)
+    port = router.bind(TCP)
+    sock = Socket(ctx.socket(zmq.DEALER), eventfd_wake=eventfd_wake)
+    async with router, sock:
+        sock.zmq_socket.setsockopt(zmq.LINGER, 0)
+        sock.connect(port)
+        with trio.fail_after(10):
+            await sock.send_multipart([b"ping"])
+            routing_id, ping = await router.recv_multipart()
+            assert ping == b"ping"
+            await router.send_multipart([routing_id, b"pong"])
+            for _ in range(100):
+                await sock.wait_ready()
+                try:
+                    assert sock.recv_multipart_nowait() == [b"pong"]
+                    break
+                except trio.WouldBlock:
+                    continue
+            else:
+                pytest.fail("the reply never woke the owner")
+
+        outcome: list[BaseException] = []
+
+        async def closed_under() -> None:
+            try:
+                await sock.wait_ready()
+            except trio.ClosedResourceError as exc:
+                outcome.append(exc)
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(closed_under)
+                await trio.testing.wait_all_tasks_blocked()
+                sock.close()
+        assert len(outcome) == 1
+
+
 async def test_wake_does_not_end_a_convenience_recv(
     ctx: Ctx, autojump_clock: trio.abc.Clock
 ) -> None:
@@ -353,3 +421,25 @@ def test_bind_reports_the_real_endpoint(ctx: Ctx, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="at least one part"):
         dealer.send_multipart_nowait([])
     dealer.close()
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts fds in /proc")
+def test_sockets_closed_or_dropped_release_their_wake_fds(ctx: Ctx) -> None:
+    # Each socket holds an epoll set and an eventfd for wake(): close() frees
+    # them, and so does dropping a socket that was never closed.
+    def open_fds() -> int:
+        return len(list(Path("/proc/self/fd").iterdir()))
+
+    Socket(ctx.socket(zmq.DEALER)).close()  # zmq's own fds, opened once per context
+    gc.collect()  # earlier tests' garbage may still hold fds
+    before = open_fds()
+    for _ in range(50):
+        sock = Socket(ctx.socket(zmq.DEALER))
+        sock.close()
+    for _ in range(50):
+        dropped = Socket(ctx.socket(zmq.DEALER))
+        dropped.zmq_socket.close(linger=0)
+        del dropped
+    gc.collect()
+    # A leak would add 50 or 100; nothing here opens fds that stay open.
+    assert open_fds() <= before

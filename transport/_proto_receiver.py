@@ -556,15 +556,21 @@ class LinkReceiver:
         out = self._out
         self._out = []
         delayed = self._delayed
-        while delayed and delayed[0][0] <= now:
-            key = delayed.popleft()[1]
+        while delayed:
+            due, key = delayed[0]
             session = self._sessions.get(key[0])
-            if session is None or session.incarnation != key[1]:
-                continue
-            entry = session.entries.get(key[2])
-            if entry is not None and entry.state == _PROCESSING:
+            entry = None
+            if session is not None and session.incarnation == key[1]:
+                entry = session.entries.get(key[2])
+            processing = entry is not None and entry.state == _PROCESSING
+            if processing and due > now:
+                break
+            delayed.popleft()
+            if processing:
                 # Still processing: RECEIVED is due. A finished one's final
-                # answer went out when it finished.
+                # answer went out when it finished, and its timer is dropped
+                # before it is due: when messages are sparse, a timer left
+                # behind would wake the shell for nothing after each one.
                 self._answers[key] = None
         if not self._answers:
             return out
