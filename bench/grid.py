@@ -72,9 +72,7 @@ import numpy as np  # noqa: E402
 import trio  # noqa: E402
 
 from actors import (  # noqa: E402
-    Actor,
     Decomposition,
-    Delivery,
     NodeConfig,
     NodeSpec,
     SenderConfig,
@@ -86,6 +84,8 @@ from actors._demo import (  # noqa: E402
     _CHILD_MALLOC_ENV,
     DeepTile,
     Job,
+    _HaloActor,
+    _Inbox,
     _summary,
     auto_depth,
     free_port,
@@ -195,34 +195,21 @@ def measure_cellmesh(
 # -- the probe: where a frame's time goes ---------------------------------------------
 
 
-class _ProbeInbox:
-    """Halos by frame, plus how long each took from the sender's clock to ours."""
+class _ProbeInbox(_Inbox):
+    """The demo's inbox, also noting each halo's one-way latency.
+
+    The probe's senders prefix each halo with their ``perf_counter`` (one
+    clock for all processes of a host).
+    """
 
     def __init__(self) -> None:
-        self.frames: dict[int, dict[str, bytes]] = {}
+        super().__init__()
         self.latency_ms: list[float] = []
-        self.changed = trio.Event()
 
     def put(self, frame: int, peer: str, data: bytes) -> None:
         (sent,) = struct.unpack_from("<d", data)
         self.latency_ms.append((time.perf_counter() - sent) * 1000.0)
-        self.frames.setdefault(frame, {})[peer] = data[8:]
-        self.changed.set()
-
-    async def take(self, frame: int, count: int) -> dict[str, bytes]:
-        while len(self.frames.get(frame, ())) < count:
-            self.changed = trio.Event()
-            await self.changed.wait()
-        return self.frames.pop(frame, {})
-
-
-class _ProbeActor(Actor[Any, None]):
-    def __init__(self, inbox: _ProbeInbox) -> None:
-        self._inbox = inbox
-
-    async def receive(self, msg: Any) -> None:
-        if isinstance(msg, Delivery) and msg.frame_no is not None:
-            self._inbox.put(msg.frame_no, msg.peer, bytes(msg.payload))
+        super().put(frame, peer, data[8:])
 
 
 async def _probe_tile(
@@ -262,7 +249,7 @@ async def _probe_tile(
             node_id,
             bind=topology.endpoint_of(node_id),
             peers=dict(topology.peers_of(node_id)),
-            compute=lambda: _ProbeActor(inbox),
+            compute=lambda: _HaloActor(inbox),
             config=config,
         ) as node:
             previous: list[SendHandle] = []
