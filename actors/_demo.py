@@ -594,45 +594,46 @@ async def run_demo(
         name: f"tcp://127.0.0.1:{port}"
         for name, port in zip([*names, COORDINATOR], sorted(ports), strict=True)
     }
+    for pause in pauses:
+        if pause.node not in names:
+            raise ValueError(f"--pause names {pause.node!r}; the tiles are {', '.join(names)}")
     topology = grid_topology(decomp, endpoints)
-    with contextlib.ExitStack() as cleanup:
-        keys_dir: str | None = None
-        security: Security | None = None
-        if secure:
-            # mkdtemp makes the folder 0700; the secret files are 0600.
-            keys_dir = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="cellmesh-keys-"))
-            made: dict[str, str] = {}
-            for name in [*names, COORDINATOR]:
-                pair = generate_key_pair()
-                write_key_pair(keys_dir, name, pair)
-                made[name] = pair.public
-            topology = topology.with_public_keys(made)
-            security = load_security(topology, COORDINATOR, keys_dir)
-        topo_path = out / "topology.toml"
-        topology.save(topo_path)
-        return await _run_demo(
-            job, names, decomp, topology, topo_path, pauses, show, timeout, keys_dir, security, out
-        )
+    # mkdtemp makes the folder 0700; the secret files are 0600.
+    keys: contextlib.AbstractContextManager[str | None] = (
+        tempfile.TemporaryDirectory(prefix="cellmesh-keys-") if secure else contextlib.nullcontext()
+    )
+    with keys as keys_dir:
+        if keys_dir is not None:
+            topology = _throwaway_keys(topology, keys_dir)
+        return await _run_demo(job, decomp, topology, pauses, show, timeout, out, keys_dir)
+
+
+def _throwaway_keys(topology: Topology, keys_dir: str) -> Topology:
+    """A key pair per node in ``keys_dir``; the topology with their public keys."""
+    made: dict[str, str] = {}
+    for name in topology.ids:
+        pair = generate_key_pair()
+        write_key_pair(keys_dir, name, pair)
+        made[name] = pair.public
+    return topology.with_public_keys(made)
 
 
 async def _run_demo(
     job: Job,
-    names: tuple[str, ...],
     decomp: Decomposition,
     topology: Topology,
-    topo_path: Path,
     pauses: list[Pause],
     show: bool,
     timeout: float,
-    keys_dir: str | None,
-    security: Security | None,
     out: Path,
+    keys_dir: str | None,
 ) -> DemoOutcome:
     model = get_model(job.model)
+    names = decomp.node_ids()
     endpoints = {n.id: n.endpoint for n in topology.nodes}
-    for pause in pauses:
-        if pause.node not in names:
-            raise ValueError(f"--pause names {pause.node!r}; the tiles are {', '.join(names)}")
+    topo_path = out / "topology.toml"
+    topology.save(topo_path)
+    security = load_security(topology, COORDINATOR, keys_dir) if keys_dir is not None else None
 
     board = _Board(list(names))
     procs: dict[str, trio.Process] = {}
