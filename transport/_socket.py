@@ -320,7 +320,8 @@ class Socket:
             trio.WouldBlock: Nothing is queued; await :meth:`wait_ready`.
             trio.ClosedResourceError: The socket or its context is closed.
         """
-        return cast("list[bytes]", self._recv_nowait(copy=True))
+        parts: list[bytes] = self._recv_nowait(True)
+        return parts
 
     def recv_authenticated_nowait(self) -> tuple[str | None, list[bytes]]:
         """Take one queued message and who sent it, without blocking.
@@ -337,7 +338,7 @@ class Socket:
             trio.WouldBlock: Nothing is queued; await :meth:`wait_ready`.
             trio.ClosedResourceError: The socket or its context is closed.
         """
-        frames = cast("list[zmq.Frame]", self._recv_nowait(copy=False))
+        frames: list[zmq.Frame] = self._recv_nowait(False)
         user: str | None
         try:
             # Every frame of a message carries its connection's metadata;
@@ -347,7 +348,8 @@ class Socket:
             user = None
         return user, [frame.bytes for frame in frames]
 
-    def _recv_nowait(self, *, copy: bool) -> list[bytes] | list[zmq.Frame]:
+    def _recv_nowait(self, copy: bool) -> list[Any]:
+        # list[Any]: bytes with copy, zmq.Frame without; typed by the callers.
         if self._closed:
             raise trio.ClosedResourceError("socket is closed")
         try:
@@ -358,7 +360,8 @@ class Socket:
             raise trio.ClosedResourceError("the zmq context was terminated") from None
         finally:
             # Any zmq call may eat the fd's edge: a sleeping owner re-reads EVENTS.
-            self._interrupt()
+            if self._wakeable or self._wait_scope is not None:
+                self._interrupt()
         self._received += 1
         return parts
 
@@ -404,7 +407,8 @@ class Socket:
                 raise Unroutable(bytes(cast("Buffer", parts[0]))) from None
             raise
         finally:
-            self._interrupt()
+            if self._wakeable or self._wait_scope is not None:
+                self._interrupt()
         self._sent += 1
 
     async def wait_ready(self, *, readable: bool = True, writable: bool = False) -> None:
