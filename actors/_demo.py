@@ -38,7 +38,7 @@ from ._actor import Actor
 from ._grid import Decomposition, Direction, GridError, Tile, assemble, interior, pad
 from ._link import SendHandle
 from ._models import Model, get_model, grid_digest, load_rle, place_center, run_serial
-from ._node import NodeConfig, open_node
+from ._node import Node, NodeConfig, open_node
 from ._outcomes import Delivery
 from ._security import load_security
 from ._topology import NodeSpec, Topology
@@ -238,7 +238,8 @@ class DeepTile:
         self._frame += 1
 
 
-#: The inbox slot of the neighbours' "ready" messages (frames count from 0).
+#: The inbox slots of the neighbours' "ready" messages: ``_READY - round``
+#: (frames count from 0, so these never meet a halo).
 _READY = -1
 
 
@@ -271,8 +272,8 @@ class _HaloActor(Actor[Any, None]):
             return
         if msg.stream == "halo" and msg.frame_no is not None:
             self._inbox.put(msg.frame_no, msg.peer, bytes(msg.payload))
-        elif msg.stream == "ready":
-            self._inbox.put(_READY, msg.peer, b"")
+        elif msg.stream == "ready" and msg.frame_no in (0, 1):
+            self._inbox.put(_READY - msg.frame_no, msg.peer, b"")
 
 
 def _summary(stats: Any) -> dict[str, int]:
@@ -291,6 +292,24 @@ def _summary(stats: Any) -> dict[str, int]:
         "admitted": stats.security.admitted,
         "refused": sum(stats.security.refused.values()),
     }
+
+
+async def _start_together(node: Node, inbox: _Inbox, neighbours: list[str]) -> None:
+    """A barrier with the neighbours, so that the frame clocks start together.
+
+    MPI codes start from a barrier; without one, frame 0 would wait for the
+    neighbours' processes to start up (30-250 ms measured on 2 cores), and
+    that is start-up, not frame rate. Round 0 proves every link works both
+    ways (our "ready" is confirmed, theirs arrived); round 1 tells each
+    neighbour that we finished round 0. A node whose neighbour was still
+    reconnecting in round 0 would otherwise start its clock while that
+    neighbour still waits.
+    """
+    for round_no in (0, 1):
+        sent = [node.send_nowait(p, b"", stream="ready", frame_no=round_no) for p in neighbours]
+        await inbox.take(_READY - round_no, len(neighbours))
+        for handle in sent:
+            await handle.wait()
 
 
 async def run_tile(
@@ -343,13 +362,7 @@ async def run_tile(
         previous: list[SendHandle] = []
         progress: list[SendHandle] = []
         frame_ms: list[float] = []
-        # Start together, as an MPI code starts from a barrier: without this,
-        # frame 0 waits for the neighbours' processes to start up (30-250 ms
-        # measured on 2 cores), and that is start-up, not frame rate.
-        ready = [node.send_nowait(peer, b"", stream="ready") for peer in towards]
-        await inbox.take(_READY, len(towards))
-        for handle in ready:
-            await handle.wait()
+        await _start_together(node, inbox, list(towards))
         for frame in range(job.frames):
             started = time.perf_counter()
             exchange = cells.needs_halos
