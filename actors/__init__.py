@@ -26,7 +26,7 @@ from ._actor import DEFAULT_ASK_TIMEOUT, Actor, ActorRef, ActorStatistics, Reply
 from ._errors import ActorCrashed, ActorError, ActorStopped, AskTimeout, SupervisorGaveUp
 from ._grid import Decomposition, Direction, GridError, Tile, assemble, interior, pad, scatter
 from ._inbound import InboundStatistics
-from ._link import LinkStatistics, SendHandle
+from ._link import BatchHandle, LinkStatistics, SendHandle
 from ._node import DEFAULT_STREAM, Node, NodeConfig, NodeStatistics, open_node
 from ._outcomes import (
     Ack,
@@ -55,6 +55,7 @@ __all__ = [
     "ActorStopped",
     "AskTimeout",
     "Backoff",
+    "BatchHandle",
     "ChildSpec",
     "CurveKeyPair",
     "Decomposition",

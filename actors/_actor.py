@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
@@ -260,6 +260,34 @@ class ActorRef(Generic[M, R]):
             raise cell._stopped_error()
         try:
             cell._send_chan.send_nowait(_Envelope(msg, reply))
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise cell._stopped_error() from None
+
+    def send_all_nowait(self, msgs: Sequence[M], replies: Sequence[ReplySink | None]) -> None:
+        """Put every message of ``msgs`` in the mailbox now, in order, or none of them.
+
+        Args:
+            msgs: the messages.
+            replies: one sink (or None) per message, as for :meth:`send`.
+
+        Raises:
+            trio.WouldBlock: the mailbox has no room for all of them; nothing
+                was put in it.
+            ActorStopped: the actor is stopped for good.
+        """
+        cell = self._cell
+        if cell._final:
+            raise cell._stopped_error()
+        chan = cell._send_chan
+        stats = chan.statistics()
+        # A task waiting in receive takes one message directly, not from the buffer.
+        room = stats.max_buffer_size - stats.current_buffer_used + stats.tasks_waiting_receive
+        if room < len(msgs):
+            raise trio.WouldBlock
+        send = chan.send_nowait
+        try:
+            for msg, reply in zip(msgs, replies, strict=True):
+                send(_Envelope(msg, reply))
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise cell._stopped_error() from None
 

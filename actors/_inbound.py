@@ -11,6 +11,16 @@ with each message: returning from ``receive`` becomes ACK, ``Reject`` becomes
 ERR with its code, a crash becomes ERR ``COMPUTE_FAILED`` (and the supervisor
 restarts the actor), a stop becomes ERR ``SHUTTING_DOWN``. Every delivered
 message gets exactly one final answer.
+
+A batch (a DATA_ITEMS) is one message to the core and to the sequencer: it
+takes one place in its stream and is released as a unit. Only at the hand-over
+to the compute actor does it become one :class:`Delivery` per item, put in
+the mailbox back to back; each item's outcome goes to an :class:`_ItemSink`,
+and the batch's :class:`_ItemsCompletion` answers the core once the last item
+has its outcome (``LinkReceiver.complete_items``). A crash on one item is that
+item's ERR and restarts the actor, exactly as for a message sent alone; the
+items behind it are already in the mailbox, which outlives the restart, so
+they go to the new instance.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import trio
 
 from transport import Ack as AckFrame
 from transport import (
+    AckItems,
     AskMissing,
     Batch,
     Deliver,
@@ -35,6 +46,9 @@ from transport import (
     FaultStatistics,
     Frame,
     Incarnation,
+    ItemAck,
+    ItemErr,
+    ItemOutcome,
     Limits,
     LinkReceiver,
     LocalProtocolError,
@@ -156,6 +170,16 @@ class _Query:
     answer: ReqAnswer | None = None
 
 
+def _err_of(error: BaseException) -> tuple[int, str]:
+    """The ERR code and detail a compute actor's failure is answered with."""
+    if isinstance(error, Reject):
+        return error.code, error.detail
+    if isinstance(error, ActorStopped):
+        return ErrCode.SHUTTING_DOWN, "the compute actor stopped"
+    cause = error.__cause__ or error
+    return ErrCode.COMPUTE_FAILED, f"{type(cause).__name__}: {cause}"[:200]
+
+
 class _Completion:
     """The reply sink of one delivered message: turns the outcome into ACK/ERR."""
 
@@ -172,15 +196,72 @@ class _Completion:
 
     def fail(self, error: BaseException) -> None:
         item = self._item
-        if isinstance(error, Reject):
-            code, detail = error.code, error.detail
-        elif isinstance(error, ActorStopped):
-            code, detail = ErrCode.SHUTTING_DOWN, "the compute actor stopped"
-        else:
-            cause = error.__cause__ or error
-            code, detail = ErrCode.COMPUTE_FAILED, f"{type(cause).__name__}: {cause}"[:200]
+        code, detail = _err_of(error)
         self._inbound.core.fail(item.peer, item.peer_incarnation, item.seq, code, detail)
         self._inbound.wake()
+
+
+#: The outcome of an item processed without a result: one shared value.
+_ITEM_ACK = ItemAck(None)
+
+
+class _ItemsCompletion:
+    """Collects the outcomes of a batch's items; answers the batch when the last is in."""
+
+    __slots__ = ("_inbound", "_item", "_left", "_outcomes")
+
+    def __init__(self, inbound: InboundState, item: Deliver) -> None:
+        self._inbound = inbound
+        self._item = item
+        n = len(item.payload)
+        self._outcomes: list[ItemOutcome | None] = [None] * n
+        self._left = n
+
+    def settle(self, index: int, outcome: ItemOutcome) -> None:
+        """Item ``index`` has its outcome; the first one given counts."""
+        outcomes = self._outcomes
+        if outcomes[index] is not None:
+            return
+        outcomes[index] = outcome
+        self._left -= 1
+        if not self._left:
+            item = self._item
+            done: tuple[ItemOutcome, ...] = tuple(outcomes)  # type: ignore[arg-type]
+            self._inbound.core.complete_items(item.peer, item.peer_incarnation, item.seq, done)
+            self._inbound.wake()
+
+
+class _ItemSink:
+    """The reply sink of one item of a batch."""
+
+    __slots__ = ("_batch", "_index")
+
+    def __init__(self, batch: _ItemsCompletion, index: int) -> None:
+        self._batch = batch
+        self._index = index
+
+    def set_result(self, value: Any) -> None:
+        self._batch.settle(self._index, _ITEM_ACK if value is None else ItemAck(value))
+
+    def fail(self, error: BaseException) -> None:
+        code, detail = _err_of(error)
+        self._batch.settle(self._index, ItemErr(code, detail))
+
+
+def _expand(inbound: InboundState, item: Deliver) -> tuple[list[Delivery], list[_ItemSink]]:
+    """One Delivery and one reply sink per item of a batch, in item order."""
+    batch = _ItemsCompletion(inbound, item)
+    peer = item.peer
+    stream = item.stream
+    stream_seq = item.stream_seq
+    frame_no = item.frame_no
+    seq = item.seq
+    deliveries = [
+        Delivery(peer, stream, stream_seq, frame_no, payload, seq, index)
+        for index, payload in enumerate(item.payload)
+    ]
+    sinks = [_ItemSink(batch, index) for index in range(len(deliveries))]
+    return deliveries, sinks
 
 
 class Receiver(Actor[Any, Any]):
@@ -394,6 +475,9 @@ def _encode_answers(frames: list[Frame], limits: Limits) -> list[list[Any]]:
         try:
             out.append(encode(frame, limits=limits))
         except LocalProtocolError as exc:
+            if type(frame) is AckItems:
+                out.append(encode(_encodable_items(frame, limits), limits=limits))
+                continue
             if type(frame) is not AckFrame:
                 raise
             err = ErrFrame(
@@ -407,6 +491,37 @@ def _encode_answers(frames: list[Frame], limits: Limits) -> list[list[Any]]:
             )
             out.append(encode(err, limits=limits))
     return out
+
+
+def _encodable_items(frame: AckItems, limits: Limits) -> AckItems:
+    """``frame`` with each item result the codec refuses turned into that item's ERR."""
+    outcomes: list[ItemOutcome] = []
+    for outcome in frame.outcomes:
+        if isinstance(outcome, ItemAck) and outcome.result is not None:
+            probe = AckFrame(
+                frame.node,
+                frame.incarnation,
+                frame.peer_incarnation,
+                frame.seq,
+                frame.credit,
+                outcome.result,
+            )
+            try:
+                encode(probe, limits=limits)
+            except LocalProtocolError as exc:
+                outcomes.append(
+                    ItemErr(ErrCode.COMPUTE_FAILED, f"result not encodable: {exc}"[:200])
+                )
+                continue
+        outcomes.append(outcome)
+    return AckItems(
+        frame.node,
+        frame.incarnation,
+        frame.peer_incarnation,
+        frame.seq,
+        frame.credit,
+        tuple(outcomes),
+    )
 
 
 def _send(st: InboundState, sock: SocketLike, message: list[Any]) -> None:
@@ -496,7 +611,11 @@ class PeerSequencer(Actor[list[Any], None]):
         if stream is None or not stream.releases_at_once(item.stream_seq, item.stream_floor):
             return False
         try:
-            compute.send_nowait(_delivery(item), reply=_Completion(self._inbound, item))
+            if item.items:
+                # All items or none: a batch is released as one unit.
+                compute.send_all_nowait(*_expand(self._inbound, item))
+            else:
+                compute.send_nowait(_delivery(item), reply=_Completion(self._inbound, item))
         except (trio.WouldBlock, ActorStopped):
             return False
         stream.release_at_once(item.stream_seq, item.stream_floor)
@@ -579,6 +698,9 @@ class PeerSequencer(Actor[list[Any], None]):
                             "this node runs no compute actor",
                         )
                         continue
+                    if item.items:
+                        await self._hand_over_items(compute, item)
+                        continue
                     delivery = _delivery(item)
                     completion = _Completion(inbound, item)
                     try:
@@ -622,6 +744,30 @@ class PeerSequencer(Actor[list[Any], None]):
             # on_stop answers what is still buffered, and the restarted
             # sequencer takes the stream up again from the sender's floor.
             raise failed
+
+    async def _hand_over_items(self, compute: ActorRef[Any, Any], item: Deliver) -> None:
+        """Put a batch's items in the compute mailbox, in order, waiting for room."""
+        deliveries, sinks = _expand(self._inbound, item)
+        try:
+            compute.send_all_nowait(deliveries, sinks)
+            return
+        except trio.WouldBlock:
+            pass
+        for index, delivery in enumerate(deliveries):
+            try:
+                try:
+                    compute.send_nowait(delivery, reply=sinks[index])
+                except trio.WouldBlock:
+                    await compute.send(delivery, reply=sinks[index])
+            except BaseException as exc:
+                # The items not handed over will never be processed: each gets
+                # its ERR now, so the batch still gets its one final answer.
+                stopped = ActorStopped(
+                    "compute", "the compute actor stopped before this item reached it"
+                )
+                for sink in sinks[index:]:
+                    sink.fail(exc if isinstance(exc, ActorStopped) else stopped)
+                raise
 
     def _take_pending_gaps(self) -> list[Gap]:
         gaps, self._pending_gaps = self._pending_gaps, []

@@ -1,0 +1,262 @@
+"""Batch sends: N items as one protocol message, each with its own outcome.
+
+In-memory nodes under virtual time for the semantics (order, per-item
+outcomes, crashes, dedup under faults, deadlines, limits), and one pair of
+real nodes on tcp 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+
+from actors import (
+    Ack,
+    Actor,
+    BatchHandle,
+    Delivery,
+    DeliveryFailed,
+    ErrCode,
+    Gap,
+    NodeConfig,
+    NodeId,
+    PeerError,
+    Reject,
+    open_node,
+)
+from actors.testing import FaultPlan, Inbox, open_test_network
+from transport import Limits, LocalProtocolError
+
+
+class Worker(Actor[Any, Any]):
+    """Answers each item with ``payload * 2``; Reject for "bad"; crashes on "boom"."""
+
+    def __init__(self, seen: list[tuple[int, int, int, Any]], starts: list[int]) -> None:
+        self.seen = seen
+        starts.append(len(starts))
+
+    async def receive(self, msg: Any) -> Any:
+        if isinstance(msg, Gap):
+            raise AssertionError(f"no gap expected: {msg}")
+        assert isinstance(msg, Delivery)
+        if msg.payload == "bad":
+            raise Reject(417, f"bad item {msg.item}")
+        if msg.payload == "boom":
+            raise RuntimeError("compute blew up")
+        self.seen.append((msg.seq, msg.stream_seq, msg.item, msg.payload))
+        return msg.payload * 2 if isinstance(msg.payload, int) else None
+
+
+def _worker(seen: list[tuple[int, int, int, Any]], starts: list[int]) -> Any:
+    return lambda: Worker(seen, starts)
+
+
+async def test_batch_of_100_is_delivered_in_order_once_with_item_indices(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    inbox = Inbox()
+    async with open_test_network() as net:
+        await net.start_node("b", peers={"a": None}, compute=inbox.compute)
+        a = await net.start_node("a", peers=["b"])
+        payloads = [bytes([i]) * 64 for i in range(100)]
+        handle = a.send_batch_nowait("b", payloads, stream="s", frame_no=9)
+        assert isinstance(handle, BatchHandle)
+        assert (handle.seq, handle.stream_seq, handle.count) == (1, 1, 100)
+        outcomes = await handle.wait()
+        assert handle.done
+        assert len(outcomes) == 100
+        for outcome in outcomes:
+            assert isinstance(outcome, Ack)
+            assert (outcome.peer, outcome.seq, outcome.stream_seq, outcome.result) == (
+                "b",
+                1,
+                1,
+                None,
+            )
+        assert inbox.payloads() == payloads
+        assert [d.item for d in inbox.deliveries] == list(range(100))
+        assert {(d.seq, d.stream, d.stream_seq, d.frame_no) for d in inbox.deliveries} == {
+            (1, "s", 1, 9)
+        }
+        link = a.statistics().links[NodeId("b")].protocol
+        # One protocol message, one plain ACK: the whole batch cost one of each.
+        assert (link.sent, link.acked, link.resent) == (1, 1, 0)
+
+
+async def test_each_item_gets_its_own_result_or_error(autojump_clock: trio.abc.Clock) -> None:
+    seen: list[tuple[int, int, int, Any]] = []
+    starts: list[int] = []
+    async with open_test_network() as net:
+        await net.start_node("b", peers={"a": None}, compute=_worker(seen, starts))
+        a = await net.start_node("a", peers=["b"])
+        outcomes = await a.send_batch("b", [1, "bad", 3, "bad", None])
+        assert [type(o) for o in outcomes] == [Ack, PeerError, Ack, PeerError, Ack]
+        assert [o.result for o in outcomes if isinstance(o, Ack)] == [2, 6, None]
+        errors = [o for o in outcomes if isinstance(o, PeerError)]
+        assert [(e.code, e.detail) for e in errors] == [(417, "bad item 1"), (417, "bad item 3")]
+        assert [item for _, _, item, _ in seen] == [0, 2, 4]
+        assert starts == [0], "a Reject is an answer, not a crash"
+
+
+async def test_a_crashing_item_restarts_the_actor_and_later_items_go_on(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    seen: list[tuple[int, int, int, Any]] = []
+    starts: list[int] = []
+    async with open_test_network() as net:
+        await net.start_node("b", peers={"a": None}, compute=_worker(seen, starts))
+        a = await net.start_node("a", peers=["b"])
+        outcomes = await a.send_batch("b", [1, 2, "boom", 4, 5], timeout=5)
+        assert [type(o) for o in outcomes] == [Ack, Ack, PeerError, Ack, Ack]
+        error = outcomes[2]
+        assert isinstance(error, PeerError)
+        assert error.code == ErrCode.COMPUTE_FAILED
+        assert "compute blew up" in error.detail
+        assert [o.result for o in outcomes if isinstance(o, Ack)] == [2, 4, 8, 10]
+        assert [item for _, _, item, _ in seen] == [0, 1, 3, 4]
+        assert starts == [0, 1], "the supervisor restarted the compute actor once"
+        # The next message of the stream still goes to the restarted actor.
+        ack = await a.send("b", 7)
+        assert (ack.result, ack.stream_seq) == (14, 2)
+
+
+async def test_duplicates_and_drops_never_process_an_item_twice(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    seen: list[tuple[int, int, int, Any]] = []
+    starts: list[int] = []
+    async with open_test_network(seed=7) as net:
+        # Both directions: lost and doubled DATA_ITEMS, lost and doubled answers.
+        net.set_faults(FaultPlan(drop=0.3, duplicate=0.3, delay=0.02))
+        await net.start_node("b", peers={"a": None}, compute=_worker(seen, starts))
+        a = await net.start_node("a", peers=["b"])
+        batches = [[100 * k + i for i in range(k % 7 + 1)] for k in range(40)]
+        handles = []
+        for batch in batches:
+            await a.wait_window("b")
+            handles.append(a.send_batch_nowait("b", batch, timeout=60))
+            # Spaced out, so that each batch travels in its own ZeroMQ message
+            # and meets the faults on its own.
+            await trio.sleep(0.005)
+        for batch, handle in zip(batches, handles, strict=True):
+            outcomes = await handle.wait()
+            assert [o.result for o in outcomes if isinstance(o, Ack)] == [2 * p for p in batch]
+        # Delivered exactly once each, in stream order, item by item.
+        assert [payload for _, _, _, payload in seen] == [p for batch in batches for p in batch]
+        assert [(stream_seq, item) for _, stream_seq, item, _ in seen] == [
+            (k + 1, i) for k, batch in enumerate(batches) for i in range(len(batch))
+        ]
+        stats = net.statistics()
+        assert stats.dropped > 0
+        assert stats.duplicated > 0
+        link = a.statistics().links[NodeId("b")].protocol
+        assert link.resent > 0
+        inbound = net["b"].statistics().inbound.protocol.sessions[0]
+        assert inbound.duplicates > 0
+
+
+async def test_batches_and_single_sends_keep_stream_order(autojump_clock: trio.abc.Clock) -> None:
+    inbox = Inbox()
+    async with open_test_network(seed=3) as net:
+        # Reordering delays: the receiver's sequencer must put them back in order.
+        net.set_faults(FaultPlan(delay=0.05), src="a", dst="b")
+        await net.start_node("b", peers={"a": None}, compute=inbox.compute)
+        a = await net.start_node("a", peers=["b"])
+        handles: list[Any] = [
+            a.send_nowait("b", "one"),
+            a.send_batch_nowait("b", ["two", "three"]),
+            a.send_nowait("b", "four"),
+            a.send_batch_nowait("b", ["five"]),
+            a.send_batch_nowait("b", ["six", "seven", "eight"]),
+            a.send_nowait("b", "nine"),
+        ]
+        for handle in handles:
+            await handle.wait()
+        assert inbox.payloads() == [
+            "one",
+            "two",
+            "three",
+            "four",
+            "five",
+            "six",
+            "seven",
+            "eight",
+            "nine",
+        ]
+        assert [(d.stream_seq, d.item) for d in inbox.deliveries] == [
+            (1, 0),
+            (2, 0),
+            (2, 1),
+            (3, 0),
+            (4, 0),
+            (5, 0),
+            (5, 1),
+            (5, 2),
+            (6, 0),
+        ]
+
+
+async def test_batch_to_a_silent_peer_fails_as_a_whole_at_its_deadline(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    async with open_test_network() as net:
+        # "b" never runs: nothing answers.
+        a = await net.start_node("a", peers=["b"])
+        start = trio.current_time()
+        handle = a.send_batch_nowait("b", [1, 2, 3], timeout=4.0)
+        with pytest.raises(DeliveryFailed) as info:
+            await handle.wait()
+        assert trio.current_time() == start + 4.0
+        assert info.value.seq == handle.seq
+        assert handle.done
+        with pytest.raises(DeliveryFailed):
+            await a.send_batch("b", [4, 5], timeout=2.0)
+        assert trio.current_time() == start + 6.0
+
+
+async def test_batch_size_limits_are_enforced_at_submit(autojump_clock: trio.abc.Clock) -> None:
+    config = NodeConfig(limits=Limits(max_items=8))
+    async with open_test_network() as net:
+        await net.start_node("b", peers={"a": None}, compute=Inbox().compute, config=config)
+        a = await net.start_node("a", peers=["b"], config=config)
+        with pytest.raises(LocalProtocolError, match=r"1 to Limits\.max_items=8"):
+            a.send_batch_nowait("b", [])
+        with pytest.raises(LocalProtocolError, match="got 9"):
+            a.send_batch_nowait("b", list(range(9)))
+        with pytest.raises(LocalProtocolError, match="got 0"):
+            await a.send_batch("b", [])
+        assert a.statistics().links[NodeId("b")].protocol.sent == 0
+        outcomes = await a.send_batch("b", list(range(8)))
+        assert len(outcomes) == 8
+
+
+async def test_real_tcp_batch_round_trip() -> None:
+    seen: list[tuple[int, int, int, Any]] = []
+    starts: list[int] = []
+    with trio.fail_after(10):
+        async with (
+            open_node(
+                "b",
+                bind="tcp://127.0.0.1:*",
+                peers={"a": None},
+                compute=_worker(seen, starts),
+            ) as b,
+            open_node("a", bind="tcp://127.0.0.1:*", peers={"b": b.endpoint}) as a,
+        ):
+            handles = []
+            for k in range(20):
+                await a.wait_window("b")
+                handles.append(a.send_batch_nowait("b", [k * 100 + i for i in range(64)]))
+            totals = []
+            for handle in handles:
+                totals.extend(o.result for o in await handle.wait() if isinstance(o, Ack))
+            assert totals == [2 * (k * 100 + i) for k in range(20) for i in range(64)]
+            assert len(seen) == 20 * 64
+            outcomes = await a.send_batch("b", [1, "bad", "boom", 4])
+            assert [type(o) for o in outcomes] == [Ack, PeerError, PeerError, Ack]
+            assert [o.code for o in outcomes if isinstance(o, PeerError)] == [
+                417,
+                ErrCode.COMPUTE_FAILED,
+            ]
