@@ -22,7 +22,15 @@ from transport import (
 )
 from transport import SequencerConfig as StreamConfig
 
-from ._actor import DEFAULT_ASK_TIMEOUT, Actor, ActorRef, ActorStatistics, ReplySink, spawn
+from ._actor import (
+    DEFAULT_ASK_TIMEOUT,
+    Actor,
+    ActorRef,
+    ActorStatistics,
+    ItemsReplySink,
+    ReplySink,
+    spawn,
+)
 from ._errors import ActorCrashed, ActorError, ActorStopped, AskTimeout, SupervisorGaveUp
 from ._grid import Decomposition, Direction, GridError, Tile, assemble, interior, pad, scatter
 from ._inbound import InboundStatistics
@@ -68,6 +76,7 @@ __all__ = [
     "GapPolicy",
     "GridError",
     "InboundStatistics",
+    "ItemsReplySink",
     "KeyFileError",
     "LinkStatistics",
     "Node",

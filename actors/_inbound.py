@@ -15,12 +15,13 @@ message gets exactly one final answer.
 A batch (a DATA_ITEMS) is one message to the core and to the sequencer: it
 takes one place in its stream and is released as a unit. Only at the hand-over
 to the compute actor does it become one :class:`Delivery` per item, put in
-the mailbox back to back; each item's outcome goes to an :class:`_ItemSink`,
-and the batch's :class:`_ItemsCompletion` answers the core once the last item
-has its outcome (``LinkReceiver.complete_items``). A crash on one item is that
-item's ERR and restarts the actor, exactly as for a message sent alone; the
-items behind it are already in the mailbox, which outlives the restart, so
-they go to the new instance.
+the mailbox as one entry (``ActorRef.send_items``: the actor's task takes them
+back to back, no task hop or channel operation per item); each item's outcome
+goes to the batch's :class:`_ItemsCompletion` (by index), which answers the
+core once the last item has its outcome
+(``LinkReceiver.complete_items``). A crash on one item is that item's ERR and
+restarts the actor, exactly as for a message sent alone; the runtime carries
+the items behind it over to the new instance.
 """
 
 from __future__ import annotations
@@ -206,7 +207,7 @@ _ITEM_ACK = ItemAck(None)
 
 
 class _ItemsCompletion:
-    """Collects the outcomes of a batch's items; answers the batch when the last is in."""
+    """The reply sink of a batch's items: answers the batch when the last one is settled."""
 
     __slots__ = ("_inbound", "_item", "_left", "_outcomes")
 
@@ -217,10 +218,17 @@ class _ItemsCompletion:
         self._outcomes: list[ItemOutcome | None] = [None] * n
         self._left = n
 
-    def settle(self, index: int, outcome: ItemOutcome) -> None:
-        """Item ``index`` has its outcome; the first one given counts."""
+    def set_item_result(self, index: int, value: Any) -> None:
+        self._settle(index, _ITEM_ACK if value is None else ItemAck(value))
+
+    def fail_item(self, index: int, error: BaseException) -> None:
+        code, detail = _err_of(error)
+        self._settle(index, ItemErr(code, detail))
+
+    def _settle(self, index: int, outcome: ItemOutcome) -> None:
         outcomes = self._outcomes
         if outcomes[index] is not None:
+            # The runtime settles each item once; a second answer is dropped.
             return
         outcomes[index] = outcome
         self._left -= 1
@@ -231,26 +239,8 @@ class _ItemsCompletion:
             self._inbound.wake()
 
 
-class _ItemSink:
-    """The reply sink of one item of a batch."""
-
-    __slots__ = ("_batch", "_index")
-
-    def __init__(self, batch: _ItemsCompletion, index: int) -> None:
-        self._batch = batch
-        self._index = index
-
-    def set_result(self, value: Any) -> None:
-        self._batch.settle(self._index, _ITEM_ACK if value is None else ItemAck(value))
-
-    def fail(self, error: BaseException) -> None:
-        code, detail = _err_of(error)
-        self._batch.settle(self._index, ItemErr(code, detail))
-
-
-def _expand(inbound: InboundState, item: Deliver) -> tuple[list[Delivery], list[_ItemSink]]:
-    """One Delivery and one reply sink per item of a batch, in item order."""
-    batch = _ItemsCompletion(inbound, item)
+def _expand(inbound: InboundState, item: Deliver) -> tuple[list[Delivery], _ItemsCompletion]:
+    """One Delivery per item of a batch, in item order, and the batch's reply sink."""
     peer = item.peer
     stream = item.stream
     stream_seq = item.stream_seq
@@ -260,8 +250,7 @@ def _expand(inbound: InboundState, item: Deliver) -> tuple[list[Delivery], list[
         Delivery(peer, stream, stream_seq, frame_no, payload, seq, index)
         for index, payload in enumerate(item.payload)
     ]
-    sinks = [_ItemSink(batch, index) for index in range(len(deliveries))]
-    return deliveries, sinks
+    return deliveries, _ItemsCompletion(inbound, item)
 
 
 class Receiver(Actor[Any, Any]):
@@ -612,8 +601,9 @@ class PeerSequencer(Actor[list[Any], None]):
             return False
         try:
             if item.items:
-                # All items or none: a batch is released as one unit.
-                compute.send_all_nowait(*_expand(self._inbound, item))
+                # One mailbox entry: a batch is released as one unit.
+                deliveries, completion = _expand(self._inbound, item)
+                compute.send_items_nowait(deliveries, reply=completion)
             else:
                 compute.send_nowait(_delivery(item), reply=_Completion(self._inbound, item))
         except (trio.WouldBlock, ActorStopped):
@@ -746,28 +736,20 @@ class PeerSequencer(Actor[list[Any], None]):
             raise failed
 
     async def _hand_over_items(self, compute: ActorRef[Any, Any], item: Deliver) -> None:
-        """Put a batch's items in the compute mailbox, in order, waiting for room."""
-        deliveries, sinks = _expand(self._inbound, item)
+        """Put a batch's items in the compute mailbox as one entry, waiting for room."""
+        deliveries, completion = _expand(self._inbound, item)
         try:
-            compute.send_all_nowait(deliveries, sinks)
-            return
-        except trio.WouldBlock:
-            pass
-        for index, delivery in enumerate(deliveries):
             try:
-                try:
-                    compute.send_nowait(delivery, reply=sinks[index])
-                except trio.WouldBlock:
-                    await compute.send(delivery, reply=sinks[index])
-            except BaseException as exc:
-                # The items not handed over will never be processed: each gets
-                # its ERR now, so the batch still gets its one final answer.
-                stopped = ActorStopped(
-                    "compute", "the compute actor stopped before this item reached it"
-                )
-                for sink in sinks[index:]:
-                    sink.fail(exc if isinstance(exc, ActorStopped) else stopped)
-                raise
+                compute.send_items_nowait(deliveries, reply=completion)
+            except trio.WouldBlock:
+                await compute.send_items(deliveries, reply=completion)
+        except BaseException as exc:
+            # None of the items reached the actor and none will: each gets its
+            # ERR now, so the batch still gets its one final answer.
+            stopped = exc if isinstance(exc, ActorStopped) else ActorStopped("compute", "stopped")
+            for index in range(len(deliveries)):
+                completion.fail_item(index, stopped)
+            raise
 
     def _take_pending_gaps(self) -> list[Gap]:
         gaps, self._pending_gaps = self._pending_gaps, []

@@ -15,7 +15,9 @@ import trio
 from actors import (
     Ack,
     Actor,
+    ActorStopped,
     BatchHandle,
+    ChildSpec,
     Delivery,
     DeliveryFailed,
     ErrCode,
@@ -25,6 +27,7 @@ from actors import (
     PeerError,
     Reject,
     open_node,
+    open_supervisor,
 )
 from actors.testing import FaultPlan, Inbox, open_test_network
 from transport import Limits, LocalProtocolError
@@ -260,3 +263,104 @@ async def test_real_tcp_batch_round_trip() -> None:
                 417,
                 ErrCode.COMPUTE_FAILED,
             ]
+
+
+# -- the actor runtime: several messages in one mailbox entry -------------------
+
+
+class _Log(list[tuple[str, Any]]):
+    """Settled replies in order; ``full`` is set once ``expect`` of them are in."""
+
+    def __init__(self, expect: int) -> None:
+        super().__init__()
+        self.expect = expect
+        self.full = trio.Event()
+
+    def add(self, entry: tuple[str, Any]) -> None:
+        self.append(entry)
+        if len(self) >= self.expect:
+            self.full.set()
+
+
+class _Sink:
+    """A reply sink that records what it was settled with."""
+
+    def __init__(self, log: _Log, name: str) -> None:
+        self._log = log
+        self._name = name
+
+    def set_result(self, value: Any) -> None:
+        self._log.add((self._name, value))
+
+    def fail(self, error: BaseException) -> None:
+        self._log.add((self._name, type(error).__name__))
+
+
+class _ItemsSink:
+    """An items reply sink that records each message's outcome under its name."""
+
+    def __init__(self, log: _Log, names: list[str]) -> None:
+        self._log = log
+        self._names = names
+
+    def set_item_result(self, index: int, value: Any) -> None:
+        self._log.add((self._names[index], value))
+
+    def fail_item(self, index: int, error: BaseException) -> None:
+        self._log.add((self._names[index], type(error).__name__))
+
+
+class _Echo(Actor[Any, Any]):
+    def __init__(self, starts: list[int]) -> None:
+        starts.append(len(starts))
+
+    async def receive(self, msg: Any) -> Any:
+        if msg == "boom":
+            raise RuntimeError("boom")
+        if msg == "bad":
+            raise Reject(400, "bad")
+        await trio.sleep(0.001)
+        return msg
+
+
+async def test_items_in_one_entry_are_handled_in_order_and_survive_a_crash(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    log = _Log(expect=6)
+    starts: list[int] = []
+    async with open_supervisor(ChildSpec("w", lambda: _Echo(starts)), intensity=5) as sup:
+        ref = sup.actor("w")
+        msgs = ["a", "bad", "boom", "c", "d"]
+        ref.send_items_nowait(msgs, reply=_ItemsSink(log, msgs))
+        # Queued behind the batch: must come after the carried-over items.
+        ref.send_nowait("e", reply=_Sink(log, "e"))
+        await log.full.wait()
+    assert log == [
+        ("a", "a"),
+        ("bad", "Reject"),
+        ("boom", "ActorCrashed"),
+        ("c", "c"),
+        ("d", "d"),
+        ("e", "e"),
+    ]
+    assert starts == [0, 1]
+
+
+async def test_items_not_taken_fail_when_the_actor_stops(autojump_clock: trio.abc.Clock) -> None:
+    log = _Log(expect=5)
+    starts: list[int] = []
+    async with open_supervisor(ChildSpec("w", lambda: _Echo(starts))) as sup:
+        ref = sup.actor("w")
+        msgs = [f"m{i}" for i in range(5)]
+        ref.send_items_nowait(msgs, reply=_ItemsSink(log, msgs))
+        await trio.sleep(0.0015)  # m0 done, m1 in its handler
+        await ref.stop()
+        with pytest.raises(ActorStopped):
+            ref.send_items_nowait(["x"])
+    assert log == [
+        ("m0", "m0"),
+        ("m1", "ActorStopped"),
+        ("m2", "ActorStopped"),
+        ("m3", "ActorStopped"),
+        ("m4", "ActorStopped"),
+    ]
