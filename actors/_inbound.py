@@ -219,6 +219,13 @@ class _ItemsCompletion:
         self._left = n
 
     def set_item_result(self, index: int, value: Any) -> None:
+        outcomes = self._outcomes
+        if value is None and outcomes[index] is None and self._left > 1:
+            # The usual item: no result, not the last one. Inline, as this
+            # runs once per item.
+            outcomes[index] = _ITEM_ACK
+            self._left -= 1
+            return
         self._settle(index, _ITEM_ACK if value is None else ItemAck(value))
 
     def fail_item(self, index: int, error: BaseException) -> None:
