@@ -30,11 +30,28 @@ from actors import (
     open_supervisor,
 )
 from actors.testing import FaultPlan, Inbox, open_test_network
-from transport import Limits, LocalProtocolError
+from transport import Ack as AckFrame
+from transport import (
+    AckItems,
+    DataItems,
+    Deliver,
+    Incarnation,
+    ItemAck,
+    ItemErr,
+    Limits,
+    LinkReceiver,
+    LinkSender,
+    LinkSeq,
+    LocalProtocolError,
+    ReceiverConfig,
+    StreamId,
+)
+from transport._proto_link import Answered
 
 
 class Worker(Actor[Any, Any]):
-    """Answers each item with ``payload * 2``; Reject for "bad"; crashes on "boom"."""
+    """Answers each item with ``payload * 2``; Reject for "bad"; crashes on "boom";
+    returns what the codec cannot carry for "odd"."""
 
     def __init__(self, seen: list[tuple[int, int, int, Any]], starts: list[int]) -> None:
         self.seen = seen
@@ -48,6 +65,8 @@ class Worker(Actor[Any, Any]):
             raise Reject(417, f"bad item {msg.item}")
         if msg.payload == "boom":
             raise RuntimeError("compute blew up")
+        if msg.payload == "odd":
+            return object()
         self.seen.append((msg.seq, msg.stream_seq, msg.item, msg.payload))
         return msg.payload * 2 if isinstance(msg.payload, int) else None
 
@@ -364,3 +383,84 @@ async def test_items_not_taken_fail_when_the_actor_stops(autojump_clock: trio.ab
         ("m3", "ActorStopped"),
         ("m4", "ActorStopped"),
     ]
+
+
+# -- more node-level outcomes --------------------------------------------------
+
+
+async def test_an_unencodable_result_is_that_items_error(autojump_clock: trio.abc.Clock) -> None:
+    seen: list[tuple[int, int, int, Any]] = []
+    starts: list[int] = []
+    async with open_test_network() as net:
+        await net.start_node("b", peers={"a": None}, compute=_worker(seen, starts))
+        a = await net.start_node("a", peers=["b"])
+        outcomes = await a.send_batch("b", [1, "odd", 3])
+        assert [type(o) for o in outcomes] == [Ack, PeerError, Ack]
+        error = outcomes[1]
+        assert isinstance(error, PeerError)
+        assert error.code == ErrCode.COMPUTE_FAILED
+        assert "not encodable" in error.detail
+        assert [o.result for o in outcomes if isinstance(o, Ack)] == [2, 6]
+
+
+async def test_a_batch_refused_as_a_whole_fails_each_item(autojump_clock: trio.abc.Clock) -> None:
+    async with open_test_network() as net:
+        # No compute actor: the node answers ERR NO_HANDLER for the message.
+        await net.start_node("b", peers={"a": None})
+        a = await net.start_node("a", peers=["b"])
+        outcomes = await a.send_batch("b", [1, 2, 3])
+        assert len(outcomes) == 3
+        for outcome in outcomes:
+            assert isinstance(outcome, PeerError)
+            assert outcome.code == ErrCode.NO_HANDLER
+
+
+# -- the sans-IO cores: a batch is one message to them ----------------------------
+
+A = NodeId("a")
+B = NodeId("b")
+
+
+def test_cores_carry_a_batch_as_one_message_with_one_cached_answer() -> None:
+    sender = LinkSender(A, Incarnation(1), B, now=0.0, rng=lambda: 0.5)
+    receiver = LinkReceiver(B, Incarnation(2), config=ReceiverConfig(received_delay=0.0))
+    with pytest.raises(LocalProtocolError, match="non-empty tuple"):
+        sender.send_items(StreamId("s"), (), now=0.0)
+    seq = sender.send_items(StreamId("s"), (b"x", 2, "bad"), now=0.0, frame_no=4)
+    [frame] = sender.frames_to_send(0.0)
+    assert isinstance(frame, DataItems)
+    assert (frame.seq, frame.stream_seq, frame.frame_no, frame.items) == (
+        seq,
+        1,
+        4,
+        (b"x", 2, "bad"),
+    )
+    receiver.receive_frame(A, frame, 0.0)
+    [_, deliver] = receiver.take_events()  # SessionStarted, then the delivery
+    assert isinstance(deliver, Deliver)
+    assert deliver.items is True
+    assert deliver.payload == (b"x", 2, "bad")
+    with pytest.raises(LocalProtocolError, match="reserved"):
+        receiver.complete_items(A, Incarnation(1), seq, (ItemErr(50, "no"),))
+    outcomes = (ItemAck(None), ItemAck(4), ItemErr(417, "bad"))
+    assert receiver.complete_items(A, Incarnation(1), seq, outcomes)
+    [(_, answer)] = receiver.frames_to_send(0.01)
+    assert answer == AckItems(B, Incarnation(2), Incarnation(1), seq, LinkSeq(257), outcomes)
+    # A resend of the batch (its answer lost) gets the same cached answer and
+    # is not delivered again.
+    receiver.receive_frame(A, frame, 0.02)
+    assert receiver.take_events() == []
+    assert receiver.frames_to_send(0.02) == [(A, answer)]
+    sender.receive_frame(answer, 0.03)
+    [event] = [e for e in sender.take_events() if isinstance(e, Answered)]
+    assert event == Answered(seq, answer)
+    assert sender.statistics().acked == 1
+    # Every item plain: the usual ACK, not an ACK_ITEMS.
+    seq2 = sender.send_items(StreamId("s"), (1, 2), now=0.04)
+    [frame2] = sender.frames_to_send(0.04)
+    receiver.receive_frame(A, frame2, 0.04)
+    receiver.take_events()
+    assert receiver.complete_items(A, Incarnation(1), seq2, (ItemAck(None), ItemAck(None)))
+    [(_, plain)] = receiver.frames_to_send(0.05)
+    assert type(plain) is AckFrame
+    assert (plain.seq, plain.result) == (seq2, None)
