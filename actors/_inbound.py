@@ -471,10 +471,16 @@ def _encode_answers(frames: list[Frame], limits: Limits) -> list[list[Any]]:
         try:
             out.append(encode(frame, limits=limits))
         except LocalProtocolError as exc:
+            problem = exc
             if type(frame) is AckItems:
-                out.append(encode(_encodable_items(frame, limits), limits=limits))
-                continue
-            if type(frame) is not AckFrame:
+                try:
+                    out.append(encode(_encodable_items(frame, limits), limits=limits))
+                    continue
+                except LocalProtocolError as too_large:
+                    # Results that encode one by one but not together (over
+                    # the size limits): the batch is answered ERR as a whole.
+                    problem = too_large
+            elif type(frame) is not AckFrame:
                 raise
             err = ErrFrame(
                 frame.node,
@@ -483,7 +489,7 @@ def _encode_answers(frames: list[Frame], limits: Limits) -> list[list[Any]]:
                 frame.seq,
                 frame.credit,
                 ErrCode.COMPUTE_FAILED,
-                f"result not encodable: {exc}"[:200],
+                f"result not encodable: {problem}"[:200],
             )
             out.append(encode(err, limits=limits))
     return out

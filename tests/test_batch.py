@@ -464,3 +464,24 @@ def test_cores_carry_a_batch_as_one_message_with_one_cached_answer() -> None:
     [(_, plain)] = receiver.frames_to_send(0.05)
     assert type(plain) is AckFrame
     assert (plain.seq, plain.result) == (seq2, None)
+
+
+async def test_results_too_large_together_fail_the_batch_as_a_whole(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # Each result fits the header limit alone, the four together do not.
+    config = NodeConfig(limits=Limits(max_header_bytes=2000))
+    inbox = Inbox(answer=lambda d: "r" * 800)
+    async with open_test_network() as net:
+        await net.start_node("b", peers={"a": None}, compute=inbox.compute, config=config)
+        a = await net.start_node("a", peers=["b"], config=config)
+        outcomes = await a.send_batch("b", [1, 2, 3, 4])
+        for outcome in outcomes:
+            assert isinstance(outcome, PeerError)
+            assert outcome.code == ErrCode.COMPUTE_FAILED
+            assert "not encodable" in outcome.detail
+        assert len(inbox.deliveries) == 4
+        # A result that fits still comes back.
+        [single] = await a.send_batch("b", [5])
+        assert isinstance(single, Ack)
+        assert single.result == "r" * 800
