@@ -22,11 +22,19 @@ from transport import (
 )
 from transport import SequencerConfig as StreamConfig
 
-from ._actor import DEFAULT_ASK_TIMEOUT, Actor, ActorRef, ActorStatistics, ReplySink, spawn
+from ._actor import (
+    DEFAULT_ASK_TIMEOUT,
+    Actor,
+    ActorRef,
+    ActorStatistics,
+    ItemsReplySink,
+    ReplySink,
+    spawn,
+)
 from ._errors import ActorCrashed, ActorError, ActorStopped, AskTimeout, SupervisorGaveUp
 from ._grid import Decomposition, Direction, GridError, Tile, assemble, interior, pad, scatter
 from ._inbound import InboundStatistics
-from ._link import LinkStatistics, SendHandle
+from ._link import BatchHandle, LinkStatistics, SendHandle
 from ._node import DEFAULT_STREAM, Node, NodeConfig, NodeStatistics, open_node
 from ._outcomes import (
     Ack,
@@ -55,6 +63,7 @@ __all__ = [
     "ActorStopped",
     "AskTimeout",
     "Backoff",
+    "BatchHandle",
     "ChildSpec",
     "CurveKeyPair",
     "Decomposition",
@@ -67,6 +76,7 @@ __all__ = [
     "GapPolicy",
     "GridError",
     "InboundStatistics",
+    "ItemsReplySink",
     "KeyFileError",
     "LinkStatistics",
     "Node",

@@ -4,13 +4,21 @@ The per-message path is kept lean on purpose (a Trio task hop costs tens of
 microseconds here): with ``max_concurrency == 1`` one task loops over the
 mailbox and awaits ``receive`` inline; with N > 1, N such tasks share the
 mailbox. No task is spawned per message.
+
+Several messages may share one mailbox entry (:meth:`ActorRef.send_items`,
+used for the items of a batch send): one task takes them back to back, in
+order, each handled exactly as if it had been sent alone. If the instance
+ends in the middle (a crash on one of them, ``exit()``), the messages not
+yet taken are carried over to the next instance, ahead of the mailbox, or
+failed with :class:`ActorStopped` if there is none.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
@@ -48,6 +56,20 @@ class ReplySink(Protocol):
 
     def fail(self, error: BaseException) -> None:
         """``receive`` raised ``Reject``, or the actor crashed or stopped."""
+
+
+class ItemsReplySink(Protocol):
+    """Where the replies to the messages of one :meth:`ActorRef.send_items` go.
+
+    The runtime settles each message exactly once, by its index.
+    """
+
+    def set_item_result(self, index: int, value: Any) -> None:
+        """``receive`` returned ``value`` for message ``index``."""
+
+    def fail_item(self, index: int, error: BaseException) -> None:
+        """``receive`` raised ``Reject`` for message ``index``, or the actor
+        crashed or stopped before or while handling it."""
 
 
 class _Reply:
@@ -96,6 +118,42 @@ class _Envelope(Generic[M]):
 
     msg: M
     reply: ReplySink | None
+
+
+class _Items(Generic[M]):
+    """A mailbox item holding several messages, taken in order from ``next`` on.
+
+    While its task handles one of them, ``current`` is that one's index and
+    the item stands in the instance's in-hand set for it: if the instance
+    ends there, :meth:`fail` answers that message (and only that one).
+    """
+
+    __slots__ = ("current", "msgs", "next", "reply")
+
+    def __init__(self, msgs: Sequence[M], reply: ItemsReplySink | None) -> None:
+        self.msgs = msgs
+        self.reply = reply
+        self.next = 0
+        self.current: int | None = None
+
+    def set_result(self, value: Any) -> None:
+        if self.current is not None and self.reply is not None:
+            self.reply.set_item_result(self.current, value)
+            self.current = None
+
+    def fail(self, error: BaseException) -> None:
+        if self.current is not None and self.reply is not None:
+            self.reply.fail_item(self.current, error)
+            self.current = None
+
+    def fail_rest(self, error: BaseException) -> None:
+        """Answer every message not taken yet with ``error``."""
+        reply = self.reply
+        start = self.next
+        self.next = len(self.msgs)
+        if reply is not None:
+            for index in range(start, self.next):
+                reply.fail_item(index, error)
 
 
 class Actor(Generic[M, R]):
@@ -263,6 +321,47 @@ class ActorRef(Generic[M, R]):
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise cell._stopped_error() from None
 
+    async def send_items(self, msgs: Sequence[M], *, reply: ItemsReplySink | None = None) -> None:
+        """Put several messages in the mailbox as one entry, waiting while it is full.
+
+        They are handled back to back, in order, each exactly as if sent
+        alone: its own ``receive`` call and its own reply, given to ``reply``
+        with its index. A crash on one fails that one (as any crash does) and
+        the next instance takes the rest, before anything else in the
+        mailbox; if the actor stops for good, the rest fail with
+        :class:`ActorStopped`. They take one place in the mailbox, however
+        many they are.
+
+        Args:
+            msgs: the messages.
+            reply: optional sink for each message's outcome, by index.
+
+        Raises:
+            ActorStopped: the actor is stopped for good.
+        """
+        cell = self._cell
+        if cell._final:
+            raise cell._stopped_error()
+        try:
+            await cell._send_chan.send(_Items(msgs, reply))
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise cell._stopped_error() from None
+
+    def send_items_nowait(self, msgs: Sequence[M], *, reply: ItemsReplySink | None = None) -> None:
+        """Put several messages in the mailbox now, as one entry (see :meth:`send_items`).
+
+        Raises:
+            trio.WouldBlock: the mailbox is full; nothing was put in it.
+            ActorStopped: the actor is stopped for good.
+        """
+        cell = self._cell
+        if cell._final:
+            raise cell._stopped_error()
+        try:
+            cell._send_chan.send_nowait(_Items(msgs, reply))
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise cell._stopped_error() from None
+
     # The timeout is part of ask's contract, as in OTP's call/3: by default
     # nothing waits forever, and expiry surfaces as the typed AskTimeout.
     async def ask(self, msg: M, *, timeout: float = DEFAULT_ASK_TIMEOUT) -> R:
@@ -327,12 +426,17 @@ class _ActorCell(_Child, Generic[M, R]):
     def __init__(self, spec: ChildSpec[M, R]) -> None:
         super().__init__(spec.name, spec.restart)
         self.spec = spec
-        self._send_chan, self._recv_chan = trio.open_memory_channel[_Envelope[M]](spec.mailbox_size)
+        self._send_chan, self._recv_chan = trio.open_memory_channel[_Envelope[M] | _Items[M]](
+            spec.mailbox_size
+        )
         self.ref: ActorRef[M, R] = ActorRef(self)
         self._processed = 0
         self._busy = 0
         self._exit_requested = False
         self._serve_scope: trio.CancelScope | None = None
+        # Shared mailbox entries an instance ended in the middle of: the next
+        # instance takes their remaining messages first.
+        self._carried: deque[_Items[M]] = deque()
 
     def _stopped_error(self) -> ActorStopped:
         return ActorStopped(self.name, f"actor {self.name!r} is stopped")
@@ -405,6 +509,7 @@ class _ActorCell(_Child, Generic[M, R]):
         receive = self._recv_chan.receive
         receive_nowait = self._recv_chan.receive_nowait
         handle = actor.receive
+        carried = self._carried
         run = 0
         while True:
             # Take what is already queued without a checkpoint, up to a run of
@@ -412,7 +517,10 @@ class _ActorCell(_Child, Generic[M, R]):
             # waits on the results (the node's answer flusher) wakes once per
             # burst instead of once per message. The checkpoint after a run
             # keeps the actor cancellable and fair to other tasks.
-            if run < _DRAIN_RUN:
+            envelope: Any
+            if carried:
+                envelope = carried.popleft()
+            elif run < _DRAIN_RUN:
                 try:
                     envelope = receive_nowait()
                     run += 1
@@ -423,6 +531,11 @@ class _ActorCell(_Child, Generic[M, R]):
                 await trio.lowlevel.checkpoint()
                 envelope = await receive()
                 run = 0
+            if type(envelope) is _Items:
+                if not await self._work_items(handle, envelope, in_hand):
+                    return
+                run = _DRAIN_RUN
+                continue
             reply = envelope.reply
             self._busy += 1
             if reply is None:
@@ -444,6 +557,50 @@ class _ActorCell(_Child, Generic[M, R]):
             if self._exit_requested:
                 self._request_exit()
                 return
+
+    async def _work_items(
+        self, handle: Callable[[M], Any], items: _Items[M], in_hand: set[ReplySink]
+    ) -> bool:
+        """Handle the messages of one shared entry in order; False if exit() ended the loop."""
+        msgs = items.msgs
+        reply = items.reply
+        n = len(msgs)
+        in_hand.add(items)
+        try:
+            i = items.next
+            while i < n:
+                if i and not i % _DRAIN_RUN:
+                    # Before taking the next one: cancelled here, it is carried over.
+                    await trio.lowlevel.checkpoint()
+                items.next = i + 1
+                self._busy += 1
+                if reply is None:
+                    with contextlib.suppress(Reject):
+                        await handle(msgs[i])
+                else:
+                    items.current = i
+                    try:
+                        result = await handle(msgs[i])
+                    except Reject as reject:
+                        items.current = None
+                        reply.fail_item(i, reject)
+                    else:
+                        items.current = None
+                        reply.set_item_result(i, result)
+                self._busy -= 1
+                self._processed += 1
+                i += 1
+                if self._exit_requested:
+                    in_hand.discard(items)
+                    self._request_exit()
+                    return False
+            in_hand.discard(items)
+            return True
+        finally:
+            # Left in the middle (a crash, a cancel, exit()): the rest is
+            # carried over; the one in hand, if any, is failed by _live.
+            if items.next < n:
+                self._carried.append(items)
 
     def _fail_in_hand(self, in_hand: set[ReplySink], failure: BaseException | None) -> None:
         """Answer every ask whose handler this instance's end interrupted."""
@@ -472,8 +629,12 @@ class _ActorCell(_Child, Generic[M, R]):
                 envelope = self._recv_chan.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 break
-            if envelope.reply is not None:
+            if isinstance(envelope, _Items):
+                self._carried.append(envelope)
+            elif envelope.reply is not None:
                 envelope.reply.fail(self._stopped_error())
+        while self._carried:
+            self._carried.popleft().fail_rest(self._stopped_error())
         self._send_chan.close()
         self._recv_chan.close()
         self.status.value = status

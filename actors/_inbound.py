@@ -11,6 +11,17 @@ with each message: returning from ``receive`` becomes ACK, ``Reject`` becomes
 ERR with its code, a crash becomes ERR ``COMPUTE_FAILED`` (and the supervisor
 restarts the actor), a stop becomes ERR ``SHUTTING_DOWN``. Every delivered
 message gets exactly one final answer.
+
+A batch (a DATA_ITEMS) is one message to the core and to the sequencer: it
+takes one place in its stream and is released as a unit. Only at the hand-over
+to the compute actor does it become one :class:`Delivery` per item, put in
+the mailbox as one entry (``ActorRef.send_items``: the actor's task takes them
+back to back, no task hop or channel operation per item); each item's outcome
+goes to the batch's :class:`_ItemsCompletion` (by index), which answers the
+core once the last item has its outcome
+(``LinkReceiver.complete_items``). A crash on one item is that item's ERR and
+restarts the actor, exactly as for a message sent alone; the runtime carries
+the items behind it over to the new instance.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ import trio
 
 from transport import Ack as AckFrame
 from transport import (
+    AckItems,
     AskMissing,
     Batch,
     Deliver,
@@ -35,6 +47,9 @@ from transport import (
     FaultStatistics,
     Frame,
     Incarnation,
+    ItemAck,
+    ItemErr,
+    ItemOutcome,
     Limits,
     LinkReceiver,
     LocalProtocolError,
@@ -156,6 +171,16 @@ class _Query:
     answer: ReqAnswer | None = None
 
 
+def _err_of(error: BaseException) -> tuple[int, str]:
+    """The ERR code and detail a compute actor's failure is answered with."""
+    if isinstance(error, Reject):
+        return error.code, error.detail
+    if isinstance(error, ActorStopped):
+        return ErrCode.SHUTTING_DOWN, "the compute actor stopped"
+    cause = error.__cause__ or error
+    return ErrCode.COMPUTE_FAILED, f"{type(cause).__name__}: {cause}"[:200]
+
+
 class _Completion:
     """The reply sink of one delivered message: turns the outcome into ACK/ERR."""
 
@@ -172,15 +197,67 @@ class _Completion:
 
     def fail(self, error: BaseException) -> None:
         item = self._item
-        if isinstance(error, Reject):
-            code, detail = error.code, error.detail
-        elif isinstance(error, ActorStopped):
-            code, detail = ErrCode.SHUTTING_DOWN, "the compute actor stopped"
-        else:
-            cause = error.__cause__ or error
-            code, detail = ErrCode.COMPUTE_FAILED, f"{type(cause).__name__}: {cause}"[:200]
+        code, detail = _err_of(error)
         self._inbound.core.fail(item.peer, item.peer_incarnation, item.seq, code, detail)
         self._inbound.wake()
+
+
+#: The outcome of an item processed without a result: one shared value.
+_ITEM_ACK = ItemAck(None)
+
+
+class _ItemsCompletion:
+    """The reply sink of a batch's items: answers the batch when the last one is settled."""
+
+    __slots__ = ("_inbound", "_item", "_left", "_outcomes")
+
+    def __init__(self, inbound: InboundState, item: Deliver) -> None:
+        self._inbound = inbound
+        self._item = item
+        n = len(item.payload)
+        self._outcomes: list[ItemOutcome | None] = [None] * n
+        self._left = n
+
+    def set_item_result(self, index: int, value: Any) -> None:
+        outcomes = self._outcomes
+        if value is None and outcomes[index] is None and self._left > 1:
+            # The usual item: no result, not the last one. Inline, as this
+            # runs once per item.
+            outcomes[index] = _ITEM_ACK
+            self._left -= 1
+            return
+        self._settle(index, _ITEM_ACK if value is None else ItemAck(value))
+
+    def fail_item(self, index: int, error: BaseException) -> None:
+        code, detail = _err_of(error)
+        self._settle(index, ItemErr(code, detail))
+
+    def _settle(self, index: int, outcome: ItemOutcome) -> None:
+        outcomes = self._outcomes
+        if outcomes[index] is not None:
+            # The runtime settles each item once; a second answer is dropped.
+            return
+        outcomes[index] = outcome
+        self._left -= 1
+        if not self._left:
+            item = self._item
+            done: tuple[ItemOutcome, ...] = tuple(outcomes)  # type: ignore[arg-type]
+            self._inbound.core.complete_items(item.peer, item.peer_incarnation, item.seq, done)
+            self._inbound.wake()
+
+
+def _expand(inbound: InboundState, item: Deliver) -> tuple[list[Delivery], _ItemsCompletion]:
+    """One Delivery per item of a batch, in item order, and the batch's reply sink."""
+    peer = item.peer
+    stream = item.stream
+    stream_seq = item.stream_seq
+    frame_no = item.frame_no
+    seq = item.seq
+    deliveries = [
+        Delivery(peer, stream, stream_seq, frame_no, payload, seq, index)
+        for index, payload in enumerate(item.payload)
+    ]
+    return deliveries, _ItemsCompletion(inbound, item)
 
 
 class Receiver(Actor[Any, Any]):
@@ -394,7 +471,16 @@ def _encode_answers(frames: list[Frame], limits: Limits) -> list[list[Any]]:
         try:
             out.append(encode(frame, limits=limits))
         except LocalProtocolError as exc:
-            if type(frame) is not AckFrame:
+            problem = exc
+            if type(frame) is AckItems:
+                try:
+                    out.append(encode(_encodable_items(frame, limits), limits=limits))
+                    continue
+                except LocalProtocolError as too_large:
+                    # Results that encode one by one but not together (over
+                    # the size limits): the batch is answered ERR as a whole.
+                    problem = too_large
+            elif type(frame) is not AckFrame:
                 raise
             err = ErrFrame(
                 frame.node,
@@ -403,10 +489,41 @@ def _encode_answers(frames: list[Frame], limits: Limits) -> list[list[Any]]:
                 frame.seq,
                 frame.credit,
                 ErrCode.COMPUTE_FAILED,
-                f"result not encodable: {exc}"[:200],
+                f"result not encodable: {problem}"[:200],
             )
             out.append(encode(err, limits=limits))
     return out
+
+
+def _encodable_items(frame: AckItems, limits: Limits) -> AckItems:
+    """``frame`` with each item result the codec refuses turned into that item's ERR."""
+    outcomes: list[ItemOutcome] = []
+    for outcome in frame.outcomes:
+        if isinstance(outcome, ItemAck) and outcome.result is not None:
+            probe = AckFrame(
+                frame.node,
+                frame.incarnation,
+                frame.peer_incarnation,
+                frame.seq,
+                frame.credit,
+                outcome.result,
+            )
+            try:
+                encode(probe, limits=limits)
+            except LocalProtocolError as exc:
+                outcomes.append(
+                    ItemErr(ErrCode.COMPUTE_FAILED, f"result not encodable: {exc}"[:200])
+                )
+                continue
+        outcomes.append(outcome)
+    return AckItems(
+        frame.node,
+        frame.incarnation,
+        frame.peer_incarnation,
+        frame.seq,
+        frame.credit,
+        tuple(outcomes),
+    )
 
 
 def _send(st: InboundState, sock: SocketLike, message: list[Any]) -> None:
@@ -496,7 +613,12 @@ class PeerSequencer(Actor[list[Any], None]):
         if stream is None or not stream.releases_at_once(item.stream_seq, item.stream_floor):
             return False
         try:
-            compute.send_nowait(_delivery(item), reply=_Completion(self._inbound, item))
+            if item.items:
+                # One mailbox entry: a batch is released as one unit.
+                deliveries, completion = _expand(self._inbound, item)
+                compute.send_items_nowait(deliveries, reply=completion)
+            else:
+                compute.send_nowait(_delivery(item), reply=_Completion(self._inbound, item))
         except (trio.WouldBlock, ActorStopped):
             return False
         stream.release_at_once(item.stream_seq, item.stream_floor)
@@ -579,6 +701,9 @@ class PeerSequencer(Actor[list[Any], None]):
                             "this node runs no compute actor",
                         )
                         continue
+                    if item.items:
+                        await self._hand_over_items(compute, item)
+                        continue
                     delivery = _delivery(item)
                     completion = _Completion(inbound, item)
                     try:
@@ -622,6 +747,22 @@ class PeerSequencer(Actor[list[Any], None]):
             # on_stop answers what is still buffered, and the restarted
             # sequencer takes the stream up again from the sender's floor.
             raise failed
+
+    async def _hand_over_items(self, compute: ActorRef[Any, Any], item: Deliver) -> None:
+        """Put a batch's items in the compute mailbox as one entry, waiting for room."""
+        deliveries, completion = _expand(self._inbound, item)
+        try:
+            try:
+                compute.send_items_nowait(deliveries, reply=completion)
+            except trio.WouldBlock:
+                await compute.send_items(deliveries, reply=completion)
+        except BaseException as exc:
+            # None of the items reached the actor and none will: each gets its
+            # ERR now, so the batch still gets its one final answer.
+            stopped = exc if isinstance(exc, ActorStopped) else ActorStopped("compute", "stopped")
+            for index in range(len(deliveries)):
+                completion.fail_item(index, stopped)
+            raise
 
     def _take_pending_gaps(self) -> list[Gap]:
         gaps, self._pending_gaps = self._pending_gaps, []

@@ -24,9 +24,12 @@ from trio_util import AsyncValue
 
 from transport import Ack as AckFrame
 from transport import (
+    AckItems,
+    AckRange,
     Answered,
     Batch,
     Data,
+    DataItems,
     Err,
     FaultInjector,
     FaultPlan,
@@ -35,9 +38,11 @@ from transport import (
     GaveUp,
     Held,
     Incarnation,
+    ItemAck,
     Limits,
     LinkSender,
     LinkSeq,
+    LocalProtocolError,
     Network,
     NodeId,
     Payload,
@@ -145,6 +150,149 @@ class SendHandle:
             self._event.set()
 
 
+class BatchHandle:
+    """The pending outcomes of one batch send; ``await handle.wait()`` for them.
+
+    The batch travels as one protocol message, so it has one ``seq`` and one
+    ``stream_seq``, and it fails (:class:`DeliveryFailed`) as a whole; but each
+    item has its own final outcome, :class:`Ack` or :class:`PeerError`.
+
+    Attributes:
+        peer: where it goes; seq: its link sequence number (shared by its
+        items); stream / stream_seq: its place in its stream; count: how many
+        items it holds.
+    """
+
+    __slots__ = (
+        "_done",
+        "_error",
+        "_event",
+        "_outcomes",
+        "attempts",
+        "count",
+        "held",
+        "peer",
+        "sent_at",
+        "seq",
+        "stream",
+        "stream_seq",
+    )
+
+    def __init__(
+        self,
+        peer: NodeId,
+        seq: LinkSeq,
+        stream: StreamId,
+        stream_seq: StreamSeq,
+        sent_at: float,
+        count: int,
+    ) -> None:
+        self.peer = peer
+        self.seq = seq
+        self.stream = stream
+        self.stream_seq = stream_seq
+        self.sent_at = sent_at
+        self.count = count
+        self.attempts = 0
+        self.held = False
+        self._done = False
+        self._event: trio.Event | None = None
+        self._outcomes: list[Ack | PeerError] | None = None
+        self._error: DeliveryFailed | None = None
+
+    @property
+    def done(self) -> bool:
+        """Whether the outcomes are known."""
+        return self._done
+
+    async def wait(self) -> list[Ack | PeerError]:
+        """Wait for the final outcome of every item.
+
+        Returns:
+            One outcome per item, in item order: the peer's :class:`Ack` (with
+            that item's result) or a :class:`PeerError` (that item's ERR).
+
+        Raises:
+            DeliveryFailed: no final answer for the batch before its deadline.
+        """
+        if self._done:
+            await trio.lowlevel.checkpoint()
+        else:
+            if self._event is None:
+                self._event = trio.Event()
+            await self._event.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._outcomes is not None
+        return list(self._outcomes)
+
+    def _answered(self, answer: AckFrame | AckRange | AckItems | Err, now: float) -> None:
+        """Settle every item from the peer's final answer to the batch."""
+        peer = self.peer
+        seq = self.seq
+        outcomes: list[Ack | PeerError]
+        if type(answer) is Err:
+            # The whole batch was refused: the same ERR stands for each item.
+            error = PeerError(peer=peer, seq=seq, code=answer.code, detail=answer.detail)
+            outcomes = [error] * self.count
+        else:
+            rtt = now - self.sent_at
+            stream = self.stream
+            stream_seq = self.stream_seq
+            attempts = self.attempts
+            if type(answer) is AckItems:
+                outcomes = []
+                plain: Ack | None = None
+                for item in answer.outcomes:
+                    if isinstance(item, ItemAck):
+                        if item.result is None:
+                            if plain is None:
+                                plain = Ack(peer, seq, stream, stream_seq, None, rtt, attempts)
+                            outcomes.append(plain)
+                        else:
+                            outcomes.append(
+                                Ack(peer, seq, stream, stream_seq, item.result, rtt, attempts)
+                            )
+                    else:
+                        outcomes.append(
+                            PeerError(peer=peer, seq=seq, code=item.code, detail=item.detail)
+                        )
+                if len(outcomes) != self.count:
+                    # A peer that answers a different number of items broke
+                    # the protocol; its answer cannot be matched to our items.
+                    self._give_up(
+                        f"the peer answered {len(outcomes)} outcomes for {self.count} items"
+                    )
+                    return
+            else:
+                # An ACK without a result for every item: one shared value, as
+                # the items' Acks are equal field for field.
+                ack = Ack(
+                    peer,
+                    seq,
+                    stream,
+                    stream_seq,
+                    answer.result if type(answer) is AckFrame else None,
+                    rtt,
+                    attempts,
+                )
+                outcomes = [ack] * self.count
+        self._settle(outcomes, None)
+
+    def _give_up(self, reason: str) -> None:
+        """End the batch with :class:`DeliveryFailed` for ``reason``."""
+        self._settle(
+            None, DeliveryFailed(peer=self.peer, seq=self.seq, reason=reason, held=self.held)
+        )
+
+    def _settle(self, outcomes: list[Ack | PeerError] | None, error: DeliveryFailed | None) -> None:
+        self._outcomes = outcomes
+        self._error = error
+        self._done = True
+        if self._event is not None:
+            self._event.set()
+
+
 @dataclass(frozen=True, slots=True)
 class LinkStatistics:
     """One link's counters: the protocol's, plus what the shell saw."""
@@ -183,7 +331,7 @@ class LinkState:
             node, incarnation, peer, now=trio.current_time(), rng=rng.random, config=config
         )
         self.faults: FaultInjector[list[Any]] = FaultInjector(faults, salt=f"{node}->{peer}")
-        self.handles: dict[LinkSeq, SendHandle] = {}
+        self.handles: dict[LinkSeq, SendHandle | BatchHandle] = {}
         self.window = trio.lowlevel.ParkingLot()
         self.state = AsyncValue(PeerState.SUSPECT)
         self.socket: SocketLike | None = None
@@ -205,6 +353,29 @@ class LinkState:
         now = trio.current_time()
         seq = core.send(stream, payload, now=now, deadline=deadline, frame_no=frame_no)
         handle = SendHandle(self.peer, seq, stream, core.stream_seq_of(seq), now)
+        self.handles[seq] = handle
+        self.wake()
+        return handle
+
+    def submit_items(
+        self,
+        stream: StreamId,
+        items: tuple[Payload, ...],
+        frame_no: int | None,
+        deadline: float | None,
+    ) -> BatchHandle:
+        """Hand a batch to the core as one message; raises ``trio.WouldBlock`` like submit."""
+        count = len(items)
+        if not 1 <= count <= self.limits.max_items:
+            raise LocalProtocolError(
+                f"a batch holds 1 to Limits.max_items={self.limits.max_items} items, got {count}"
+            )
+        core = self.core
+        if not core.window_open():
+            raise trio.WouldBlock
+        now = trio.current_time()
+        seq = core.send_items(stream, items, now=now, deadline=deadline, frame_no=frame_no)
+        handle = BatchHandle(self.peer, seq, stream, core.stream_seq_of(seq), now, count)
         self.handles[seq] = handle
         self.wake()
         return handle
@@ -311,7 +482,7 @@ class PeerLink(Actor[Any, Any]):
     def _count_attempts(st: LinkState, frames: list[Frame]) -> None:
         handles = st.handles
         for frame in frames:
-            if type(frame) is Data:
+            if type(frame) is Data or type(frame) is DataItems:
                 handle = handles.get(frame.seq)
                 if handle is not None:
                     handle.attempts += 1
@@ -345,7 +516,15 @@ class PeerLink(Actor[Any, Any]):
                 if handle is None:
                     continue
                 answer = event.answer
-                if type(answer) is Err:
+                if type(handle) is BatchHandle:
+                    handle._answered(answer, now)
+                    continue
+                assert type(handle) is SendHandle
+                if type(answer) is AckItems:
+                    # Per-item outcomes for a message sent alone: the peer
+                    # broke the protocol, and no outcome can be trusted.
+                    handle._give_up("the peer answered a single message with ACK_ITEMS")
+                elif type(answer) is Err:
                     handle._settle(
                         None,
                         PeerError(

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,8 +44,8 @@ from transport import (
 
 from ._actor import Actor, ActorRef
 from ._inbound import InboundState, InboundStatistics, PeerSequencer, Receiver, _Query
-from ._link import LinkState, LinkStatistics, PeerLink, SendHandle
-from ._outcomes import Ack, DeliveryFailed, SendError
+from ._link import BatchHandle, LinkState, LinkStatistics, PeerLink, SendHandle
+from ._outcomes import Ack, DeliveryFailed, PeerError, SendError
 from ._security import Gatekeeper, SecurityState, SecurityStatistics
 from ._spec import Backoff, ChildSpec, Restart, Strategy
 from ._supervisor import Supervisor, open_supervisor
@@ -244,6 +244,94 @@ class Node:
                 peer=NodeId(peer), seq=None, reason="the link's window stayed full", held=False
             )
         handle = link.submit(StreamId(stream), payload, frame_no, limit)
+        return await handle.wait()
+
+    def send_batch_nowait(
+        self,
+        peer: str,
+        payloads: Sequence[Payload],
+        *,
+        stream: str = DEFAULT_STREAM,
+        frame_no: int | None = None,
+        timeout: float | None = None,
+        deadline: float | None = None,
+    ) -> BatchHandle:
+        """Start a batch send: several messages that travel as one.
+
+        A batch means exactly what the same ``send_nowait`` calls, one per
+        payload, on that stream would mean: each item is delivered once, in
+        order, as its own :class:`Delivery` (``item`` is its index), and ends
+        in its own outcome. Only the transport differs: the items travel, are
+        retransmitted, deduplicated, counted against the window and credit,
+        and answered as one protocol message (one ``seq``, one
+        ``stream_seq``), so most of the per-message cost is paid once. For the
+        same reason the batch fails as a whole: :class:`DeliveryFailed` is
+        raised for all of its items, never for some.
+
+        Args:
+            peer: the node to send to.
+            payloads: the items, 1 to ``NodeConfig.limits.max_items`` (4096 by
+                default); the encoded batch must fit the message size limits.
+            stream / frame_no / timeout / deadline: as for :meth:`send_nowait`,
+                for the batch.
+
+        Returns:
+            A :class:`BatchHandle`; ``await handle.wait()`` gives one
+            :class:`Ack` or :class:`PeerError` per item, in order.
+
+        Raises:
+            trio.WouldBlock: the link's window is full; use :meth:`send_batch`.
+            LocalProtocolError: unknown peer, an empty or too large batch, or
+                bad arguments.
+        """
+        link = self._link(peer)
+        items = tuple(payloads)
+        return link.submit_items(
+            StreamId(stream), items, frame_no, self._deadline(timeout, deadline)
+        )
+
+    async def send_batch(
+        self,
+        peer: str,
+        payloads: Sequence[Payload],
+        *,
+        stream: str = DEFAULT_STREAM,
+        frame_no: int | None = None,
+        timeout: float | None = None,
+        deadline: float | None = None,
+    ) -> list[Ack | PeerError]:
+        """Send a batch and wait until the peer answered every item.
+
+        Waits first for room in the link's window, like :meth:`send`; see
+        :meth:`send_batch_nowait` for what a batch means.
+
+        Args: as for :meth:`send_batch_nowait`.
+
+        Returns:
+            One outcome per item, in order: the peer's :class:`Ack` (with that
+            item's result) or the :class:`PeerError` it answered for that item.
+
+        Raises:
+            DeliveryFailed: no final answer for the batch before the deadline
+                (for every item: a batch is answered as a whole).
+            LocalProtocolError: unknown peer, an empty or too large batch, or
+                bad arguments.
+        """
+        link = self._link(peer)
+        items = tuple(payloads)
+        limit = self._deadline(timeout, deadline)
+        if limit is None:
+            limit = trio.current_time() + self._config.sender.send_timeout
+        if not 1 <= len(items) <= link.limits.max_items:
+            # Before the wait: a batch that can never be sent fails at once.
+            link.submit_items(StreamId(stream), items, frame_no, limit)
+        with trio.move_on_at(limit) as scope:
+            await link.wait_window()
+        if scope.cancelled_caught:
+            raise DeliveryFailed(
+                peer=NodeId(peer), seq=None, reason="the link's window stayed full", held=False
+            )
+        handle = link.submit_items(StreamId(stream), items, frame_no, limit)
         return await handle.wait()
 
     async def send_many(

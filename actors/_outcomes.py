@@ -112,6 +112,9 @@ class Delivery:
         frame_no: the sender's own frame number, if it gave one.
         payload: the message body (bytes or plain data).
         seq: its link sequence number.
+        item: 0 for a message sent alone; for an item of a batch
+            (``Node.send_batch``), its index in the batch. The items of one
+            batch share ``seq`` and ``stream_seq`` and arrive in index order.
     """
 
     peer: NodeId
@@ -120,6 +123,7 @@ class Delivery:
     frame_no: int | None
     payload: Payload
     seq: LinkSeq
+    item: int = 0
 
 
 @dataclass(frozen=True, slots=True)

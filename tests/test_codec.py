@@ -23,14 +23,18 @@ from hypothesis import strategies as st
 
 from transport import (
     Ack,
+    AckItems,
     AckRange,
     Batch,
     Data,
+    DataItems,
     Err,
     ErrCode,
     Frame,
     Hello,
     Incarnation,
+    ItemAck,
+    ItemErr,
     LinkSeq,
     LocalProtocolError,
     MissingItem,
@@ -52,6 +56,7 @@ from transport._codec import (
     Limits,
     _decode_by_schema,
     _decode_data,
+    _decode_frame,
     _Decoding,
     _encode_by_schema,
     _encode_data,
@@ -129,8 +134,37 @@ req_answers = st.one_of(
     st.builds(ReqAnswer, ids, u63, u63, st.none(), st.just(()), stream_statuses),
     st.builds(ReqAnswer, ids, u63, u63, ids, missing_items, stream_statuses),
 )
+data_items = st.builds(
+    DataItems,
+    ids,
+    u63,
+    u63,
+    ids,
+    u63,
+    u63,
+    st.none() | u63,
+    st.lists(payloads, min_size=1, max_size=4).map(tuple),
+    u63,
+)
+item_outcomes = st.one_of(
+    st.builds(ItemAck, st.none() | payloads),
+    st.builds(ItemErr, err_codes, st.text(max_size=20)),
+)
+ack_items = st.builds(
+    AckItems, ids, u63, u63, u63, u63, st.lists(item_outcomes, min_size=1, max_size=5).map(tuple)
+)
 single_frames = st.one_of(
-    hellos, datas, receiveds, acks, ack_ranges, errs, retries, reqs, req_answers
+    hellos,
+    datas,
+    data_items,
+    receiveds,
+    acks,
+    ack_ranges,
+    ack_items,
+    errs,
+    retries,
+    reqs,
+    req_answers,
 )
 batches = st.lists(single_frames, min_size=1, max_size=6).map(lambda fs: Batch(tuple(fs)))
 frames = st.one_of(single_frames, batches)
@@ -156,6 +190,14 @@ def expected(frame: Frame) -> Frame:
         return Data(**{**_fields(frame), "payload": normalise(frame.payload)})
     if isinstance(frame, Ack):
         return Ack(**{**_fields(frame), "result": normalise(frame.result)})
+    if isinstance(frame, DataItems):
+        items = tuple(normalise(item) for item in frame.items)
+        return DataItems(**{**_fields(frame), "items": items})
+    if isinstance(frame, AckItems):
+        outcomes = tuple(
+            ItemAck(normalise(o.result)) if isinstance(o, ItemAck) else o for o in frame.outcomes
+        )
+        return AckItems(**{**_fields(frame), "outcomes": outcomes})
     return frame
 
 
@@ -391,7 +433,7 @@ cbor_values = st.recursive(
 
 
 @FUZZ
-@given(st.lists(cbor_values, max_size=11), st.integers(1, 9))
+@given(st.lists(cbor_values, max_size=11), st.integers(1, 12))
 def test_random_cbor_arrays_only_raise_remote_protocol_error(items: list[Any], kind: int) -> None:
     # Well-formed CBOR with a real kind gets past the parser into the checks.
     decode_or_reject([cbor2.dumps([kind, *items])])
@@ -636,7 +678,7 @@ def test_bad_limits_are_refused(changes: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize(
     "header",
-    [[0, "n"], [11], [-1], [2**64 - 1], ["DATA"], [True, "n", 1, 2, False], [2.0, *raw_data()[1:]]],
+    [[0, "n"], [13], [-1], [2**64 - 1], ["DATA"], [True, "n", 1, 2, False], [2.0, *raw_data()[1:]]],
     ids=repr,
 )
 def test_unknown_kind(header: list[Any]) -> None:
@@ -918,3 +960,122 @@ def test_data_fast_paths_refuse_each_bad_field_as_the_walk_does() -> None:
             fast_encoded = _encode_data(frame, _Encoding(limits, OOB_THRESHOLD))
             assert fast_encoded == encoded or fast_encoded is None, (position, bad)
             assert encoded is not None or fast_encoded is None, (position, bad)
+
+
+# --------------------------------------------------------------------------
+# DATA_ITEMS and ACK_ITEMS (batch sends)
+
+
+def raw_items(*items: Any) -> list[Any]:
+    """A DATA_ITEMS header as a plain list."""
+    return [11, "n1", 7, 1, "halo", 1, 1, None, list(items), 0]
+
+
+def test_data_items_is_one_compact_array_and_round_trips() -> None:
+    frame = DataItems(
+        NodeId("n1"),
+        Incarnation(7),
+        LinkSeq(1),
+        StreamId("halo"),
+        StreamSeq(1),
+        StreamSeq(1),
+        None,
+        (b"a" * 64, 3, [1.5], {"k": None}, b"x" * OOB_THRESHOLD),
+        LinkSeq(0),
+    )
+    parts = encode(frame)
+    assert len(parts) == 2  # the large item went out of band
+    assert cbor2.loads(parts[0])[:8] == [11, "n1", 7, 1, "halo", 1, 1, None]
+    assert decode(wire(parts)) == expected(frame)
+
+
+def test_ack_items_outcomes_on_the_wire() -> None:
+    frame = AckItems(
+        NodeId("b"),
+        Incarnation(2),
+        Incarnation(1),
+        LinkSeq(5),
+        LinkSeq(300),
+        (ItemAck(None), ItemAck([1, 2]), ItemErr(417, "no"), ItemErr(ErrCode.COMPUTE_FAILED, "x")),
+    )
+    header = cbor2.loads(encode(frame)[0])
+    assert header == [12, "b", 2, 1, 5, 300, [None, [0, [1, 2]], [417, "no"], [1, "x"]]]
+    decoded = decode(wire(encode(frame)))
+    assert decoded == frame
+    assert isinstance(decoded, AckItems)
+    assert decoded.outcomes[3] == ItemErr(ErrCode.COMPUTE_FAILED, "x")
+
+
+@pytest.mark.parametrize(
+    ("header", "reason"),
+    [
+        (raw_items(), "bad-field"),  # an empty batch
+        ([11, "n1", 7, 1, "halo", 1, 1, None, b"p", 0], "bad-field"),  # items not an array
+        ([11, "n1", 7, 1, "halo", 1, 1, None, [b"p"]], "bad-field"),  # a field short
+        (raw_items(cbor2.undefined), "bad-field"),
+        ([12, "b", 2, 1, 5, 300, []], "bad-field"),  # no outcomes
+        ([12, "b", 2, 1, 5, 300, [[0, None]]], "bad-field"),  # ACK without result is null
+        ([12, "b", 2, 1, 5, 300, [[50, "reserved"]]], "bad-field"),
+        ([12, "b", 2, 1, 5, 300, [[417]]], "bad-field"),
+        ([12, "b", 2, 1, 5, 300, [[417, 5]]], "bad-field"),
+        ([12, "b", 2, 1, 5, 300, [True]], "bad-field"),
+        ([12, "b", 2, 1, 5, 300, None], "bad-field"),
+    ],
+)
+def test_malformed_items_frames(header: list[Any], reason: str) -> None:
+    assert reject_header(header) == reason
+
+
+def test_items_count_limit_on_both_sides() -> None:
+    limits = Limits(max_items=3)
+    assert isinstance(decode([cbor2.dumps(raw_items(1, 2, 3))], limits), DataItems)
+    assert reject([cbor2.dumps(raw_items(1, 2, 3, 4))], limits) == "too-large"
+    assert reject([cbor2.dumps([12, "b", 2, 1, 5, 300, [None] * 4])], limits) == "too-large"
+    frame = decode([cbor2.dumps(raw_items(1, 2, 3))], limits)
+    assert isinstance(frame, DataItems)
+    too_many = DataItems(**{**_fields(frame), "items": (1, 2, 3, 4)})
+    with pytest.raises(LocalProtocolError, match=r"DataItems\.items has 4 items"):
+        encode(too_many, limits=limits)
+    with pytest.raises(LocalProtocolError, match="at least one item"):
+        encode(DataItems(**{**_fields(frame), "items": ()}))
+    with pytest.raises(LocalProtocolError, match="ItemAck or ItemErr"):
+        encode(
+            AckItems(NodeId("b"), Incarnation(1), Incarnation(1), LinkSeq(1), LinkSeq(1), (None,))
+        )  # type: ignore[arg-type]
+
+
+def test_items_payload_depth_limit_is_exact_in_a_batch() -> None:
+    # One more level of header (the item list) must not cost an item any depth.
+    limits = Limits(max_depth=5)
+
+    def nested(depth: int) -> Any:
+        value: Any = cbor2.CBORTag(OUT_OF_BAND_TAG, 1)
+        for _ in range(depth):
+            value = [value]
+        return value
+
+    ok = decode([cbor2.dumps([9, [raw_items(nested(5))]]), b"oob"], limits)
+    assert isinstance(ok, Batch)
+    assert reject([cbor2.dumps([9, [raw_items(nested(6))]]), b"oob"], limits) == "too-deep"
+
+
+def test_data_items_fast_path_agrees_with_the_schema_walk() -> None:
+    limits = Limits(max_id_bytes=64, max_items=4)
+    good: list[Any] = ["node", 5, 6, "stream", 7, 8, None, [b"p", [1]], 9]
+    bad_values: list[Any] = [-1, U63 + 1, True, None, 1.5, "", "x" * 65, b"b", [], [1] * 5]
+    cases = [good] + [
+        [*good[:position], bad, *good[position + 1 :]]
+        for position in range(9)
+        for bad in bad_values
+    ]
+    for fields in cases:
+        raw = [11, *fields]
+        try:
+            walked: Any = _decode_by_schema(list(raw), _Decoding([b""], limits))
+        except RemoteProtocolError:
+            walked = None
+        try:
+            fast: Any = _decode_frame(list(raw), _Decoding([b""], limits))
+        except RemoteProtocolError:
+            fast = None
+        assert fast == walked, fields

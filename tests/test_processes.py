@@ -335,6 +335,45 @@ async def test_err_answers_carry_the_receivers_code_and_detail(tmp_path: Path) -
     ]
 
 
+async def test_batches_across_processes_get_one_outcome_per_item(tmp_path: Path) -> None:
+    # The same rule as above, sent as batches of 25 (one DATA_ITEMS each):
+    # each item is handed over once, in order, and answered on its own.
+    record = tmp_path / "record.jsonl"
+    every = 7
+    total = 300
+    size = 25
+    port = free_port()
+    with trio.fail_after(60):
+        async with (
+            receiver(tmp_path, port, record, "--err-every", str(every)) as peer,
+            open_node("a", bind="tcp://127.0.0.1:*", peers={"b": peer.endpoint}) as a,
+        ):
+            handles = []
+            for start in range(0, total, size):
+                await a.wait_window("b")
+                batch = [f"x:{i}" for i in range(start, start + size)]
+                handles.append(a.send_batch_nowait("b", batch, stream="x"))
+            outcomes = [outcome for handle in handles for outcome in await handle.wait()]
+            stats = link_stats(a)
+
+    assert len(outcomes) == total
+    for i, outcome in enumerate(outcomes):
+        expected = err_rule(f"x:{i}", every)
+        if expected is None:
+            assert isinstance(outcome, Ack), f"x:{i} should be ACKed, got {outcome!r}"
+            assert outcome.result == {"i": i, "inc": peer.incarnation}
+        else:
+            assert isinstance(outcome, PeerError), f"x:{i} should be ERR, got {outcome!r}"
+            assert (outcome.code, outcome.detail) == expected
+        assert outcome.seq == handles[i // size].seq
+    # One protocol message per batch, each answered once.
+    assert (stats.acked, stats.erred, stats.gave_up) == (total // size, 0, 0)
+    lines, gaps = read_record(record)
+    assert gaps == []
+    assert [line.payload for line in lines] == [f"x:{i}" for i in range(total)]
+    assert [line.stream_seq for line in lines] == [i // size + 1 for i in range(total)]
+
+
 async def test_frozen_peer_is_suspected_then_down_and_every_send_still_completes(
     tmp_path: Path,
 ) -> None:

@@ -171,6 +171,10 @@ def test_the_hot_values_are_built_right() -> None:
     )
     assert delivery.seq == 3
     assert delivery.payload == b""
+    # Ordinary messages are item 0 and not a batch; constructors that predate
+    # batches keep working unchanged.
+    assert delivery.item == 0
+    assert deliver.items is False
     values: tuple[Any, ...] = (data, ack, ack_range, deliver, outcome, delivery)
     for value in values:
         with pytest.raises(FrozenInstanceError):

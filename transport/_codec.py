@@ -12,8 +12,8 @@ A frame is a CBOR array whose first element is its :class:`FrameKind` and
 whose other elements are the dataclass fields, in declaration order. Arrays,
 not maps: no key strings on the wire, and a fixed shape to check. In CDDL::
 
-    frame       = hello / data / received / ack / ack-range / err / retry-later / req
-                  / req-answer
+    frame       = hello / data / data-items / received / ack / ack-range / ack-items
+                  / err / retry-later / req / req-answer
     message     = frame / batch
     batch       = [9, [1*4096 frame]]          ; never nests, never empty
     hello       = [1, node, incarnation, nonce: u63, reply: bool]
@@ -24,6 +24,14 @@ not maps: no key strings on the wire, and a fixed shape to check. In CDDL::
                    result: payload]
     ack-range   = [10, node, incarnation, peer_incarnation: u63, first: u63, last: u63,
                    credit: u63]                ; first <= last: ACK, no result, each seq
+    data-items  = [11, node, incarnation, seq: u63, stream, stream_seq: u63,
+                   stream_floor: u63, frame_no: u63 / null, items: [1*4096 payload],
+                   watermark: u63]             ; at most Limits.max_items items
+    ack-items   = [12, node, incarnation, peer_incarnation: u63, seq: u63, credit: u63,
+                   outcomes: [1*4096 outcome]] ; one per item, in item order
+    outcome     = null                         ; ACK without a result
+                / [0, result: payload .ne null]   ; ACK with a result
+                / [code: 1..6 / 100..u63max, detail: tstr]   ; ERR
     err         = [5, node, incarnation, peer_incarnation: u63, seq: u63, credit: u63,
                    code: 1..6 / 100..u63max, detail: tstr]
     retry-later = [6, node, incarnation, peer_incarnation: u63, seq: u63, credit: u63,
@@ -42,7 +50,8 @@ not maps: no key strings on the wire, and a fixed shape to check. In CDDL::
 
 Enums travel as their integer values; a REQ or REQ_ANSWER whose ``missing``
 list is not empty must name its ``stream``; an ACK_RANGE's ``first`` is at
-most its ``last``.
+most its ``last``; an ACK with a result inside ACK_ITEMS is ``[0, result]``
+only for a result that is not null (null alone says "ACK without a result").
 
 Payloads
 --------
@@ -104,14 +113,19 @@ from ._errors import LocalProtocolError, RemoteProtocolError
 from ._frames import (
     APP_ERR_MIN,
     Ack,
+    AckItems,
     AckRange,
     Batch,
     Data,
+    DataItems,
     Err,
     ErrCode,
     Frame,
     FrameKind,
     Hello,
+    ItemAck,
+    ItemErr,
+    ItemOutcome,
     MissingItem,
     MissingStatus,
     Received,
@@ -158,8 +172,8 @@ class Limits:
         max_parts: ZeroMQ parts in one message, header included (default
             4097: a full batch with one out-of-band buffer per frame).
         max_batch: frames in one batch (default 4096).
-        max_items: entries of the lists inside REQ and REQ_ANSWER (default
-            4096).
+        max_items: entries of the lists inside REQ and REQ_ANSWER, items of
+            a DATA_ITEMS and outcomes of an ACK_ITEMS (default 4096).
         max_depth: containers nested in one payload (default 32); a scalar
             payload has depth 0, ``[1]`` has depth 1. At most 256.
         max_id_bytes: UTF-8 size of node and stream ids (default 256).
@@ -270,9 +284,10 @@ _TAG_DECODERS: Final = _TagDecoders({OUT_OF_BAND_TAG: _decode_oob_tag})
 #: and everything else cbor2 can return are not in it.
 _LEAF_TYPES: Final = frozenset({type(None), bool, int, float, str, bytes})
 
-#: Header nesting around a payload: batch, frame list, frame, plus one for
-#: the out-of-band tag, which cbor2 counts as a level.
-_HEADER_DEPTH: Final = 4
+#: Header nesting around a payload: batch, frame list, frame, the item list
+#: of DATA_ITEMS (or an ACK_ITEMS outcome), plus one for the out-of-band tag,
+#: which cbor2 counts as a level.
+_HEADER_DEPTH: Final = 5
 
 
 def _remote(message: str, reason: str) -> RemoteProtocolError:
@@ -406,6 +421,48 @@ def _d_seqs(v: Any, st: _Decoding) -> tuple[int, ...]:
 
 
 _d_missing_status: Final = _d_enum(_MISSING_STATUSES)
+
+
+def _d_items(v: Any, st: _Decoding) -> tuple[Any, ...]:
+    if type(v) is not list:
+        raise _bad_field(f"must be an array, got {type(v).__name__}")
+    if not v:
+        raise _bad_field("must hold at least one item")
+    if len(v) > st.limits.max_items:
+        raise _remote(f"has {len(v)} items, over {st.limits.max_items}", "too-large")
+    payload = st.payload
+    for i, item in enumerate(v):
+        if type(item) not in _LEAF_TYPES:
+            v[i] = payload(item, 0)
+    return tuple(v)
+
+
+#: The one "ACK without a result" outcome: shared, as it carries nothing.
+_ITEM_ACK: Final = ItemAck(None)
+
+
+def _d_outcomes(v: Any, st: _Decoding) -> tuple[ItemOutcome, ...]:
+    if type(v) is not list:
+        raise _bad_field(f"must be an array, got {type(v).__name__}")
+    if not v:
+        raise _bad_field("must hold at least one outcome")
+    if len(v) > st.limits.max_items:
+        raise _remote(f"has {len(v)} outcomes, over {st.limits.max_items}", "too-large")
+    out: list[ItemOutcome] = []
+    for x in v:
+        if x is None:
+            out.append(_ITEM_ACK)
+            continue
+        if type(x) is not list or len(x) != 2:
+            raise _bad_field("outcomes must be null, [0, result] or [code, detail]")
+        code, value = x
+        if type(code) is int and code == 0:
+            if value is None:
+                raise _bad_field("an ACK without a result is null, not [0, null]")
+            out.append(ItemAck(st.payload(value, 0)))
+        else:
+            out.append(ItemErr(_d_err_code(code, st), _d_detail(value, st)))
+    return tuple(out)
 
 
 def _d_missing_items(v: Any, st: _Decoding) -> tuple[MissingItem, ...]:
@@ -616,6 +673,48 @@ def _e_seqs(v: Any, st: _Encoding) -> list[int]:
 _e_missing_status: Final = _e_enum(_MISSING_STATUSES)
 
 
+def _e_items(v: Any, st: _Encoding) -> list[Any]:
+    if type(v) is not tuple and type(v) is not list:
+        raise LocalProtocolError(f"must be a tuple of payloads, got {type(v).__name__}")
+    if not v:
+        raise LocalProtocolError("must hold at least one item")
+    if len(v) > st.limits.max_items:
+        raise LocalProtocolError(f"has {len(v)} items, over Limits.max_items={st.limits.max_items}")
+    threshold = st.threshold
+    payload = st.payload
+    out: list[Any] = []
+    append = out.append
+    for item in v:
+        # Inline test for the usual item, small bytes: a call per item adds up.
+        if type(item) is bytes and len(item) < threshold:
+            append(item)
+        else:
+            append(payload(item, 0))
+    return out
+
+
+def _e_outcomes(v: Any, st: _Encoding) -> list[Any]:
+    if type(v) is not tuple:
+        raise LocalProtocolError(f"must be a tuple, got {type(v).__name__}")
+    if not v:
+        raise LocalProtocolError("must hold at least one outcome")
+    if len(v) > st.limits.max_items:
+        raise LocalProtocolError(
+            f"has {len(v)} outcomes, over Limits.max_items={st.limits.max_items}"
+        )
+    out: list[Any] = []
+    for x in v:
+        t = type(x)
+        if t is ItemAck:
+            result = x.result
+            out.append(None if result is None else [0, st.payload(result, 0)])
+        elif t is ItemErr:
+            out.append([_e_err_code(x.code, st), _e_detail(x.detail, st)])
+        else:
+            raise LocalProtocolError(f"entries must be ItemAck or ItemErr, got {t.__name__}")
+    return out
+
+
 def _e_missing_items(v: Any, st: _Encoding) -> list[list[int]]:
     out = []
     for x in _e_list(v, st):
@@ -723,6 +822,19 @@ _SCHEMAS: Final = (
         ("payload", _PAYLOAD_FIELD),
         ("watermark", _U63_FIELD),
     ),
+    _schema(
+        FrameKind.DATA_ITEMS,
+        DataItems,
+        ("node", _ID_FIELD),
+        ("incarnation", _U63_FIELD),
+        ("seq", _U63_FIELD),
+        ("stream", _ID_FIELD),
+        ("stream_seq", _U63_FIELD),
+        ("stream_floor", _U63_FIELD),
+        ("frame_no", (_d_opt_u63, _e_opt_u63)),
+        ("items", (_d_items, _e_items)),
+        ("watermark", _U63_FIELD),
+    ),
     _schema(FrameKind.RECEIVED, Received, *_ANSWER_HEAD),
     _schema(FrameKind.ACK, Ack, *_ANSWER_HEAD, ("result", _PAYLOAD_FIELD)),
     _schema(
@@ -734,6 +846,12 @@ _SCHEMAS: Final = (
         ("first", _U63_FIELD),
         ("last", _U63_FIELD),
         ("credit", _U63_FIELD),
+    ),
+    _schema(
+        FrameKind.ACK_ITEMS,
+        AckItems,
+        *_ANSWER_HEAD,
+        ("outcomes", (_d_outcomes, _e_outcomes)),
     ),
     _schema(
         FrameKind.ERR,
@@ -783,6 +901,7 @@ _U63_PROBLEM: Final = "must be an int in 0..2**63-1"
 
 
 _DATA: Final = FrameKind.DATA.value
+_DATA_ITEMS: Final = FrameKind.DATA_ITEMS.value
 
 
 def _plain_data_fields(
@@ -841,11 +960,39 @@ def _decode_data(item: list[Any], st: _Decoding) -> Data | None:
     return Data(*item[1:])
 
 
+def _decode_data_items(item: list[Any], st: _Decoding) -> DataItems | None:
+    """DATA_ITEMS without the schema walk, as :func:`_decode_data` does DATA."""
+    if len(item) != 10:
+        return None
+    _, node, inc, seq, stream, stream_seq, floor, frame_no, items, watermark = item
+    if (
+        type(items) is not list
+        or not items
+        or len(items) > st.limits.max_items
+        or not _plain_data_fields(
+            st.id_quick, node, inc, seq, stream, stream_seq, floor, frame_no, watermark
+        )
+    ):
+        return None
+    leaves = _LEAF_TYPES
+    payload = st.payload
+    for i, x in enumerate(items):
+        if type(x) not in leaves:
+            items[i] = payload(x, 0)
+    return DataItems(node, inc, seq, stream, stream_seq, floor, frame_no, tuple(items), watermark)
+
+
 def _decode_frame(item: Any, st: _Decoding) -> Frame:
-    if type(item) is list and item and item[0] == _DATA and type(item[0]) is int:
-        data = _decode_data(item, st)
-        if data is not None:
-            return data
+    if type(item) is list and item and type(item[0]) is int:
+        kind = item[0]
+        if kind == _DATA:
+            data = _decode_data(item, st)
+            if data is not None:
+                return data
+        elif kind == _DATA_ITEMS:
+            items = _decode_data_items(item, st)
+            if items is not None:
+                return items
     return _decode_by_schema(item, st)
 
 
@@ -912,9 +1059,35 @@ def _encode_data(frame: Data, st: _Encoding) -> list[Any] | None:
     return [_DATA, node, inc, seq, stream, stream_seq, floor, frame_no, payload, watermark]
 
 
+def _encode_data_items(frame: DataItems, st: _Encoding) -> list[Any] | None:
+    """DATA_ITEMS without the schema walk; None when a field needs the walk's checks."""
+    node = frame.node
+    stream = frame.stream
+    inc = frame.incarnation
+    seq = frame.seq
+    stream_seq = frame.stream_seq
+    floor = frame.stream_floor
+    frame_no = frame.frame_no
+    watermark = frame.watermark
+    if not _plain_data_fields(
+        st.id_quick, node, inc, seq, stream, stream_seq, floor, frame_no, watermark
+    ):
+        return None
+    try:
+        items = _e_items(frame.items, st)
+    except LocalProtocolError as exc:
+        raise LocalProtocolError(f"DataItems.items {exc}") from None
+    return [_DATA_ITEMS, node, inc, seq, stream, stream_seq, floor, frame_no, items, watermark]
+
+
 def _encode_frame(frame: Frame, st: _Encoding) -> list[Any]:
-    if type(frame) is Data:
-        fast = _encode_data(frame, st)
+    t = type(frame)
+    if t is Data:
+        fast = _encode_data(frame, st)  # type: ignore[arg-type]
+        if fast is not None:
+            return fast
+    elif t is DataItems:
+        fast = _encode_data_items(frame, st)  # type: ignore[arg-type]
         if fast is not None:
             return fast
     return _encode_by_schema(frame, st)

@@ -9,7 +9,10 @@ Conventions that hold for every frame:
 
 * ``node`` and ``incarnation`` name the node that *sent this frame* and the
   process start it comes from.
-* Answers to DATA (RECEIVED, ACK, ACK_RANGE, ERR, RETRY_LATER) come from the receiving
+* DATA_ITEMS is DATA carrying several items (a send batch): it is one message
+  to the protocol (one link seq, one stream seq, one answer), and everything
+  said about DATA below holds for it too.
+* Answers to DATA (RECEIVED, ACK, ACK_RANGE, ACK_ITEMS, ERR, RETRY_LATER) come from the receiving
   node and also carry ``peer_incarnation``: the incarnation of the sender
   whose DATA they answer, so a restarted sender never takes an answer meant
   for its previous life. They carry ``credit`` too: the highest link sequence
@@ -43,6 +46,8 @@ class FrameKind(IntEnum):
     REQ_ANSWER = 8
     BATCH = 9
     ACK_RANGE = 10
+    DATA_ITEMS = 11
+    ACK_ITEMS = 12
 
 
 class ErrCode(IntEnum):
@@ -137,6 +142,34 @@ class Data:
 
 @fast_init
 @dataclass(frozen=True, slots=True)
+class DataItems:
+    """Several application messages (the items of a send batch) as one message.
+
+    The same fields and rules as :class:`Data`, with ``items`` instead of
+    ``payload``: one link sequence number, one stream sequence number, one
+    retransmission timer, one entry in the receiver's dedup table, one final
+    answer. The receiver hands the items to its compute layer one by one, in
+    order, and answers ACK (or ACK_RANGE) when every item was processed
+    without a result, ERR when the whole message was refused, and
+    :class:`AckItems` (one outcome per item) otherwise.
+
+    Attributes:
+        items: the items' payloads, in order; 1 to ``Limits.max_items`` of them.
+    """
+
+    node: NodeId
+    incarnation: Incarnation
+    seq: LinkSeq
+    stream: StreamId
+    stream_seq: StreamSeq
+    stream_floor: StreamSeq
+    frame_no: int | None
+    items: tuple[Payload, ...]
+    watermark: LinkSeq
+
+
+@fast_init
+@dataclass(frozen=True, slots=True)
 class Received:
     """The receiver holds the DATA; its final answer follows later."""
 
@@ -177,6 +210,46 @@ class AckRange:
     first: LinkSeq
     last: LinkSeq
     credit: LinkSeq
+
+
+@fast_init
+@dataclass(frozen=True, slots=True)
+class ItemAck:
+    """One item of a DATA_ITEMS was processed without error; ``result`` is its reply."""
+
+    result: Payload = None
+
+
+@fast_init
+@dataclass(frozen=True, slots=True)
+class ItemErr:
+    """One item of a DATA_ITEMS could not be processed (its own ERR code and detail)."""
+
+    code: int
+    detail: str
+
+
+#: The final outcome of one item of a DATA_ITEMS.
+ItemOutcome: TypeAlias = ItemAck | ItemErr
+
+
+@fast_init
+@dataclass(frozen=True, slots=True)
+class AckItems:
+    """Final answer to a DATA_ITEMS: one outcome per item, in item order.
+
+    Used only when some item has a result or an error: when every item was
+    processed without a result the answer is a plain :class:`Ack` (or part of
+    an :class:`AckRange`), and when the whole message was refused it is an
+    :class:`Err`, which then stands for every item.
+    """
+
+    node: NodeId
+    incarnation: Incarnation
+    peer_incarnation: Incarnation
+    seq: LinkSeq
+    credit: LinkSeq
+    outcomes: tuple[ItemOutcome, ...]
 
 
 @fast_init
@@ -266,8 +339,19 @@ class Batch:
 
 #: Anything that can stand alone in a ZeroMQ message.
 Frame: TypeAlias = (
-    Hello | Data | Received | Ack | AckRange | Err | RetryLater | Req | ReqAnswer | Batch
+    Hello
+    | Data
+    | DataItems
+    | Received
+    | Ack
+    | AckRange
+    | AckItems
+    | Err
+    | RetryLater
+    | Req
+    | ReqAnswer
+    | Batch
 )
 
-#: The answers a receiver gives to DATA.
-Answer: TypeAlias = Received | Ack | AckRange | Err | RetryLater
+#: The answers a receiver gives to DATA and DATA_ITEMS.
+Answer: TypeAlias = Received | Ack | AckRange | AckItems | Err | RetryLater

@@ -20,7 +20,7 @@ from enum import Enum
 from typing import TypeAlias
 
 from ._errors import LocalProtocolError
-from ._frames import Ack, AckRange, Err, Payload, ReqAnswer
+from ._frames import Ack, AckItems, AckRange, Err, Payload, ReqAnswer
 from ._ids import Incarnation, LinkSeq, NodeId, StreamId, StreamSeq
 from ._values import fast_init
 
@@ -178,11 +178,13 @@ class Answered:
     """The receiver's final answer to ``seq``: ACK or ERR. The send is over.
 
     ``answer`` is the frame that carried it: an :class:`AckRange` (shared by
-    every number it covers) is an ACK with ``result`` None.
+    every number it covers) is an ACK with ``result`` None. A message sent with
+    ``send_items`` may also end in an :class:`AckItems` (one outcome per item);
+    a plain ACK or ERR then stands for each of its items.
     """
 
     seq: LinkSeq
-    answer: Ack | AckRange | Err
+    answer: Ack | AckRange | AckItems | Err
 
 
 @fast_init
@@ -244,6 +246,9 @@ class Deliver:
     stream_floor: StreamSeq
     frame_no: int | None
     payload: Payload
+    #: True for a DATA_ITEMS: ``payload`` is then the tuple of its items, and
+    #: ``LinkReceiver.complete_items`` can answer each one.
+    items: bool = False
 
 
 @dataclass(frozen=True, slots=True)

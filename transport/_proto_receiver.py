@@ -16,6 +16,8 @@ Rules that live here (design.md §3, §3.1):
   gets the cached final answer again (or RECEIVED while still processing).
   ACKs without a result that are due at the same flush go as one ACK_RANGE
   per run of consecutive numbers.
+* A DATA_ITEMS is one message here like any DATA (one entry, one answer);
+  only its final answer may be an ACK_ITEMS (:meth:`LinkReceiver.complete_items`).
 * Cached answers are dropped as soon as the sender's watermark passes them,
   and copies below the watermark are dropped unanswered: the table stays at
   ``max_entries`` per session at most.
@@ -38,13 +40,18 @@ from ._errors import LocalProtocolError
 from ._frames import (
     APP_ERR_MIN,
     Ack,
+    AckItems,
     AckRange,
     Batch,
     Data,
+    DataItems,
     Err,
     ErrCode,
     Frame,
     Hello,
+    ItemAck,
+    ItemErr,
+    ItemOutcome,
     Payload,
     Received,
     Req,
@@ -68,6 +75,8 @@ from ._proto_link import (
 _PROCESSING = 0
 _ACKED = 1
 _ERRED = 2
+#: Answered per item (ACK_ITEMS); the entry's ``result`` holds the outcomes.
+_ITEMS = 3
 
 _VALID_ERR_CODES = frozenset(int(code) for code in ErrCode)
 
@@ -241,7 +250,7 @@ class LinkReceiver:
         if frame.node != origin:
             self._reject(origin, "impersonation")
             return
-        if isinstance(frame, Data):
+        if isinstance(frame, Data | DataItems):
             self._on_data(origin, frame)
         elif isinstance(frame, Hello):
             self._on_hello(origin, frame)
@@ -280,7 +289,7 @@ class LinkReceiver:
         self._sessions_ended += 1
         self._events.append(SessionEnded(session.peer, session.incarnation, unfinished))
 
-    def _on_data(self, peer: NodeId, data: Data) -> None:
+    def _on_data(self, peer: NodeId, data: Data | DataItems) -> None:
         seq = data.seq
         if not (1 <= data.watermark <= seq and 1 <= data.stream_floor <= data.stream_seq):
             # Both floors are at most the number of anything the sender still
@@ -346,6 +355,12 @@ class LinkReceiver:
             self._delayed.append((self._now + self._received_delay, key))
         else:
             self._answers[key] = None
+        if type(data) is Data:
+            payload = data.payload
+            items = False
+        else:
+            payload = data.items  # type: ignore[union-attr]
+            items = True
         self._events.append(
             Deliver(
                 peer,
@@ -355,7 +370,8 @@ class LinkReceiver:
                 data.stream_seq,
                 data.stream_floor,
                 data.frame_no,
-                data.payload,
+                payload,
+                items,
             )
         )
 
@@ -390,6 +406,60 @@ class LinkReceiver:
             return False
         entry.state = _ACKED
         entry.result = result
+        self._finished(peer, peer_incarnation, seq)
+        return True
+
+    def complete_items(
+        self,
+        peer: NodeId,
+        peer_incarnation: Incarnation,
+        seq: LinkSeq,
+        outcomes: tuple[ItemOutcome, ...],
+    ) -> bool:
+        """The compute layer finished every item of a delivered DATA_ITEMS.
+
+        When every outcome is an ACK without a result the answer is the plain
+        ACK (or part of an ACK_RANGE), exactly as :meth:`complete` would send;
+        otherwise it is one ACK_ITEMS carrying ``outcomes``.
+
+        Args:
+            peer, peer_incarnation, seq: as in the :class:`Deliver` event.
+            outcomes: one :class:`ItemAck` or :class:`ItemErr` per item, in
+                item order.
+
+        Returns:
+            True if the answer will be sent; False if nobody waits for it.
+
+        Raises:
+            LocalProtocolError: ``outcomes`` is empty or holds anything else,
+                an ERR code is reserved, ``seq`` was never delivered, or it
+                already has its final answer.
+        """
+        if type(outcomes) is not tuple or not outcomes:
+            raise LocalProtocolError("outcomes must be a non-empty tuple, one per item")
+        plain = True
+        for outcome in outcomes:
+            t = type(outcome)
+            if t is ItemAck:
+                if outcome.result is not None:  # type: ignore[union-attr]
+                    plain = False
+            elif t is ItemErr:
+                code = outcome.code  # type: ignore[union-attr]
+                if code not in _VALID_ERR_CODES and code < APP_ERR_MIN:
+                    raise LocalProtocolError(
+                        f"ERR code {code} is reserved; use an ErrCode or a code >= {APP_ERR_MIN}"
+                    )
+                plain = False
+            else:
+                raise LocalProtocolError(f"outcomes are ItemAck or ItemErr, got {t.__name__}")
+        entry = self._entry_to_finish(peer, peer_incarnation, seq)
+        if entry is None:
+            return False
+        if plain:
+            entry.state = _ACKED
+        else:
+            entry.state = _ITEMS
+            entry.result = outcomes
         self._finished(peer, peer_incarnation, seq)
         return True
 
@@ -600,6 +670,11 @@ class LinkReceiver:
                     continue
                 credit = LinkSeq(session.floor + window - 1)
                 frame = Ack(node, incarnation, peer_incarnation, LinkSeq(seq), credit, entry.result)
+            elif entry.state == _ITEMS:
+                credit = LinkSeq(session.floor + window - 1)
+                frame = AckItems(
+                    node, incarnation, peer_incarnation, LinkSeq(seq), credit, entry.result
+                )
             elif entry.state == _ERRED:
                 credit = LinkSeq(session.floor + window - 1)
                 frame = Err(

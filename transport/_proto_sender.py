@@ -37,9 +37,11 @@ from collections import deque
 from ._errors import LocalProtocolError
 from ._frames import (
     Ack,
+    AckItems,
     AckRange,
     Batch,
     Data,
+    DataItems,
     Err,
     Frame,
     Hello,
@@ -83,6 +85,7 @@ class _Msg:
         "frame_no",
         "gen",
         "held",
+        "items",
         "payload",
         "retransmitted",
         "rto",
@@ -102,12 +105,15 @@ class _Msg:
         payload: Payload,
         deadline: float,
         rto: float,
+        items: bool,
     ) -> None:
         self.seq = seq
         self.stream = stream
         self.stream_seq = stream_seq
         self.frame_no = frame_no
         self.payload = payload
+        # True: ``payload`` is the tuple of a DATA_ITEMS' items.
+        self.items = items
         self.deadline = deadline
         self.rto = rto
         # None until the first transmission; afterwards the time of the next one.
@@ -292,6 +298,49 @@ class LinkSender:
                 first), the deadline is not after ``now``, the stream name is
                 empty, or ``now`` went backwards.
         """
+        return self._accept(stream, payload, False, now, deadline, frame_no)
+
+    def send_items(
+        self,
+        stream: StreamId,
+        items: tuple[Payload, ...],
+        *,
+        now: float,
+        deadline: float | None = None,
+        frame_no: int | None = None,
+    ) -> LinkSeq:
+        """Accept several items as one message (DATA_ITEMS), like :meth:`send`.
+
+        To the protocol the items are one message: one link and one stream
+        sequence number, one window slot, one retry timer, one final answer
+        (an ACK or ERR for all of them, or an ACK_ITEMS with one outcome each).
+
+        Args:
+            stream: the ordered stream the message belongs to.
+            items: the items' payloads, at least one (the codec's
+                ``Limits.max_items`` bounds how many).
+            now / deadline / frame_no: as for :meth:`send`.
+
+        Returns:
+            The message's link sequence number.
+
+        Raises:
+            LocalProtocolError: ``items`` is not a non-empty tuple, or as for
+                :meth:`send`.
+        """
+        if type(items) is not tuple or not items:
+            raise LocalProtocolError("items must be a non-empty tuple of payloads")
+        return self._accept(stream, items, True, now, deadline, frame_no)
+
+    def _accept(
+        self,
+        stream: StreamId,
+        payload: Payload,
+        items: bool,
+        now: float,
+        deadline: float | None,
+        frame_no: int | None,
+    ) -> LinkSeq:
         self._advance(now)
         if not self.window_open():
             raise LocalProtocolError(
@@ -315,7 +364,7 @@ class LinkSender:
         stream_seq = st.next_seq
         st.next_seq = stream_seq + 1
         st.open[stream_seq] = seq
-        msg = _Msg(seq, st, stream_seq, frame_no, payload, deadline, self._rto)
+        msg = _Msg(seq, st, stream_seq, frame_no, payload, deadline, self._rto, items)
         self._msgs[seq] = msg
         self._queue.append(msg)
         if not self.window_open():
@@ -391,7 +440,7 @@ class LinkSender:
             self._last_sent = now
         return out
 
-    def _transmit(self, msg: _Msg, now: float) -> Data:
+    def _transmit(self, msg: _Msg, now: float) -> Data | DataItems:
         cfg = self._config
         st = msg.stream
         if msg.due is None:
@@ -412,7 +461,7 @@ class LinkSender:
             wait = msg.rto
             msg.rto = min(wait * cfg.backoff, cfg.retry_ceiling)
         self._schedule(msg, now + jittered(wait, cfg.jitter, self._rng))
-        return Data(
+        return (DataItems if msg.items else Data)(
             self._node,
             self._incarnation,
             LinkSeq(msg.seq),
@@ -473,7 +522,7 @@ class LinkSender:
             return
         if isinstance(frame, AckRange):
             self._on_ack_range(frame, now)
-        elif isinstance(frame, Received | Ack | Err | RetryLater):
+        elif isinstance(frame, Received | Ack | AckItems | Err | RetryLater):
             self._on_answer(frame, now)
         elif isinstance(frame, Hello):
             self._on_hello(frame, now)
@@ -514,7 +563,7 @@ class LinkSender:
                 self._schedule(msg, now)
         self._events.append(PeerRestarted(old, new))
 
-    def _on_answer(self, answer: Received | Ack | Err | RetryLater, now: float) -> None:
+    def _on_answer(self, answer: Received | Ack | AckItems | Err | RetryLater, now: float) -> None:
         if answer.peer_incarnation != self._incarnation or not self._accept_incarnation(
             answer.incarnation, now
         ):
@@ -531,8 +580,8 @@ class LinkSender:
             # Karn's rule: a resent message's answer may belong to any copy.
             if not msg.retransmitted:
                 self._rtt_sample(now - msg.sent_at)
-        if isinstance(answer, Ack | Err):
-            if isinstance(answer, Ack):
+        if isinstance(answer, Ack | AckItems | Err):
+            if not isinstance(answer, Err):
                 self._acked += 1
             else:
                 self._erred += 1
