@@ -7,8 +7,11 @@ float that jumps to the next thing due, so a run of minutes takes milliseconds.
 
 The compute layer on the receiving node answers each delivery after a random
 processing time, by a deterministic rule on the payload, so the test can check
-every answer. Either process can be restarted mid-run: a new object with a
-greater incarnation replaces it, and what the dead process held is gone.
+every answer. A run may mix single messages with batches (``send_items`` of
+1..8 items, one DATA_ITEMS), which the compute layer answers item by item
+(``complete_items``), or refuses as a whole (``fail``). Either process can be
+restarted mid-run: a new object with a greater incarnation replaces it, and
+what the dead process held is gone.
 
 The simulator records everything the properties need and asserts the
 invariants that must hold at every step as it goes.
@@ -23,12 +26,17 @@ from dataclasses import dataclass, field
 
 from transport import (
     Ack,
+    AckItems,
     AckRange,
     Batch,
     Data,
+    DataItems,
     Err,
     Frame,
     Incarnation,
+    ItemAck,
+    ItemErr,
+    ItemOutcome,
     LinkSeq,
     NodeId,
     StreamId,
@@ -47,6 +55,12 @@ from transport._proto_sender import LinkSender
 A = NodeId("a")
 B = NodeId("b")
 STREAMS = (StreamId("halo"), StreamId("ctl"))
+#: The code the compute layer refuses a whole batch with (see :func:`batch_refused`).
+BATCH_ERR = 120
+#: Largest batch a run sends.
+MAX_BATCH = 8
+
+Outcome = tuple[str, int | None]
 
 
 def decision(payload: int) -> tuple[str, int | None]:
@@ -61,16 +75,44 @@ def decision(payload: int) -> tuple[str, int | None]:
     return "ack", None
 
 
+def batch_refused(items: tuple[int, ...]) -> bool:
+    """Whether the compute layer refuses a whole batch (one ERR ``BATCH_ERR`` for all items).
+
+    Keyed on the first item, so it is as deterministic as :func:`decision`.
+    """
+    return items[0] % 11 == 5
+
+
+def expected_items(items: tuple[int, ...]) -> list[Outcome]:
+    """The outcome each item of a batch must end in, unless the batch gives up."""
+    if batch_refused(items):
+        return [("err", BATCH_ERR)] * len(items)
+    return [decision(item) for item in items]
+
+
 @dataclass
 class SimResult:
     """What a run observed."""
 
     now: float = 0.0
     sent: int = 0
-    #: (sender generation, seq) -> the outcome ("ack", result) / ("err", code) / ("gave_up", 0).
+    #: (sender generation, seq) -> the outcome ("ack", result) / ("err", code) / ("gave_up", 0);
+    #: ("items", None) for a batch answered by ACK_ITEMS (see ``item_outcomes``).
     outcomes: dict[tuple[int, int], tuple[str, int | None]] = field(default_factory=dict)
     #: Outcomes that arrived in an ACK_RANGE.
     ack_ranges: int = 0
+    #: (sender generation, seq, item index) -> the outcome of each item of every
+    #: message (a single message is item 0); a batch gives all its items theirs at once.
+    item_outcomes: dict[tuple[int, int, int], Outcome] = field(default_factory=dict)
+    #: Batches sent, and how their answer travelled: plain ACK / ACK_RANGE,
+    #: ACK_ITEMS, whole-message ERR.
+    batches: int = 0
+    batch_plain_acks: int = 0
+    batch_ack_items: int = 0
+    batch_errs: int = 0
+    #: (receiver generation, sender incarnation, seq, item index) of every item
+    #: the compute layer processed.
+    items_processed: set[tuple[int, int, int, int]] = field(default_factory=set)
     #: Messages that were in flight when their sender process died.
     died: int = 0
     #: (receiver generation, sender incarnation, seq) of every Deliver.
@@ -94,6 +136,8 @@ class SimNet:
         compute: (min, max) processing time of one message on ``b``.
         timeout: per-message deadline relative to its send, or ``math.inf``.
         restart_receiver_at, restart_sender_at: virtual times of process restarts.
+        batch: probability that a send is a batch (``send_items``) of 1..``MAX_BATCH``
+            items rather than a single message; ``count`` counts messages either way.
     """
 
     def __init__(
@@ -110,6 +154,7 @@ class SimNet:
         receiver_config: ReceiverConfig | None = None,
         restart_receiver_at: float | None = None,
         restart_sender_at: float | None = None,
+        batch: float = 0.0,
     ) -> None:
         self.rng = random.Random(seed)
         self.jitter_rng = random.Random(seed + 1)
@@ -123,6 +168,9 @@ class SimNet:
         self.receiver_config = receiver_config or ReceiverConfig()
         self.restart_receiver_at = restart_receiver_at
         self.restart_sender_at = restart_sender_at
+        self.batch = batch
+        # Its own stream, so a run without batches replays the same faults as before.
+        self.batch_rng = random.Random(seed + 2)
 
         self.now = 0.0
         self.sender_gen = 0
@@ -130,14 +178,17 @@ class SimNet:
         self.sender = self._new_sender()
         self.receiver = LinkReceiver(B, Incarnation(1000), config=self.receiver_config)
         self._seq = 0
+        self._next_item = 0
         self._wire: list[tuple[float, int, str, Frame]] = []
         self._work: list[tuple[float, int, int, Deliver]] = []
         self._order = 0
         self.result = SimResult()
-        #: (sender generation, seq) -> (payload, deadline) of every send.
+        #: (sender generation, seq) -> (payload, deadline) of every single send.
         self.sends: dict[tuple[int, int], tuple[int, float]] = {}
-        #: (sender incarnation, seq) -> payload, to check what was delivered.
-        self._payload_by_inc: dict[tuple[int, int], int] = {}
+        #: (sender generation, seq) -> (items, deadline) of every batch send.
+        self.batch_sends: dict[tuple[int, int], tuple[tuple[int, ...], float]] = {}
+        #: (sender incarnation, seq) -> payload or items, to check what was delivered.
+        self._payload_by_inc: dict[tuple[int, int], int | tuple[int, ...]] = {}
         self._given_up: set[int] = set()
 
     def _new_sender(self) -> LinkSender:
@@ -179,19 +230,30 @@ class SimNet:
     def _app_send(self) -> None:
         sender = self.sender
         while self._seq < self.count and sender.window_open():
-            payload = self._seq
             self._seq += 1
             deadline = self.now + self.timeout
-            stream = STREAMS[payload % 2]
-            seq = sender.send(stream, payload, now=self.now, deadline=deadline, frame_no=payload)
-            self.sends[(self.sender_gen, seq)] = (payload, deadline)
-            self._payload_by_inc[(sender.incarnation, seq)] = payload
+            first = self._next_item
+            stream = STREAMS[first % 2]
+            if self.batch and self.batch_rng.random() < self.batch:
+                items = tuple(range(first, first + self.batch_rng.randint(1, MAX_BATCH)))
+                self._next_item += len(items)
+                seq = sender.send_items(
+                    stream, items, now=self.now, deadline=deadline, frame_no=first
+                )
+                self.batch_sends[(self.sender_gen, seq)] = (items, deadline)
+                self._payload_by_inc[(sender.incarnation, seq)] = items
+                self.result.batches += 1
+            else:
+                self._next_item += 1
+                seq = sender.send(stream, first, now=self.now, deadline=deadline, frame_no=first)
+                self.sends[(self.sender_gen, seq)] = (first, deadline)
+                self._payload_by_inc[(sender.incarnation, seq)] = first
             self.result.sent += 1
 
     def _flush_sender(self) -> None:
         frames = self.sender.frames_to_send(self.now)
         for frame in frames:
-            if isinstance(frame, Data):
+            if isinstance(frame, (Data, DataItems)):
                 assert frame.seq not in self._given_up, f"seq {frame.seq} sent after GaveUp"
                 assert frame.watermark <= frame.seq
         self._transmit("ab", frames)
@@ -199,21 +261,63 @@ class SimNet:
             if isinstance(event, Answered):
                 if isinstance(event.answer, AckRange):
                     self.result.ack_ranges += 1
-                self._outcome(event.seq, _answer_outcome(event.answer))
+                if (self.sender_gen, event.seq) in self.batch_sends:
+                    self._batch_outcome(event.seq, event.answer)
+                else:
+                    assert not isinstance(event.answer, AckItems), "ACK_ITEMS for a single DATA"
+                    self._outcome(event.seq, _answer_outcome(event.answer))
             elif isinstance(event, GaveUp):
-                _, deadline = self.sends[(self.sender_gen, event.seq)]
+                key = (self.sender_gen, event.seq)
+                batch = self.batch_sends.get(key)
+                deadline = self.sends[key][1] if batch is None else batch[1]
                 assert self.now >= deadline, "gave up before the deadline"
                 self._given_up.add(event.seq)
+                if batch is not None:
+                    # A batch fails as a whole: every item gets the same failure.
+                    self._record_items(event.seq, [("gave_up", 0)] * len(batch[0]))
                 self._outcome(event.seq, ("gave_up", 0))
 
-    def _outcome(self, seq: LinkSeq, outcome: tuple[str, int | None]) -> None:
+    def _outcome(self, seq: LinkSeq, outcome: Outcome) -> None:
         key = (self.sender_gen, seq)
-        assert key in self.sends, f"outcome for unknown seq {seq}"
+        assert key in self.sends or key in self.batch_sends, f"outcome for unknown seq {seq}"
         assert key not in self.result.outcomes, f"second outcome for seq {seq}"
-        if outcome[0] != "gave_up":
+        if key in self.sends:
             payload, _ = self.sends[key]
-            assert outcome == decision(payload), f"seq {seq}: {outcome} != {decision(payload)}"
+            if outcome[0] != "gave_up":
+                assert outcome == decision(payload), f"seq {seq}: {outcome} != {decision(payload)}"
+            self._record_items(seq, [outcome])
         self.result.outcomes[key] = outcome
+
+    def _batch_outcome(self, seq: LinkSeq, answer: Ack | AckRange | AckItems | Err) -> None:
+        items, _ = self.batch_sends[(self.sender_gen, seq)]
+        expected = expected_items(items)
+        got: list[Outcome]
+        if isinstance(answer, AckItems):
+            # ACK_ITEMS only when some item has a result or an error.
+            assert any(outcome != ("ack", None) for outcome in expected), f"seq {seq}"
+            assert len(answer.outcomes) == len(items), f"seq {seq}: one outcome per item"
+            got = [_item_outcome(outcome) for outcome in answer.outcomes]
+            self.result.batch_ack_items += 1
+            kind: Outcome = ("items", None)
+        elif isinstance(answer, Err):
+            got = [("err", answer.code)] * len(items)
+            self.result.batch_errs += 1
+            kind = ("err", answer.code)
+        else:
+            # A plain ACK stands for every item, so it must not carry a result.
+            assert isinstance(answer, AckRange) or answer.result is None, f"seq {seq}: {answer}"
+            got = [("ack", None)] * len(items)
+            self.result.batch_plain_acks += 1
+            kind = ("ack", None)
+        assert got == expected, f"batch seq {seq} {items}: {got} != {expected}"
+        self._record_items(seq, got)
+        self._outcome(seq, kind)
+
+    def _record_items(self, seq: LinkSeq, outcomes: list[Outcome]) -> None:
+        for index, outcome in enumerate(outcomes):
+            key = (self.sender_gen, seq, index)
+            assert key not in self.result.item_outcomes, f"second outcome for item {key}"
+            self.result.item_outcomes[key] = outcome
 
     def _flush_receiver(self) -> None:
         pairs = self.receiver.frames_to_send(self.now)
@@ -226,8 +330,10 @@ class SimNet:
                 assert key not in self.result.deliveries, f"delivered twice: {key}"
                 self.result.deliveries.add(key)
                 sent = self._payload_by_inc[(event.peer_incarnation, event.seq)]
+                assert event.items == isinstance(sent, tuple)
+                # Every item, in the order it was sent.
                 assert event.payload == sent
-                assert event.frame_no == sent
+                assert event.frame_no == (sent[0] if isinstance(sent, tuple) else sent)
                 self._order += 1
                 done = self.now + self.rng.uniform(*self.compute)
                 heapq.heappush(self._work, (done, self._order, self.receiver_gen, event))
@@ -237,12 +343,37 @@ class SimNet:
     def _finish_work(self, gen: int, event: Deliver) -> None:
         if gen != self.receiver_gen:
             return
+        if event.items:
+            self._finish_batch(event)
+            return
         kind, value = decision(event.payload)
         if kind == "ack":
             self.receiver.complete(event.peer, event.peer_incarnation, event.seq, result=value)
         else:
             assert value is not None
             self.receiver.fail(event.peer, event.peer_incarnation, event.seq, value, "odd")
+
+    def _finish_batch(self, event: Deliver) -> None:
+        items = event.payload
+        assert isinstance(items, tuple)
+        outcomes: list[ItemOutcome] = []
+        # The compute layer takes the items one by one, in order, each once per session.
+        for index, item in enumerate(items):
+            key = (self.receiver_gen, event.peer_incarnation, event.seq, index)
+            assert key not in self.result.items_processed, f"item processed twice: {key}"
+            self.result.items_processed.add(key)
+            kind, value = decision(item)
+            if kind == "ack":
+                outcomes.append(ItemAck(value))
+            else:
+                assert value is not None
+                outcomes.append(ItemErr(value, "odd"))
+        if batch_refused(items):
+            self.receiver.fail(event.peer, event.peer_incarnation, event.seq, BATCH_ERR, "all")
+        else:
+            self.receiver.complete_items(
+                event.peer, event.peer_incarnation, event.seq, tuple(outcomes)
+            )
 
     def _restart_receiver(self) -> None:
         self.receiver_gen += 1
@@ -319,3 +450,9 @@ def _answer_outcome(answer: Ack | AckRange | Err) -> tuple[str, int | None]:
         assert answer.first <= answer.last
         return "ack", None
     return "err", answer.code
+
+
+def _item_outcome(outcome: ItemOutcome) -> Outcome:
+    if isinstance(outcome, ItemAck):
+        return "ack", outcome.result
+    return "err", outcome.code

@@ -10,8 +10,10 @@ Two workloads, both over real OS processes on 127.0.0.1:
 2. A message-stream workload: two sender nodes in this process, two ordered
    streams each, with faults on their wire, sending to one receiver process
    (``tests/_peer.py``) that is frozen, killed with SIGKILL and restarted
-   twice while the senders keep sending. Every invariant is checked against
-   the receiver's own record of what it processed.
+   twice while the senders keep sending. About a third of the sends are
+   batches (``send_batch_nowait``, 1..8 items as one DATA_ITEMS), so batches
+   go through the same faults, freeze and kills. Every invariant is checked
+   against the receiver's own record of what it processed, item by item.
 
 Every test adds its figures to a module tally, printed at the end; run
 ``pytest -m chaos -s tests/test_chaos.py`` to see them (docs/reliability.md
@@ -20,8 +22,8 @@ quotes one such run).
 
 from __future__ import annotations
 
-import itertools
 import json
+import random
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import replace
@@ -34,6 +36,7 @@ from test_processes import QUICK, Line, PeerProcess, free_port, read_record, rec
 
 from actors import (
     Ack,
+    BatchHandle,
     Decomposition,
     DeliveryFailed,
     FaultPlan,
@@ -130,7 +133,10 @@ async def test_grid_run_under_faults_equals_the_serial_run(
 #: Each sender's streams; names are unique across senders, so a record line
 #: (which names the stream, not the peer) still says whose message it is.
 SENDERS: dict[str, tuple[str, str]] = {"a": ("a0", "a1"), "c": ("c0", "c1")}
+#: Payloads (single messages plus batch items) each sender sends.
 PER_SENDER = 500
+#: The share of sends that are batches, and their largest size.
+BATCH_SHARE, MAX_BATCH = 0.35, 8
 ERR_EVERY = 9
 #: The first incarnation records this index and never answers it, so the
 #: first kill lands between processing a message and confirming it; the
@@ -159,21 +165,38 @@ async def outcome_of(handle: SendHandle) -> Ack | SendError:
         return exc
 
 
-async def wait_recorded(record: Path, count: int) -> None:
-    """Wait until the receiver's record holds ``count`` deliveries."""
+async def outcomes_of(handle: SendHandle | BatchHandle) -> list[Ack | SendError]:
+    """One final outcome per item (a single send is one item), as values."""
+    if isinstance(handle, SendHandle):
+        return [await outcome_of(handle)]
+    try:
+        return list(await handle.wait())
+    except SendError as exc:
+        # A batch fails as a whole: the same failure for every item.
+        return [exc] * handle.count
+
+
+def stalled_in(lines: list[Line]) -> bool:
+    """Whether the receiver recorded the message it will never answer."""
+    return any(payload_index(line.payload) == STALL_ON for line in lines)
+
+
+async def wait_recorded(record: Path, count: int, *, or_stalled: bool = False) -> None:
+    """Wait until the receiver's record holds ``count`` deliveries (or the stall)."""
     # The record is written by another process: polling it is the only way
     # to see its progress.
     with trio.fail_after(30):
-        while len(read_record(record)[0]) < count:  # noqa: ASYNC110
+        while True:
+            lines = read_record(record)[0]
+            if len(lines) >= count or (or_stalled and stalled_in(lines)):
+                return
             await trio.sleep(0.02)
 
 
 async def wait_stalled(record: Path) -> None:
     """Wait until the receiver recorded the message it will never answer."""
     with trio.fail_after(30):
-        while not any(  # noqa: ASYNC110
-            payload_index(line.payload) == STALL_ON for line in read_record(record)[0]
-        ):
+        while not stalled_in(read_record(record)[0]):  # noqa: ASYNC110
             await trio.sleep(0.02)
 
 
@@ -190,27 +213,53 @@ async def test_streams_survive_faults_freeze_and_receiver_restarts(
     port = free_port()
     endpoint = f"tcp://127.0.0.1:{port}"
     options = ("--peer", "c", "--err-every", str(ERR_EVERY))
-    handles: dict[str, SendHandle] = {}
+    #: payload -> the handle of the send that carried it, and its item index.
+    handles: dict[str, tuple[SendHandle | BatchHandle, int]] = {}
+    #: Payloads of each batch, in item order, by the batch's (stream, stream_seq).
+    batch_items: dict[tuple[str, int], list[str]] = {}
+    messages: Counter[str] = Counter()
     # Per kill: the payloads whose final answer was known just before it, and
     # the ones submitted without one.
     settled_before: list[set[str]] = []
     in_flight_at: list[set[str]] = []
     incarnations: list[PeerProcess] = []
-    indices = itertools.count()
+    #: The next payload index; shared by both senders, so every payload is unique.
+    next_index = [0]
     fed = {name: trio.Event() for name in SENDERS}
 
     async def feed(node: Node, streams: tuple[str, str]) -> None:
-        for k in range(PER_SENDER):
-            stream = streams[k % 2]
-            payload = f"{stream}:{next(indices)}"
+        rng = random.Random(f"batches-{node.id}")
+        k = 0
+        while k < PER_SENDER:
+            stream = streams[messages[node.id] % 2]
+            is_batch = rng.random() < BATCH_SHARE
+            size = rng.randint(1, MAX_BATCH) if is_batch else 1
             await node.wait_window("b")
-            handles[payload] = node.send_nowait("b", payload, stream=stream)
+            # No checkpoint from here to the send: a batch's indices are consecutive.
+            first = next_index[0]
+            if first <= STALL_ON < first + MAX_BATCH:
+                # The payload the first receiver stalls on travels inside a
+                # batch, so its kill cuts a batch short, halfway through.
+                is_batch, size = True, min(MAX_BATCH, STALL_ON - first + 3)
+            size = min(size, PER_SENDER - k)
+            next_index[0] += size
+            payloads = [f"{stream}:{i}" for i in range(first, first + size)]
+            handle: SendHandle | BatchHandle
+            if is_batch:
+                handle = node.send_batch_nowait("b", payloads, stream=stream)
+                batch_items[stream, handle.stream_seq] = payloads
+            else:
+                handle = node.send_nowait("b", payloads[0], stream=stream)
+            for item, payload in enumerate(payloads):
+                handles[payload] = (handle, item)
+            messages[node.id] += 1
+            k += size
             # A light pace, so the sends span every phase below.
             await trio.sleep(0.001)
         fed[node.id].set()
 
     def snapshot() -> None:
-        settled = {p for p, h in handles.items() if h.done}
+        settled = {p for p, (h, _) in handles.items() if h.done}
         settled_before.append(settled)
         in_flight_at.append(set(handles) - settled)
 
@@ -225,7 +274,10 @@ async def test_streams_survive_faults_freeze_and_receiver_restarts(
             stall = ("--stall-on", str(STALL_ON))
             async with receiver(tmp_path, port, record, *options, *stall) as first:
                 incarnations.append(first)
-                await wait_recorded(record, FREEZE_AT)
+                # The compute actor takes one delivery at a time, so once it
+                # stalls the record grows no more: if the stalled payload's
+                # stream outran the others, freeze the stalled process instead.
+                await wait_recorded(record, FREEZE_AT, or_stalled=True)
                 first.pause()
                 await trio.sleep(FREEZE_FOR)
                 first.resume()
@@ -246,7 +298,10 @@ async def test_streams_survive_faults_freeze_and_receiver_restarts(
                 with trio.fail_after(60):
                     for event in fed.values():
                         await event.wait()
-                    outcomes = {p: await outcome_of(h) for p, h in handles.items()}
+                    answers = {
+                        id(h): await outcomes_of(h) for h, item in handles.values() if not item
+                    }
+                    outcomes = {p: answers[id(h)][item] for p, (h, item) in handles.items()}
                 link_stats = {n.id: n.statistics().links[NodeId("b")].protocol for n in (a, c)}
                 faults = fault_counts(a) + fault_counts(c)
                 third_stats = await third.stop()
@@ -265,6 +320,7 @@ async def test_streams_survive_faults_freeze_and_receiver_restarts(
     # decides: ERR for every ERR_EVERY-th index, ACK for the rest; none timed out.
     assert set(outcomes) == set(handles)
     assert len(outcomes) == total
+    assert len(batch_items) > 20, "too few batches to prove anything"
     assert not [o for o in outcomes.values() if isinstance(o, DeliveryFailed)]
     for payload, got in outcomes.items():
         rule = err_rule(payload, ERR_EVERY)
@@ -276,7 +332,8 @@ async def test_streams_survive_faults_freeze_and_receiver_restarts(
             assert (got.code, got.detail) == rule
     # The protocol counters agree: no send settled twice, none left open.
     for name, stats in link_stats.items():
-        assert stats.acked + stats.erred == PER_SENDER, name
+        # Counted per protocol message: a batch is one, whatever its items got.
+        assert stats.acked + stats.erred == messages[name], name
         assert (stats.gave_up, stats.in_flight) == (0, 0), name
         assert stats.peer_restarts == KILLS, name
 
@@ -300,21 +357,36 @@ async def test_streams_survive_faults_freeze_and_receiver_restarts(
         gap_seqs[gap["inc"], stream].update(range(first_seq, last_seq + 1))
     for inc, inc_lines in by_inc.items():
         streams: dict[str, list[int]] = defaultdict(list)
+        order: dict[str, list[tuple[int, int]]] = defaultdict(list)
+        items_of: dict[tuple[str, int], list[str]] = defaultdict(list)
         for line in inc_lines:
             streams[line.stream].append(line.stream_seq)
+            order[line.stream].append((line.stream_seq, payload_index(line.payload)))
+            items_of[line.stream, line.stream_seq].append(line.payload)
+        for (stream, stream_seq), got_items in items_of.items():
+            # A batch's items reach the compute layer in item order, from the
+            # first; only a kill may cut the run of them short.
+            sent_items = batch_items.get((stream, stream_seq), got_items)
+            assert got_items == sent_items[: len(got_items)], (inc, stream, stream_seq)
+            if inc == incs[-1]:
+                assert got_items == sent_items, (stream, stream_seq)
         for stream, seqs in streams.items():
-            assert seqs == sorted(set(seqs)), f"{stream} out of order in incarnation {inc}"
+            # Ordered by stream seq, then by item; nothing twice.
+            assert order[stream] == sorted(set(order[stream])), f"{stream} out of order in {inc}"
+            seqs = sorted(set(seqs))
             # The first incarnation saw each stream from its start.
             low = 1 if inc == incs[0] else seqs[0]
             holes = set(range(low, seqs[-1] + 1)) - set(seqs)
             assert holes <= gap_seqs[inc, stream], f"{stream} skipped {holes} silently"
     # A gap may only cover messages an earlier incarnation processed.
-    by_place: dict[tuple[str, int], str] = {(h.stream, h.stream_seq): p for p, h in handles.items()}
+    by_place: dict[tuple[str, int], list[str]] = defaultdict(list)
+    for p, (h, _) in handles.items():
+        by_place[h.stream, h.stream_seq].append(p)
     for (inc, stream), covered in gap_seqs.items():
         for seq in covered:
-            payload = by_place[stream, seq]
-            assert payload not in seen[inc]
-            assert any(payload in seen[i] for i in incs if i < inc), (payload, inc)
+            for payload in by_place[stream, seq]:
+                assert payload not in seen[inc]
+                assert any(payload in seen[i] for i in incs if i < inc), (payload, inc)
 
     # Final answers given before a kill stand: those messages are never sent
     # to (nor processed by) a later incarnation. A message may be processed
@@ -329,6 +401,18 @@ async def test_streams_survive_faults_freeze_and_receiver_restarts(
         assert twice <= in_flight_at[k]
         reprocessed |= twice
     stalled = {p for p in handles if payload_index(p) == STALL_ON}
+    # The batch the stalled payload is in died unanswered with the first
+    # incarnation, which had processed its items in order up to the stall and
+    # none after it; a later incarnation processed all of them again.
+    ((stall_handle, _),) = {handles[p] for p in stalled}
+    assert isinstance(stall_handle, BatchHandle)
+    assert stall_handle.count > 1
+    stall_batch = [p for p, (h, _) in handles.items() if h is stall_handle]
+    assert set(stall_batch) <= in_flight_at[0]
+    first_seen = set(seen[incs[0]])
+    for payload in stall_batch:
+        assert (payload in first_seen) == (payload_index(payload) <= STALL_ON), payload
+        assert any(payload in seen[inc] for inc in incs[1:]), payload
     assert stalled <= reprocessed
     for payload in reprocessed:
         got = outcomes[payload]
@@ -338,7 +422,9 @@ async def test_streams_survive_faults_freeze_and_receiver_restarts(
 
     sessions = {s["peer"]: s for s in third_stats["sessions"]}
     assert set(sessions) == set(SENDERS)
-    assert sum(s["delivered"] for s in sessions.values()) == len(by_inc[incs[-1]])
+    # The protocol counts messages; a batch's items share one (stream, stream_seq).
+    last_messages = {(line.stream, line.stream_seq) for line in by_inc[incs[-1]]}
+    assert sum(s["delivered"] for s in sessions.values()) == len(last_messages)
     assert faults["dropped"] > 0
     assert faults["duplicated"] > 0
     assert faults["delayed"] > 0
@@ -346,6 +432,8 @@ async def test_streams_survive_faults_freeze_and_receiver_restarts(
     resent = sum(s.resent for s in link_stats.values())
     duplicates = sum(s["duplicates"] for s in sessions.values())
     tally["stream_messages_checked"] += total
+    tally["stream_batches"] += len(batch_items)
+    tally["stream_batch_items"] += sum(len(items) for items in batch_items.values())
     tally["stream_errs_checked"] += sum(isinstance(o, PeerError) for o in outcomes.values())
     tally["stream_faults_dropped"] += faults["dropped"]
     tally["stream_faults_duplicated"] += faults["duplicated"]
@@ -358,5 +446,6 @@ async def test_streams_survive_faults_freeze_and_receiver_restarts(
     print(
         f"CHAOS streams: {total} sends, {len(incs)} receiver incarnations, faults "
         f"{dict(faults)}, resent {resent}, duplicates dropped by the last incarnation "
-        f"{duplicates}, {len(reprocessed)} processed again after a kill, {len(gaps)} gap events"
+        f"{duplicates}, {len(reprocessed)} processed again after a kill, {len(gaps)} gap events, "
+        f"{len(batch_items)} batches"
     )

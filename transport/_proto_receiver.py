@@ -84,13 +84,15 @@ _VALID_ERR_CODES = frozenset(int(code) for code in ErrCode)
 class _Entry:
     """One delivered message: still processing, or its final answer."""
 
-    __slots__ = ("code", "detail", "result", "state")
+    __slots__ = ("code", "detail", "items", "result", "state")
 
-    def __init__(self) -> None:
+    def __init__(self, items: int) -> None:
         self.state = _PROCESSING
         self.result: Payload = None
         self.code = 0
         self.detail = ""
+        #: Items of a DATA_ITEMS; 0 for a DATA. The answer must fit it.
+        self.items = items
 
 
 class _Session:
@@ -347,7 +349,15 @@ class LinkReceiver:
                 )
             )
             return
-        session.entries[seq] = _Entry()
+        if type(data) is Data:
+            payload = data.payload
+            items = False
+            count = 0
+        else:
+            payload = data.items  # type: ignore[union-attr]
+            items = True
+            count = len(payload)
+        session.entries[seq] = _Entry(count)
         session.processing += 1
         session.delivered += 1
         key = (peer, session.incarnation, seq)
@@ -355,12 +365,6 @@ class LinkReceiver:
             self._delayed.append((self._now + self._received_delay, key))
         else:
             self._answers[key] = None
-        if type(data) is Data:
-            payload = data.payload
-            items = False
-        else:
-            payload = data.items  # type: ignore[union-attr]
-            items = True
         self._events.append(
             Deliver(
                 peer,
@@ -399,9 +403,11 @@ class LinkReceiver:
 
         Raises:
             LocalProtocolError: ``seq`` was never delivered in that session, or
-                it already has its final answer.
+                it already has its final answer, or it is a DATA_ITEMS and
+                ``result`` is not None (a plain ACK of a batch carries no
+                result; give per-item results to :meth:`complete_items`).
         """
-        entry = self._entry_to_finish(peer, peer_incarnation, seq)
+        entry = self._entry_to_finish(peer, peer_incarnation, seq, None if result is None else 0)
         if entry is None:
             return False
         entry.state = _ACKED
@@ -432,8 +438,9 @@ class LinkReceiver:
 
         Raises:
             LocalProtocolError: ``outcomes`` is empty or holds anything else,
-                an ERR code is reserved, ``seq`` was never delivered, or it
-                already has its final answer.
+                an ERR code is reserved, ``seq`` was never delivered, it
+                already has its final answer, it is a single DATA, or
+                ``outcomes`` has not one entry per item.
         """
         if type(outcomes) is not tuple or not outcomes:
             raise LocalProtocolError("outcomes must be a non-empty tuple, one per item")
@@ -452,7 +459,7 @@ class LinkReceiver:
                 plain = False
             else:
                 raise LocalProtocolError(f"outcomes are ItemAck or ItemErr, got {t.__name__}")
-        entry = self._entry_to_finish(peer, peer_incarnation, seq)
+        entry = self._entry_to_finish(peer, peer_incarnation, seq, len(outcomes))
         if entry is None:
             return False
         if plain:
@@ -499,8 +506,13 @@ class LinkReceiver:
         return True
 
     def _entry_to_finish(
-        self, peer: NodeId, peer_incarnation: Incarnation, seq: int
+        self, peer: NodeId, peer_incarnation: Incarnation, seq: int, items: int | None = None
     ) -> _Entry | None:
+        """The entry an answer finishes, or None if nobody waits for it any more.
+
+        ``items``: the answer's shape, checked against what was delivered:
+        None fits anything, 0 only a DATA, n only a DATA_ITEMS of n items.
+        """
         session = self._sessions.get(peer)
         if session is None or session.incarnation != peer_incarnation or seq < session.watermark:
             self._ignored_completions += 1
@@ -516,6 +528,8 @@ class LinkReceiver:
                 f"link seq {seq} from {peer!r} already has its final answer; answer each "
                 "Deliver exactly once"
             )
+        if items is not None and items != entry.items:
+            raise LocalProtocolError(_misfit(seq, peer, entry.items, items))
         session.processing -= 1
         return entry
 
@@ -804,3 +818,18 @@ class LinkReceiver:
             queries_sent=self._queries_sent,
             queries_answered=self._queries_answered,
         )
+
+
+def _misfit(seq: int, peer: NodeId, delivered: int, answered: int) -> str:
+    """Why an answer does not fit what was delivered (see ``_entry_to_finish``)."""
+    what = f"link seq {seq} from {peer!r}"
+    if not delivered:
+        return f"{what} is a single DATA: answer it with complete(), not per-item outcomes"
+    if not answered:
+        return (
+            f"{what} is a DATA_ITEMS: its plain ACK carries no result; give per-item "
+            "results to complete_items()"
+        )
+    return (
+        f"{what} has {delivered} items: complete_items() needs {delivered} outcomes, not {answered}"
+    )
