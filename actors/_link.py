@@ -265,17 +265,14 @@ class BatchHandle:
                     )
                     return
             else:
+                if type(answer) is AckFrame and answer.result is not None:
+                    # A batch's plain ACK means "no result for any item"
+                    # (protocol.md §1); one result cannot be matched to items.
+                    self._give_up("the peer answered a batch with a result on a plain ACK")
+                    return
                 # An ACK without a result for every item: one shared value, as
                 # the items' Acks are equal field for field.
-                ack = Ack(
-                    peer,
-                    seq,
-                    stream,
-                    stream_seq,
-                    answer.result if type(answer) is AckFrame else None,
-                    rtt,
-                    attempts,
-                )
+                ack = Ack(peer, seq, stream, stream_seq, None, rtt, attempts)
                 outcomes = [ack] * self.count
         self._settle(outcomes, None)
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import trio
+import zmq
 
 from actors import (
     Ack,
@@ -33,6 +34,8 @@ from actors.testing import FaultPlan, Inbox, open_test_network
 from transport import Ack as AckFrame
 from transport import (
     AckItems,
+    Batch,
+    Data,
     DataItems,
     Deliver,
     Incarnation,
@@ -45,6 +48,9 @@ from transport import (
     LocalProtocolError,
     ReceiverConfig,
     StreamId,
+    decode,
+    encode,
+    router_socket,
 )
 from transport._proto_link import Answered
 
@@ -485,3 +491,54 @@ async def test_results_too_large_together_fail_the_batch_as_a_whole(
         [single] = await a.send_batch("b", [5])
         assert isinstance(single, Ack)
         assert single.result == "r" * 800
+
+
+# -- answers from a peer that breaks the protocol ---------------------------------
+
+
+async def test_answers_that_do_not_fit_fail_only_their_own_send() -> None:
+    # A raw ROUTER plays b and answers each message a sends with a crafted
+    # final answer: an ACK_ITEMS for a single DATA, an ACK_ITEMS with the
+    # wrong number of outcomes, a plain ACK with a result for a batch, and a
+    # right ACK. The first three cannot be matched to what was sent: each
+    # ends in DeliveryFailed saying why; the link goes on serving.
+    b_inc = Incarnation(7)
+    ctx = zmq.Context()
+    router = router_socket(ctx)
+    try:
+        endpoint = router.bind("tcp://127.0.0.1:*")
+        with trio.fail_after(10):
+            async with open_node("a", bind="tcp://127.0.0.1:*", peers={"b": endpoint}) as a:
+                a_inc = a.incarnation
+                single = a.send_nowait("b", b"single")
+                wrong_count = a.send_batch_nowait("b", [b"x", b"y"])
+                result_on_plain = a.send_batch_nowait("b", [b"p", b"q"])
+                fine = a.send_nowait("b", b"fine")
+                crafted: dict[int, Any] = {
+                    int(single.seq): lambda s, c: AckItems(B, b_inc, a_inc, s, c, (ItemAck(1),)),
+                    int(wrong_count.seq): lambda s, c: AckItems(
+                        B, b_inc, a_inc, s, c, (ItemAck(1), ItemAck(2), ItemAck(3))
+                    ),
+                    int(result_on_plain.seq): lambda s, c: AckFrame(B, b_inc, a_inc, s, c, 5),
+                    int(fine.seq): lambda s, c: AckFrame(B, b_inc, a_inc, s, c, 6),
+                }
+                answered: set[int] = set()
+                while answered != set(crafted):
+                    rid, *parts = await router.recv_multipart()
+                    frame = decode(parts)
+                    for f in frame.frames if isinstance(frame, Batch) else (frame,):
+                        if isinstance(f, Data | DataItems) and f.seq not in answered:
+                            answered.add(f.seq)
+                            answer = crafted[f.seq](f.seq, LinkSeq(f.seq + 256))
+                            await router.send_multipart([rid, *encode(answer)])
+                with pytest.raises(DeliveryFailed, match="single message with ACK_ITEMS"):
+                    await single.wait()
+                with pytest.raises(DeliveryFailed, match="3 outcomes for 2 items"):
+                    await wrong_count.wait()
+                with pytest.raises(DeliveryFailed, match="result on a plain ACK"):
+                    await result_on_plain.wait()
+                assert (await fine.wait()).result == 6
+                assert a.statistics().links[B].protocol.in_flight == 0
+    finally:
+        router.close()
+        ctx.term()
