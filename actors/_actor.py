@@ -294,13 +294,7 @@ class ActorRef(Generic[M, R]):
         Raises:
             ActorStopped: the actor is stopped for good.
         """
-        cell = self._cell
-        if cell._final:
-            raise cell._stopped_error()
-        try:
-            await cell._send_chan.send(_Envelope(msg, reply))
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            raise cell._stopped_error() from None
+        await self._post(_Envelope(msg, reply))
 
     def send_nowait(self, msg: M, *, reply: ReplySink | None = None) -> None:
         """Put ``msg`` in the mailbox now.
@@ -313,13 +307,7 @@ class ActorRef(Generic[M, R]):
             trio.WouldBlock: the mailbox is full.
             ActorStopped: the actor is stopped for good.
         """
-        cell = self._cell
-        if cell._final:
-            raise cell._stopped_error()
-        try:
-            cell._send_chan.send_nowait(_Envelope(msg, reply))
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            raise cell._stopped_error() from None
+        self._post_nowait(_Envelope(msg, reply))
 
     async def send_items(self, msgs: Sequence[M], *, reply: ItemsReplySink | None = None) -> None:
         """Put several messages in the mailbox as one entry, waiting while it is full.
@@ -339,13 +327,7 @@ class ActorRef(Generic[M, R]):
         Raises:
             ActorStopped: the actor is stopped for good.
         """
-        cell = self._cell
-        if cell._final:
-            raise cell._stopped_error()
-        try:
-            await cell._send_chan.send(_Items(msgs, reply))
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            raise cell._stopped_error() from None
+        await self._post(_Items(msgs, reply))
 
     def send_items_nowait(self, msgs: Sequence[M], *, reply: ItemsReplySink | None = None) -> None:
         """Put several messages in the mailbox now, as one entry (see :meth:`send_items`).
@@ -354,11 +336,25 @@ class ActorRef(Generic[M, R]):
             trio.WouldBlock: the mailbox is full; nothing was put in it.
             ActorStopped: the actor is stopped for good.
         """
+        self._post_nowait(_Items(msgs, reply))
+
+    async def _post(self, entry: _Envelope[M] | _Items[M]) -> None:
+        """Put one mailbox entry, waiting while the mailbox is full."""
         cell = self._cell
         if cell._final:
             raise cell._stopped_error()
         try:
-            cell._send_chan.send_nowait(_Items(msgs, reply))
+            await cell._send_chan.send(entry)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise cell._stopped_error() from None
+
+    def _post_nowait(self, entry: _Envelope[M] | _Items[M]) -> None:
+        """Put one mailbox entry now, or raise ``trio.WouldBlock``."""
+        cell = self._cell
+        if cell._final:
+            raise cell._stopped_error()
+        try:
+            cell._send_chan.send_nowait(entry)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise cell._stopped_error() from None
 

@@ -70,19 +70,14 @@ _RECV_BUDGET = 256
 _PENDING_MAX = 32
 
 
-class SendHandle:
-    """The pending outcome of one send; ``await handle.wait()`` for it.
-
-    Attributes:
-        peer: where it goes; seq: its link sequence number (its message id);
-        stream / stream_seq: its place in its stream.
-    """
+class _Handle:
+    """What a send and a batch send have in common: where it goes, and one final outcome."""
 
     __slots__ = (
         "_done",
         "_error",
         "_event",
-        "_result",
+        "_value",
         "attempts",
         "held",
         "peer",
@@ -107,13 +102,49 @@ class SendHandle:
         # link are settled before anyone awaits them, and a trio.Event per
         # message (made, then set) was a measurable share of the sender's CPU.
         self._event: trio.Event | None = None
-        self._result: Ack | None = None
+        self._value: Any = None
         self._error: PeerError | DeliveryFailed | None = None
 
     @property
     def done(self) -> bool:
         """Whether the outcome is known."""
         return self._done
+
+    async def _wait_value(self) -> Any:
+        """Wait until settled; the value, or raise the error."""
+        if self._done:
+            await trio.lowlevel.checkpoint()
+        else:
+            if self._event is None:
+                self._event = trio.Event()
+            await self._event.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def _give_up(self, reason: str) -> None:
+        """End the send with :class:`DeliveryFailed` for ``reason``."""
+        self._settle(
+            None, DeliveryFailed(peer=self.peer, seq=self.seq, reason=reason, held=self.held)
+        )
+
+    def _settle(self, value: Any, error: PeerError | DeliveryFailed | None) -> None:
+        self._value = value
+        self._error = error
+        self._done = True
+        if self._event is not None:
+            self._event.set()
+
+
+class SendHandle(_Handle):
+    """The pending outcome of one send; ``await handle.wait()`` for it.
+
+    Attributes:
+        peer: where it goes; seq: its link sequence number (its message id);
+        stream / stream_seq: its place in its stream.
+    """
+
+    __slots__ = ()
 
     async def wait(self) -> Ack:
         """Wait for the final outcome.
@@ -125,32 +156,11 @@ class SendHandle:
             PeerError: the peer answered ERR.
             DeliveryFailed: no final answer before the deadline.
         """
-        if self._done:
-            await trio.lowlevel.checkpoint()
-        else:
-            if self._event is None:
-                self._event = trio.Event()
-            await self._event.wait()
-        if self._error is not None:
-            raise self._error
-        assert self._result is not None
-        return self._result
-
-    def _give_up(self, reason: str) -> None:
-        """End the send with :class:`DeliveryFailed` for ``reason``."""
-        self._settle(
-            None, DeliveryFailed(peer=self.peer, seq=self.seq, reason=reason, held=self.held)
-        )
-
-    def _settle(self, result: Ack | None, error: PeerError | DeliveryFailed | None) -> None:
-        self._result = result
-        self._error = error
-        self._done = True
-        if self._event is not None:
-            self._event.set()
+        result: Ack = await self._wait_value()
+        return result
 
 
-class BatchHandle:
+class BatchHandle(_Handle):
     """The pending outcomes of one batch send; ``await handle.wait()`` for them.
 
     The batch travels as one protocol message, so it has one ``seq`` and one
@@ -163,20 +173,7 @@ class BatchHandle:
         items it holds.
     """
 
-    __slots__ = (
-        "_done",
-        "_error",
-        "_event",
-        "_outcomes",
-        "attempts",
-        "count",
-        "held",
-        "peer",
-        "sent_at",
-        "seq",
-        "stream",
-        "stream_seq",
-    )
+    __slots__ = ("count",)
 
     def __init__(
         self,
@@ -187,23 +184,8 @@ class BatchHandle:
         sent_at: float,
         count: int,
     ) -> None:
-        self.peer = peer
-        self.seq = seq
-        self.stream = stream
-        self.stream_seq = stream_seq
-        self.sent_at = sent_at
+        super().__init__(peer, seq, stream, stream_seq, sent_at)
         self.count = count
-        self.attempts = 0
-        self.held = False
-        self._done = False
-        self._event: trio.Event | None = None
-        self._outcomes: list[Ack | PeerError] | None = None
-        self._error: DeliveryFailed | None = None
-
-    @property
-    def done(self) -> bool:
-        """Whether the outcomes are known."""
-        return self._done
 
     async def wait(self) -> list[Ack | PeerError]:
         """Wait for the final outcome of every item.
@@ -215,16 +197,8 @@ class BatchHandle:
         Raises:
             DeliveryFailed: no final answer for the batch before its deadline.
         """
-        if self._done:
-            await trio.lowlevel.checkpoint()
-        else:
-            if self._event is None:
-                self._event = trio.Event()
-            await self._event.wait()
-        if self._error is not None:
-            raise self._error
-        assert self._outcomes is not None
-        return list(self._outcomes)
+        outcomes: list[Ack | PeerError] = await self._wait_value()
+        return list(outcomes)
 
     def _answered(self, answer: AckFrame | AckRange | AckItems | Err, now: float) -> None:
         """Settle every item from the peer's final answer to the batch."""
@@ -275,19 +249,6 @@ class BatchHandle:
                 ack = Ack(peer, seq, stream, stream_seq, None, rtt, attempts)
                 outcomes = [ack] * self.count
         self._settle(outcomes, None)
-
-    def _give_up(self, reason: str) -> None:
-        """End the batch with :class:`DeliveryFailed` for ``reason``."""
-        self._settle(
-            None, DeliveryFailed(peer=self.peer, seq=self.seq, reason=reason, held=self.held)
-        )
-
-    def _settle(self, outcomes: list[Ack | PeerError] | None, error: DeliveryFailed | None) -> None:
-        self._outcomes = outcomes
-        self._error = error
-        self._done = True
-        if self._event is not None:
-            self._event.set()
 
 
 @dataclass(frozen=True, slots=True)

@@ -423,13 +423,19 @@ def _d_seqs(v: Any, st: _Decoding) -> tuple[int, ...]:
 _d_missing_status: Final = _d_enum(_MISSING_STATUSES)
 
 
-def _d_items(v: Any, st: _Decoding) -> tuple[Any, ...]:
+def _d_one_per_item(v: Any, st: _Decoding, what: str) -> list[Any]:
+    """A DATA_ITEMS' ``items`` or an ACK_ITEMS' ``outcomes``: 1 to ``max_items`` entries."""
     if type(v) is not list:
         raise _bad_field(f"must be an array, got {type(v).__name__}")
     if not v:
-        raise _bad_field("must hold at least one item")
+        raise _bad_field(f"must hold at least one {what}")
     if len(v) > st.limits.max_items:
-        raise _remote(f"has {len(v)} items, over {st.limits.max_items}", "too-large")
+        raise _remote(f"has {len(v)} {what}s, over {st.limits.max_items}", "too-large")
+    return v
+
+
+def _d_items(v: Any, st: _Decoding) -> tuple[Any, ...]:
+    v = _d_one_per_item(v, st, "item")
     payload = st.payload
     for i, item in enumerate(v):
         if type(item) not in _LEAF_TYPES:
@@ -442,14 +448,8 @@ _ITEM_ACK: Final = ItemAck(None)
 
 
 def _d_outcomes(v: Any, st: _Decoding) -> tuple[ItemOutcome, ...]:
-    if type(v) is not list:
-        raise _bad_field(f"must be an array, got {type(v).__name__}")
-    if not v:
-        raise _bad_field("must hold at least one outcome")
-    if len(v) > st.limits.max_items:
-        raise _remote(f"has {len(v)} outcomes, over {st.limits.max_items}", "too-large")
     out: list[ItemOutcome] = []
-    for x in v:
+    for x in _d_one_per_item(v, st, "outcome"):
         if x is None:
             out.append(_ITEM_ACK)
             continue
@@ -1036,8 +1036,8 @@ def _decode_by_schema(item: Any, st: _Decoding) -> Frame:
     return schema.cls(*item[1:])  # type: ignore[no-any-return]
 
 
-def _encode_data(frame: Data, st: _Encoding) -> list[Any] | None:
-    """DATA without the schema walk; None when a field needs the walk's checks."""
+def _encode_data(frame: Data | DataItems, st: _Encoding) -> list[Any] | None:
+    """DATA or DATA_ITEMS without the schema walk; None when a field needs the walk's checks."""
     node = frame.node
     stream = frame.stream
     inc = frame.incarnation
@@ -1050,7 +1050,13 @@ def _encode_data(frame: Data, st: _Encoding) -> list[Any] | None:
         st.id_quick, node, inc, seq, stream, stream_seq, floor, frame_no, watermark
     ):
         return None
-    payload = frame.payload
+    if type(frame) is DataItems:
+        try:
+            items = _e_items(frame.items, st)
+        except LocalProtocolError as exc:
+            raise LocalProtocolError(f"DataItems.items {exc}") from None
+        return [_DATA_ITEMS, node, inc, seq, stream, stream_seq, floor, frame_no, items, watermark]
+    payload = frame.payload  # type: ignore[union-attr]
     if type(payload) is bytes:
         if len(payload) >= st.threshold:
             payload = st.out_of_band(payload, len(payload))
@@ -1059,35 +1065,10 @@ def _encode_data(frame: Data, st: _Encoding) -> list[Any] | None:
     return [_DATA, node, inc, seq, stream, stream_seq, floor, frame_no, payload, watermark]
 
 
-def _encode_data_items(frame: DataItems, st: _Encoding) -> list[Any] | None:
-    """DATA_ITEMS without the schema walk; None when a field needs the walk's checks."""
-    node = frame.node
-    stream = frame.stream
-    inc = frame.incarnation
-    seq = frame.seq
-    stream_seq = frame.stream_seq
-    floor = frame.stream_floor
-    frame_no = frame.frame_no
-    watermark = frame.watermark
-    if not _plain_data_fields(
-        st.id_quick, node, inc, seq, stream, stream_seq, floor, frame_no, watermark
-    ):
-        return None
-    try:
-        items = _e_items(frame.items, st)
-    except LocalProtocolError as exc:
-        raise LocalProtocolError(f"DataItems.items {exc}") from None
-    return [_DATA_ITEMS, node, inc, seq, stream, stream_seq, floor, frame_no, items, watermark]
-
-
 def _encode_frame(frame: Frame, st: _Encoding) -> list[Any]:
     t = type(frame)
-    if t is Data:
+    if t is Data or t is DataItems:
         fast = _encode_data(frame, st)  # type: ignore[arg-type]
-        if fast is not None:
-            return fast
-    elif t is DataItems:
-        fast = _encode_data_items(frame, st)  # type: ignore[arg-type]
         if fast is not None:
             return fast
     return _encode_by_schema(frame, st)
