@@ -309,56 +309,61 @@ class Receiver(Actor[Any, Any]):
         inject = faults.active
         secure = st.security.secure
         while True:
-            now = trio.current_time()
-            for _ in range(_RECV_BUDGET):
-                try:
-                    if secure:
-                        user, parts = sock.recv_authenticated_nowait()
-                        peer = peer_ids.get(user) if user is not None else None
-                    else:
-                        parts = sock.recv_multipart_nowait()
-                        peer = routes.get(parts[0])
-                except trio.WouldBlock:
-                    break
-                if peer is None:
-                    if secure:
-                        # ZAP_ENFORCE_DOMAIN admits no connection without a
-                        # peer's User-Id; counted in case libzmq ever does.
-                        st.security.refuse("unauthenticated", "a connection", "no peer's User-Id")
-                    else:
-                        st.rejected["unknown-peer"] += 1
-                    continue
-                try:
-                    frame = decode(parts[1:], limits)
-                except RemoteProtocolError as exc:
-                    st.rejected[exc.reason] += 1
-                    continue
-                if secure:
-                    claimed = _claimed_node(frame, peer)
-                    if claimed is not None:
-                        st.security.refuse(
-                            "impersonation",
-                            f"node {peer!r} as {claimed!r}",
-                            f"its key belongs to {peer!r} but its frames claim to be {claimed!r}",
-                        )
-                        continue
-                    st.reply_routes[peer] = parts[0]
-                # The core unpacks a Batch itself (and refuses nested ones).
-                core.receive_frame(peer, frame, now)
-            core.poll(now)
-            self._route(st)
-            self._flush(st, sock, now, inject)
-            deadline = core.next_deadline()
-            if inject:
-                held = faults.next_deadline()
-                if held is not None:
-                    deadline = held if deadline is None else min(deadline, held)
-            if deadline is None:
-                # No timer (the usual case between sparse messages): no
-                # cancel scope to enter and leave either.
-                await sock.wait_ready()
-            else:
-                with trio.move_on_at(deadline):
+            # One cancel scope serves every wait until its timer fires: moving
+            # its deadline (only when it changed) costs less than a fresh
+            # move_on_at per wait.
+            with trio.CancelScope() as timer:
+                while True:
+                    now = trio.current_time()
+                    for _ in range(_RECV_BUDGET):
+                        try:
+                            if secure:
+                                user, parts = sock.recv_authenticated_nowait()
+                                peer = peer_ids.get(user) if user is not None else None
+                            else:
+                                parts = sock.recv_multipart_nowait()
+                                peer = routes.get(parts[0])
+                        except trio.WouldBlock:
+                            break
+                        if peer is None:
+                            if secure:
+                                # ZAP_ENFORCE_DOMAIN admits no connection without a
+                                # peer's User-Id; counted in case libzmq ever does.
+                                st.security.refuse(
+                                    "unauthenticated", "a connection", "no peer's User-Id"
+                                )
+                            else:
+                                st.rejected["unknown-peer"] += 1
+                            continue
+                        try:
+                            frame = decode(parts[1:], limits)
+                        except RemoteProtocolError as exc:
+                            st.rejected[exc.reason] += 1
+                            continue
+                        if secure:
+                            claimed = _claimed_node(frame, peer)
+                            if claimed is not None:
+                                st.security.refuse(
+                                    "impersonation",
+                                    f"node {peer!r} as {claimed!r}",
+                                    f"its key belongs to {peer!r} "
+                                    f"but its frames claim to be {claimed!r}",
+                                )
+                                continue
+                            st.reply_routes[peer] = parts[0]
+                        # The core unpacks a Batch itself (and refuses nested ones).
+                        core.receive_frame(peer, frame, now)
+                    core.poll(now)
+                    self._route(st)
+                    self._flush(st, sock, now, inject)
+                    deadline = core.next_deadline()
+                    if inject:
+                        held = faults.next_deadline()
+                        if held is not None:
+                            deadline = held if deadline is None else min(deadline, held)
+                    target = math.inf if deadline is None else deadline
+                    if timer.deadline != target:
+                        timer.deadline = target
                     await sock.wait_ready()
 
     @staticmethod

@@ -390,51 +390,59 @@ class PeerLink(Actor[Any, Any]):
         inject = faults.active
         pending = self._pending
         while True:
-            now = trio.current_time()
-            while pending:
-                try:
-                    sock.send_multipart_nowait(pending[0])
-                except trio.WouldBlock:
-                    break
-                pending.popleft()
-            for _ in range(_RECV_BUDGET):
-                try:
-                    parts = sock.recv_multipart_nowait()
-                except trio.WouldBlock:
-                    break
-                try:
-                    frame = decode(parts, limits)
-                except RemoteProtocolError:
-                    st.bad_frames += 1
-                    continue
-                # The core unpacks a Batch itself (and refuses nested ones).
-                core.receive_frame(frame, now)
-            core.poll(now)
-            self._dispatch(st)
-            while True:
-                frames = core.frames_to_send(now)
-                if not frames:
-                    break
-                self._count_attempts(st, frames)
-                out: Frame = frames[0] if len(frames) == 1 else Batch(tuple(frames))
-                wire = encode(out, limits=limits)
-                if inject:
-                    for message in faults.submit(wire, now):
-                        self._send(st, sock, message)
-                else:
-                    self._send(st, sock, wire)
-            if inject:
-                for message in faults.due(now):
-                    self._send(st, sock, message)
-            deadline = core.next_deadline()
-            if inject:
-                held = faults.next_deadline()
-                if held is not None:
-                    deadline = min(deadline, held)
-            # A poll can settle sends (give-ups) and free window: dispatch again.
-            self._dispatch(st)
-            with trio.move_on_at(deadline if math.isfinite(deadline) else math.inf):
-                await sock.wait_ready(writable=bool(pending))
+            # One cancel scope serves every wait until its timer fires: moving
+            # its deadline (only when it changed) costs less than entering and
+            # leaving a fresh move_on_at per wait, and with messages in flight
+            # there is always a retry timer, so every sparse message paid one.
+            with trio.CancelScope() as timer:
+                while True:
+                    now = trio.current_time()
+                    while pending:
+                        try:
+                            sock.send_multipart_nowait(pending[0])
+                        except trio.WouldBlock:
+                            break
+                        pending.popleft()
+                    for _ in range(_RECV_BUDGET):
+                        try:
+                            parts = sock.recv_multipart_nowait()
+                        except trio.WouldBlock:
+                            break
+                        try:
+                            frame = decode(parts, limits)
+                        except RemoteProtocolError:
+                            st.bad_frames += 1
+                            continue
+                        # The core unpacks a Batch itself (and refuses nested ones).
+                        core.receive_frame(frame, now)
+                    core.poll(now)
+                    self._dispatch(st)
+                    while True:
+                        frames = core.frames_to_send(now)
+                        if not frames:
+                            break
+                        self._count_attempts(st, frames)
+                        out: Frame = frames[0] if len(frames) == 1 else Batch(tuple(frames))
+                        wire = encode(out, limits=limits)
+                        if inject:
+                            for message in faults.submit(wire, now):
+                                self._send(st, sock, message)
+                        else:
+                            self._send(st, sock, wire)
+                    if inject:
+                        for message in faults.due(now):
+                            self._send(st, sock, message)
+                    deadline = core.next_deadline()
+                    if inject:
+                        held = faults.next_deadline()
+                        if held is not None:
+                            deadline = min(deadline, held)
+                    # A poll can settle sends (give-ups) and free window: dispatch again.
+                    self._dispatch(st)
+                    target = deadline if math.isfinite(deadline) else math.inf
+                    if timer.deadline != target:
+                        timer.deadline = target
+                    await sock.wait_ready(writable=bool(pending))
 
     @staticmethod
     def _count_attempts(st: LinkState, frames: list[Frame]) -> None:

@@ -115,6 +115,44 @@ async def test_burst_both_ways_with_owner_tasks(ctx: Ctx, endpoint: str) -> None
     dealer.close()
 
 
+@pytest.mark.parametrize("eventfd_wake", [True, False], ids=["eventfd", "cancel"])
+async def test_drains_of_one_and_of_many_take_all_and_stop_only_when_empty(
+    ctx: Ctx, eventfd_wake: bool
+) -> None:
+    # A drain may end on an EVENTS read (single messages) or on a failing
+    # recv (bursts), and wait_ready may vouch for the next recv: every mix of
+    # drain sizes must take every message, and WouldBlock must mean empty.
+    router = Socket(ctx.socket(zmq.ROUTER), eventfd_wake=eventfd_wake)
+    dealer = dealer_socket(ctx, routing_id=DEALER_ID)
+    dealer.connect(router.bind(TCP))
+    sizes = [1, 1, 5, 1, 1, 3, 2, 1, 20, 1, 1]
+    got: list[int] = []
+    drains: list[int] = []
+    with trio.fail_after(10):
+        sent = 0
+        for size in sizes:
+            for _ in range(size):
+                await dealer.send_multipart([b"%d" % sent])
+                sent += 1
+            taken = 0
+            while len(got) < sent:
+                await router.wait_ready()
+                while True:
+                    try:
+                        parts = router.recv_multipart_nowait()
+                    except trio.WouldBlock:
+                        assert not router.zmq_socket.getsockopt(zmq.EVENTS) & zmq.POLLIN
+                        break
+                    got.append(int(parts[-1]))
+                    taken += 1
+            drains.append(taken)
+    assert got == list(range(sum(sizes)))
+    assert drains == sizes
+    assert router.statistics().messages_received == sum(sizes)
+    router.close()
+    dealer.close()
+
+
 async def test_burst_both_ways_with_async_calls(ctx: Ctx, endpoint: str) -> None:
     router, dealer = await _connected_pair(ctx, endpoint)
     results: dict[str, list[int]] = {}
