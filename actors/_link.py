@@ -315,6 +315,13 @@ class LinkState:
         self.wake()
         return handle
 
+    def check_batch_size(self, count: int) -> None:
+        """Raise LocalProtocolError unless a batch of ``count`` items can be sent."""
+        if not 1 <= count <= self.limits.max_items:
+            raise LocalProtocolError(
+                f"a batch holds 1 to Limits.max_items={self.limits.max_items} items, got {count}"
+            )
+
     def submit_items(
         self,
         stream: StreamId,
@@ -324,10 +331,7 @@ class LinkState:
     ) -> BatchHandle:
         """Hand a batch to the core as one message; raises ``trio.WouldBlock`` like submit."""
         count = len(items)
-        if not 1 <= count <= self.limits.max_items:
-            raise LocalProtocolError(
-                f"a batch holds 1 to Limits.max_items={self.limits.max_items} items, got {count}"
-            )
+        self.check_batch_size(count)
         core = self.core
         if not core.window_open():
             raise trio.WouldBlock

@@ -163,6 +163,23 @@ class Node:
             return trio.current_time() + timeout
         return deadline
 
+    def _send_limit(self, timeout: float | None, deadline: float | None) -> float:
+        """The deadline of a waiting send: the given one, or ``sender.send_timeout`` from now."""
+        limit = self._deadline(timeout, deadline)
+        if limit is None:
+            limit = trio.current_time() + self._config.sender.send_timeout
+        return limit
+
+    @staticmethod
+    async def _wait_window_until(link: LinkState, limit: float) -> None:
+        """Wait for room in the link's window; DeliveryFailed if none comes by ``limit``."""
+        with trio.move_on_at(limit) as scope:
+            await link.wait_window()
+        if scope.cancelled_caught:
+            raise DeliveryFailed(
+                peer=link.peer, seq=None, reason="the link's window stayed full", held=False
+            )
+
     def send_nowait(
         self,
         peer: str,
@@ -234,15 +251,8 @@ class Node:
             LocalProtocolError: unknown peer, or bad arguments.
         """
         link = self._link(peer)
-        limit = self._deadline(timeout, deadline)
-        if limit is None:
-            limit = trio.current_time() + self._config.sender.send_timeout
-        with trio.move_on_at(limit) as scope:
-            await link.wait_window()
-        if scope.cancelled_caught:
-            raise DeliveryFailed(
-                peer=NodeId(peer), seq=None, reason="the link's window stayed full", held=False
-            )
+        limit = self._send_limit(timeout, deadline)
+        await self._wait_window_until(link, limit)
         handle = link.submit(StreamId(stream), payload, frame_no, limit)
         return await handle.wait()
 
@@ -319,18 +329,10 @@ class Node:
         """
         link = self._link(peer)
         items = tuple(payloads)
-        limit = self._deadline(timeout, deadline)
-        if limit is None:
-            limit = trio.current_time() + self._config.sender.send_timeout
-        if not 1 <= len(items) <= link.limits.max_items:
-            # Before the wait: a batch that can never be sent fails at once.
-            link.submit_items(StreamId(stream), items, frame_no, limit)
-        with trio.move_on_at(limit) as scope:
-            await link.wait_window()
-        if scope.cancelled_caught:
-            raise DeliveryFailed(
-                peer=NodeId(peer), seq=None, reason="the link's window stayed full", held=False
-            )
+        limit = self._send_limit(timeout, deadline)
+        # Before the wait: a batch that can never be sent fails at once.
+        link.check_batch_size(len(items))
+        await self._wait_window_until(link, limit)
         handle = link.submit_items(StreamId(stream), items, frame_no, limit)
         return await handle.wait()
 

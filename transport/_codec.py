@@ -798,6 +798,16 @@ _ANSWER_HEAD: Final[tuple[_FieldSpec, ...]] = (
     ("credit", _U63_FIELD),
 )
 _PAYLOAD_FIELD: Final = (_d_payload, _e_payload)
+#: The fields DATA and DATA_ITEMS share, before the payload or items.
+_DATA_HEAD: Final[tuple[_FieldSpec, ...]] = (
+    ("node", _ID_FIELD),
+    ("incarnation", _U63_FIELD),
+    ("seq", _U63_FIELD),
+    ("stream", _ID_FIELD),
+    ("stream_seq", _U63_FIELD),
+    ("stream_floor", _U63_FIELD),
+    ("frame_no", (_d_opt_u63, _e_opt_u63)),
+)
 _OPT_ID_FIELD: Final = (_d_opt_id, _e_opt_id)
 
 _SCHEMAS: Final = (
@@ -812,26 +822,14 @@ _SCHEMAS: Final = (
     _schema(
         FrameKind.DATA,
         Data,
-        ("node", _ID_FIELD),
-        ("incarnation", _U63_FIELD),
-        ("seq", _U63_FIELD),
-        ("stream", _ID_FIELD),
-        ("stream_seq", _U63_FIELD),
-        ("stream_floor", _U63_FIELD),
-        ("frame_no", (_d_opt_u63, _e_opt_u63)),
+        *_DATA_HEAD,
         ("payload", _PAYLOAD_FIELD),
         ("watermark", _U63_FIELD),
     ),
     _schema(
         FrameKind.DATA_ITEMS,
         DataItems,
-        ("node", _ID_FIELD),
-        ("incarnation", _U63_FIELD),
-        ("seq", _U63_FIELD),
-        ("stream", _ID_FIELD),
-        ("stream_seq", _U63_FIELD),
-        ("stream_floor", _U63_FIELD),
-        ("frame_no", (_d_opt_u63, _e_opt_u63)),
+        *_DATA_HEAD,
         ("items", (_d_items, _e_items)),
         ("watermark", _U63_FIELD),
     ),

@@ -534,6 +534,19 @@ class LinkSender:
     def _reject(self, reason: str) -> None:
         self._rejected[reason] = self._rejected.get(reason, 0) + 1
 
+    def _current_answer(
+        self, answer: Received | Ack | AckRange | AckItems | Err | RetryLater, now: float
+    ) -> bool:
+        """Whether an answer is for this session of both sides; takes its credit if so."""
+        if answer.peer_incarnation != self._incarnation or not self._accept_incarnation(
+            answer.incarnation, now
+        ):
+            self._stale_answers += 1
+            return False
+        if answer.credit > self._credit:
+            self._credit = answer.credit
+        return True
+
     def _accept_incarnation(self, incarnation: Incarnation, now: float) -> bool:
         """Track the peer's incarnation; False if the frame comes from an older one."""
         current = self._peer_incarnation
@@ -564,13 +577,8 @@ class LinkSender:
         self._events.append(PeerRestarted(old, new))
 
     def _on_answer(self, answer: Received | Ack | AckItems | Err | RetryLater, now: float) -> None:
-        if answer.peer_incarnation != self._incarnation or not self._accept_incarnation(
-            answer.incarnation, now
-        ):
-            self._stale_answers += 1
+        if not self._current_answer(answer, now):
             return
-        if answer.credit > self._credit:
-            self._credit = answer.credit
         msg = self._msgs.get(answer.seq)
         if msg is None or msg.due is None:
             self._duplicate_answers += 1
@@ -611,13 +619,8 @@ class LinkSender:
             self._retry_later += 1
 
     def _on_ack_range(self, answer: AckRange, now: float) -> None:
-        if answer.peer_incarnation != self._incarnation or not self._accept_incarnation(
-            answer.incarnation, now
-        ):
-            self._stale_answers += 1
+        if not self._current_answer(answer, now):
             return
-        if answer.credit > self._credit:
-            self._credit = answer.credit
         msgs = self._msgs
         events = self._events
         # Only numbers that can still be waiting (watermark .. last sent): a
