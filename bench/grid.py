@@ -1,4 +1,4 @@
-"""Grid benchmark: frames/s of the Life demo against serial numpy and an mpi4py halo exchange.
+"""Grid benchmark: the Life demo's frames/s against serial numpy, mpi4py and pyzmq by hand.
 
 For each grid size (1024², 2048²) and node count (1, 2, 4), in the same run:
 
@@ -9,6 +9,21 @@ For each grid size (1024², 2048²) and node count (1, 2, 4), in the same run:
   ``life_step``, halos swapped with ``Isend``/``Irecv`` of numpy buffers; one
   timed repetition per ``mpiexec`` (after its warm-up), median of the
   repetitions;
+* **pyzmq+ACK** (2 and 4 nodes; one node has nothing to exchange):
+  ``bench/pyzmq_halo.py``, one process per tile, the same loop as the demo's
+  written by hand on blocking pyzmq, as people write it today without
+  cellmesh: a ROUTER per process, a DEALER per neighbour, a ``zmq.Poller``,
+  every halo answered at once with an ACK (no retries, no dedup, no ordering
+  beyond ZeroMQ's), one exchange in flight, the demo's "ready" barrier before
+  the clock starts; one timed repetition per start (after its warm-up):
+  frames / median over the processes of its time, median of the repetitions.
+  Each process's final tile is checked against the serial run's;
+* **trio+pyzmq+ACK** (2 and 4 nodes): the same program with ``--trio``: the
+  same sockets, messages, barrier and per-exchange shape, hand-written on
+  Trio (the event loop cellmesh runs on) with no cellmesh code: one task,
+  ``NOBLOCK`` calls, one ``wait_readable`` on an epoll set of the sockets'
+  ``ZMQ_FD``s. It is the floor of any Trio-based implementation: if it falls
+  short of a goal against mpi4py, so must cellmesh. Measured as pyzmq+ACK;
 * **cellmesh**: ``run_demo`` (what ``cellmesh demo --json`` runs): one node
   process per tile, every halo a cellmesh send with an ACK, progress sent to a
   coordinator ten times a second; frames/s = the demo's own figure (median
@@ -16,17 +31,21 @@ For each grid size (1024², 2048²) and node count (1, 2, 4), in the same run:
   starts after a two-round "ready" barrier with its neighbours, as MPI's is
   timed from ``Barrier``), median of the repetitions.
 
-The mpi4py and cellmesh repetitions alternate (mpi, cellmesh, mpi, ...), so a
-burst of load from other work on the machine hits both; the table gives the
-ratio of the medians and the range of the back-to-back pairs' ratios.
+The repetitions alternate (mpi, pyzmq, trio+pyzmq, cellmesh, mpi, ...), so a
+burst of load from other work on the machine hits all four; the table gives
+the ratios of the medians (cellmesh / mpi4py, / pyzmq and / trio+pyzmq;
+pyzmq / mpi4py, trio+pyzmq / mpi4py), each with the range of the
+back-to-back repetitions' ratios in brackets. The goals compare cellmesh with
+mpi4py; the Trio floor's ratios (against mpi4py and blocking pyzmq) are
+printed beside them for information.
 
-Both distributed systems run at two halo depths where there are halos (2 and
+The distributed systems run at two halo depths where there are halos (2 and
 4 nodes): **1** (a one-cell halo swapped every frame) and the demo's
-**auto** depth (``auto_depth``: 16 at 1024² and 2048²), so every cellmesh /
-mpi4py ratio, and the goal check, compares runs of the same algorithm. One
-node has no halos and runs at the auto depth only. The depth-1 runs take
-``--depth1-reps`` repetitions (default as many as the others; lower it to
-shorten the run, the table's title says). MPI ranks get the same malloc
+**auto** depth (``auto_depth``: 16 at 1024² and 2048²), so every ratio, and
+the goal check, compares runs of the same algorithm. One node has no halos
+and runs at the auto depth only. The depth-1 runs take ``--depth1-reps``
+repetitions (default as many as the others; lower it to shorten the run, the
+table's title says). MPI ranks and both pyzmq programs get the same malloc
 settings as the demo's node processes (``_CHILD_MALLOC_ENV``): without them a
 2048² MPI run was 2-4x slower (glibc trimming and regrowing its heap around
 every step's temporaries), so the allocator is not what differs either.
@@ -51,6 +70,7 @@ Run: ``.venv/bin/python bench/grid.py [--profile]``; writes
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -70,7 +90,9 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 
 import numpy as np  # noqa: E402
+import numpy.typing as npt  # noqa: E402
 import trio  # noqa: E402
+import zmq  # noqa: E402
 
 from actors import (  # noqa: E402
     Decomposition,
@@ -194,6 +216,131 @@ def measure_cellmesh(
             }
         )
     return runs
+
+
+def _topology(size: int, nodes: int) -> tuple[Decomposition, Topology]:
+    """The demo's decomposition into ``nodes`` tiles and a topology of them on free ports."""
+    decomp = Decomposition.for_nodes((size, size), nodes)
+    ports: set[int] = set()
+    while len(ports) < nodes:
+        ports.add(free_port())
+    by_tile = dict(zip(decomp.tile_ids(), sorted(ports), strict=True))
+    topology = Topology.build(
+        [NodeSpec(decomp.node_id(t), f"tcp://127.0.0.1:{by_tile[t]}") for t in decomp.tile_ids()],
+        [
+            (decomp.node_id(t), decomp.node_id(o))
+            for t in decomp.tile_ids()
+            for o in decomp.neighbours(t).values()
+            if t < o
+        ],
+    )
+    return decomp, topology
+
+
+@functools.cache
+def _serial_final(size: int, frames: int) -> npt.NDArray[np.uint8]:
+    """The serial run's grid after ``frames`` steps (computed once per size and frames)."""
+    final: npt.NDArray[np.uint8] = run_serial(LIFE, LIFE.initial((size, size), 1), frames)
+    return final
+
+
+def _check_tiles(
+    what: str, decomp: Decomposition, size: int, frames: int, reports: list[dict[str, Any]]
+) -> None:
+    """Raise RuntimeError unless every report's ``sha256`` is its tile of the serial run."""
+    serial = _serial_final(size, frames)
+    for report in reports:
+        tile = serial[decomp.tile_slices(decomp.tile_of(report["node"]))]
+        if report["sha256"] != grid_digest(np.ascontiguousarray(tile)):
+            raise RuntimeError(f"{what} node {report['node']} computed a wrong tile")
+
+
+def measure_pyzmq(
+    size: int, frames: int, nodes: int, reps: int, depth: int, loop: str = "blocking"
+) -> dict[str, Any]:
+    """Run ``bench/pyzmq_halo.py``, one process per tile, ``reps`` timed repetitions.
+
+    A repetition's frames/s is ``frames`` / the median over the processes of
+    the seconds that repetition took them (as ``bench/mpi_halo.py`` does with
+    its ranks); ``frames_per_second`` is the median over the repetitions.
+
+    Args:
+        size: the grid's side.
+        frames: frames per repetition.
+        nodes: processes (tiles); at least 2, one node has nothing to exchange.
+        reps: timed repetitions (each process runs one warm-up first).
+        depth: frames per halo exchange (0: ``auto_depth``).
+        loop: ``"blocking"`` (a ``zmq.Poller``) or ``"trio"`` (``--trio``: the
+            same loop hand-written on Trio).
+
+    Returns:
+        ``loop``, ``fps`` (per repetition), ``frames_per_second``, ``depth``,
+        ``seconds`` (per node, per repetition) and the ZeroMQ version.
+
+    Raises:
+        RuntimeError: a process died or printed no report, the run took longer
+            than ``RUN_TIMEOUT``, or a final tile differs from the serial run's.
+        ValueError: ``loop`` is neither ``"blocking"`` nor ``"trio"``.
+    """
+    if loop not in ("blocking", "trio"):
+        raise ValueError(f"unknown loop {loop!r}")
+    decomp, topology = _topology(size, nodes)
+    reports: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="cellmesh-pyzmq-") as tmp:
+        path = Path(tmp) / "topology.toml"
+        topology.save(path)
+        errors = [(Path(tmp) / f"{name}.err").open("w+") for name in topology.ids]
+        procs = [
+            subprocess.Popen(
+                [
+                    *(sys.executable, str(_HERE / "pyzmq_halo.py")),
+                    *("--topology", str(path), "--id", name, "--size", str(size)),
+                    *("--frames", str(frames), "--reps", str(reps), "--depth", str(depth)),
+                    *("--timeout", str(RUN_TIMEOUT)),
+                    *(["--trio"] if loop == "trio" else []),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                text=True,
+                env={**os.environ, **_CHILD_MALLOC_ENV},
+            )
+            for name, err in zip(topology.ids, errors, strict=True)
+        ]
+        deadline = time.monotonic() + RUN_TIMEOUT
+        try:
+            for name, proc, err in zip(topology.ids, procs, errors, strict=True):
+                # Each prints one line, then serves its neighbours' last ACKs
+                # for about a second and exits: the pipe never fills.
+                try:
+                    out, _ = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    raise RuntimeError(
+                        f"pyzmq node {name} still ran after {RUN_TIMEOUT:.0f} s"
+                    ) from None
+                lines = [line for line in out.splitlines() if line.startswith("{")]
+                if proc.returncode != 0 or not lines:
+                    err.seek(0)
+                    raise RuntimeError(
+                        f"pyzmq node {name} failed ({proc.returncode}): {err.read()[-2000:]}"
+                    )
+                reports.append(json.loads(lines[-1]))
+        finally:
+            for proc in procs:
+                proc.kill()
+                proc.wait()
+            for err in errors:
+                err.close()
+    _check_tiles(f"pyzmq ({loop})", decomp, size, frames, reports)
+    fps = [frames / median([r["seconds"][i] for r in reports]) for i in range(reps)]
+    return {
+        "loop": loop,
+        "depth": reports[0]["depth"],
+        "fps": fps,
+        "frames_per_second": median(fps),
+        "seconds": {r["node"]: r["seconds"] for r in reports},
+        "zmq": reports[0]["zmq"],
+    }
 
 
 # -- the probe: where a frame's time goes ---------------------------------------------
@@ -338,20 +485,7 @@ def measure_probe(size: int, frames: int, nodes: int, depth: int) -> list[dict[s
     Raises:
         RuntimeError: a probe node died, or its final tile differs from the serial run's.
     """
-    decomp = Decomposition.for_nodes((size, size), nodes)
-    ports: set[int] = set()
-    while len(ports) < nodes:
-        ports.add(free_port())
-    by_tile = dict(zip(decomp.tile_ids(), sorted(ports), strict=True))
-    topology = Topology.build(
-        [NodeSpec(decomp.node_id(t), f"tcp://127.0.0.1:{by_tile[t]}") for t in decomp.tile_ids()],
-        [
-            (decomp.node_id(t), decomp.node_id(o))
-            for t in decomp.tile_ids()
-            for o in decomp.neighbours(t).values()
-            if t < o
-        ],
-    )
+    decomp, topology = _topology(size, nodes)
     reports: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="cellmesh-probe-") as tmp:
         path = Path(tmp) / "topology.toml"
@@ -381,11 +515,7 @@ def measure_probe(size: int, frames: int, nodes: int, depth: int) -> list[dict[s
                 proc.wait()
                 if proc.stdout is not None:
                     proc.stdout.close()
-    serial = run_serial(LIFE, LIFE.initial((size, size), 1), frames)
-    for report in reports:
-        tile = serial[decomp.tile_slices(decomp.tile_of(report["node"]))]
-        if report["sha256"] != grid_digest(np.ascontiguousarray(tile)):
-            raise RuntimeError(f"probe node {report['node']} computed a wrong tile")
+    _check_tiles("probe", decomp, size, frames, reports)
     return reports
 
 
@@ -394,6 +524,23 @@ def measure_probe(size: int, frames: int, nodes: int, depth: int) -> list[dict[s
 
 def _ratio(ours: float, theirs: float | None) -> float | None:
     return ours / theirs if theirs else None
+
+
+def _pairs(ours: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> list[float]:
+    """frames/s ratios of back-to-back repetitions (none if either side did not run)."""
+    if not ours or not theirs:
+        return []
+    return [
+        a["frames_per_second"] / b["frames_per_second"] for a, b in zip(ours, theirs, strict=True)
+    ]
+
+
+def _pyzmq_summary(runs: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, float | None]:
+    """The JSON entry of a row's ``measure_pyzmq`` runs and their median frames/s (none: none)."""
+    if not runs:
+        return None, None
+    fps = median([z["frames_per_second"] for z in runs])
+    return {"runs": runs, "frames_per_second": fps, "zmq": runs[0]["zmq"]}, fps
 
 
 def _span(values: list[float]) -> str:
@@ -422,6 +569,12 @@ def _depth_gains(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "mpi": None
                     if auto["mpi_fps"] is None
                     else _ratio(auto["mpi_fps"], one[0]["mpi_fps"]),
+                    "pyzmq": None
+                    if auto.get("pyzmq_fps") is None
+                    else _ratio(auto["pyzmq_fps"], one[0].get("pyzmq_fps")),
+                    "trio_pyzmq": None
+                    if auto.get("trio_pyzmq_fps") is None
+                    else _ratio(auto["trio_pyzmq_fps"], one[0].get("trio_pyzmq_fps")),
                     "cellmesh": auto["cellmesh_fps"] / one[0]["cellmesh_fps"],
                 }
             )
@@ -437,13 +590,17 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     sizes = sorted({r["size"] for r in results})
-    fig, axes = plt.subplots(1, len(sizes), figsize=(6.5 * len(sizes), 4.6), dpi=120, sharey=True)
+    fig, axes = plt.subplots(1, len(sizes), figsize=(9 * len(sizes), 4.8), dpi=120, sharey=True)
     axes = np.atleast_1d(axes)
-    width = 0.16
+    width = 0.095
     series = [
         ("serial numpy (1 process)", "serial_fps", None, "#999999", ""),
         ("mpi4py, depth 1", "mpi_fps", False, "#9ecae1", "//"),
         ("mpi4py, auto depth", "mpi_fps", True, "#1f77b4", ""),
+        ("pyzmq+ACK by hand, depth 1", "pyzmq_fps", False, "#a1d99b", "//"),
+        ("pyzmq+ACK by hand, auto depth", "pyzmq_fps", True, "#2ca02c", ""),
+        ("Trio+pyzmq+ACK by hand, depth 1", "trio_pyzmq_fps", False, "#cbc9e2", "//"),
+        ("Trio+pyzmq+ACK by hand, auto depth", "trio_pyzmq_fps", True, "#6a51a3", ""),
         ("cellmesh, depth 1", "cellmesh_fps", False, "#f4a6a6", "//"),
         ("cellmesh, auto depth", "cellmesh_fps", True, "#d62728", ""),
     ]
@@ -460,13 +617,13 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
                     if r["size"] == size
                     and r["nodes"] == nodes
                     and (auto is None or r["auto_depth"] == auto)
-                    and r[key]
+                    and r.get(key)
                 ]
                 if rows:
-                    xs.append(float(x[j]) + (i - 2) * width)
+                    xs.append(float(x[j]) + (i - (len(series) - 1) / 2) * width)
                     values.append(float(rows[0][key]))
             bars = ax.bar(xs, values, width, label=label, color=colour, hatch=hatch)
-            ax.bar_label(bars, fmt="%.0f", fontsize=6)
+            ax.bar_label(bars, fmt="%.0f", fontsize=5)
         ax.axhline(RAY_REFERENCE_FPS, color="black", linestyle=":", linewidth=1)
         ax.text(x[0] - 0.45, RAY_REFERENCE_FPS * 1.08, "Ray (reference)", ha="left", fontsize=7)
         ax.set_xticks(x, [f"{n} node{'s' if n > 1 else ''}" for n in counts])
@@ -475,10 +632,23 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         frames = next(r["frames"] for r in results if r["size"] == size)
         ax.set_title(f"Life {size}x{size}, {frames} frames, auto depth = {depth}")
         ax.set_ylabel("frames/s (log)")
-    axes[-1].legend(fontsize=7, loc="upper right")
+    # Below the panels: nine series would cover bars inside one.
+    # The first panel may lack a series another has: take each label once.
+    legend: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    fig.legend(
+        list(legend.values()),
+        list(legend),
+        fontsize=7,
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.0),
+        ncol=5,
+    )
     fig.suptitle(
-        "cellmesh grid demo vs serial numpy and mpi4py at the same halo depth "
-        "(2 shared cores: 4 nodes oversubscribe; 1 node has no halos)"
+        "cellmesh grid demo vs serial numpy, mpi4py and hand-written pyzmq (blocking, Trio) at "
+        "the same halo depth (2 shared cores: 4 nodes oversubscribe; 1 node has no halos)"
     )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -486,9 +656,131 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def print_report(
+    results: list[dict[str, Any]], reps: int, depth1_reps: int
+) -> tuple[list[dict[str, Any]], dict[str, bool | None]]:
+    """Print the tables and the goals of ``results``; return the depth gains and the goals."""
+
+    def cell(value: float | None) -> object:
+        return "n/a" if value is None else value
+
+    runs_text = f"{reps} runs" + (
+        "" if depth1_reps == reps else f" ({depth1_reps} at depth 1, to save time)"
+    )
+
+    def vs(r: dict[str, Any], key: str) -> str:
+        # A ratio of medians and, in brackets, the range of its back-to-back pairs.
+        ratio = r.get(key)
+        return "n/a" if ratio is None else f"{ratio:.2f} ({_span(r[f'{key}_pairs'])})"
+
+    print_table(
+        f"Life frames/s, median of {runs_text} "
+        f"({os.cpu_count()} cores: 4 nodes oversubscribe them)",
+        [
+            "size",
+            "nodes",
+            "depth",
+            "serial",
+            "mpi4py",
+            "pyzmq+ACK",
+            "trio+ACK",
+            "cellmesh",
+            "cm/mpi (pairs)",
+            "cm/pyzmq (pairs)",
+            "cm/trio (pairs)",
+            "pyzmq/mpi (pairs)",
+            "trio/mpi (pairs)",
+            f"cm/Ray ref {RAY_REFERENCE_FPS:.0f}*",
+            "= serial",
+        ],
+        [
+            [
+                f"{r['size']}²",
+                r["nodes"],
+                _depth_label(r),
+                r["serial_fps"],
+                cell(r["mpi_fps"]),
+                cell(r["pyzmq_fps"]),
+                cell(r.get("trio_pyzmq_fps")),
+                r["cellmesh_fps"],
+                vs(r, "cellmesh_vs_mpi"),
+                vs(r, "cellmesh_vs_pyzmq"),
+                vs(r, "cellmesh_vs_trio_pyzmq"),
+                vs(r, "pyzmq_vs_mpi"),
+                vs(r, "trio_pyzmq_vs_mpi"),
+                r["cellmesh_vs_ray_reference"],
+                "yes" if r["all_match_serial"] else "NO",
+            ]
+            for r in results
+        ],
+    )
+    print(
+        "  depth: frames per halo exchange, the same for every system in a row; 'auto' is the "
+        "demo's default (auto_depth); 1 node exchanges no halos.\n"
+        "  pyzmq+ACK: bench/pyzmq_halo.py, the same loop hand-written on blocking pyzmq, every "
+        "halo ACKed (no retries, no dedup); trio+ACK: the same loop, sockets and messages "
+        "hand-written on Trio (--trio), no cellmesh code; neither runs at 1 node.\n"
+        "  ratios: of the medians; in brackets the range of the ratios of the back-to-back "
+        "runs (mpi4py, pyzmq, trio, cellmesh alternate); cm = cellmesh.\n"
+        f"  * Ray: {RAY_REFERENCE_FPS:.0f} frames/s is a reference measured earlier on this "
+        "machine, not in this run."
+    )
+    gains = _depth_gains(results)
+    if gains:
+        print_table(
+            "What the deep halos gain each system (auto depth / depth 1, frames/s)",
+            ["size", "nodes", "auto depth", "mpi4py", "pyzmq+ACK", "trio+ACK", "cellmesh"],
+            [
+                [
+                    f"{g['size']}²",
+                    g["nodes"],
+                    g["depth"],
+                    cell(g["mpi"]),
+                    cell(g["pyzmq"]),
+                    cell(g.get("trio_pyzmq")),
+                    g["cellmesh"],
+                ]
+                for g in gains
+            ],
+        )
+    goals = {
+        f"{r['size']}/{r['nodes']} depth {_depth_label(r)}: vs mpi4py at the same depth "
+        f">= {GOAL_VS_MPI}": (
+            None if r["cellmesh_vs_mpi"] is None else r["cellmesh_vs_mpi"] >= GOAL_VS_MPI
+        )
+        for r in results
+        if r["nodes"] in (2, 4)
+    }
+    goals.update(
+        {
+            f"{r['size']}/{r['nodes']} depth {_depth_label(r)}: vs Ray >= {GOAL_VS_RAY:.0f}x": r[
+                "cellmesh_vs_ray_reference"
+            ]
+            >= GOAL_VS_RAY
+            for r in results
+        }
+    )
+    print("\nGoals:")
+    for name, met in goals.items():
+        print(f"  {name}: {'n/a (no MPI)' if met is None else 'met' if met else 'NOT met'}")
+    # For information: the same loop by hand on Trio is the floor of any
+    # Trio-based implementation; against mpi4py it says what the goal allows.
+    for r in results:
+        if r["nodes"] in (2, 4) and r.get("trio_pyzmq_fps") is not None:
+            print(
+                f"  {r['size']}/{r['nodes']} depth {_depth_label(r)}: (information) "
+                f"Trio+pyzmq+ACK by hand vs mpi4py {vs(r, 'trio_pyzmq_vs_mpi')}, "
+                f"vs blocking pyzmq+ACK {vs(r, 'trio_pyzmq_vs_pyzmq')}; "
+                f"cellmesh vs it {vs(r, 'cellmesh_vs_trio_pyzmq')}"
+            )
+    return gains, goals
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark (or, with ``--probe-tile``, one probe node); returns the exit code."""
-    parser = argparse.ArgumentParser(description="Grid benchmark: cellmesh vs numpy and mpi4py.")
+    parser = argparse.ArgumentParser(
+        description="Grid benchmark: cellmesh vs numpy, mpi4py and hand-written pyzmq."
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=list(FRAMES), help="grid sides")
     parser.add_argument("--nodes", type=int, nargs="+", default=list(NODES), help="node counts")
     parser.add_argument("--reps", type=int, default=REPS, help="repetitions (median taken)")
@@ -529,24 +821,28 @@ def main(argv: list[str] | None = None) -> int:
                     f"{reps} rep(s) ...",
                     flush=True,
                 )
-                # Alternate the two, one repetition each, so that both see the
+                # Alternate the four, one repetition each, so that all see the
                 # same load from whatever else shares the cores at that moment.
                 mpi_runs: list[dict[str, Any]] = []
+                zmq_runs: list[dict[str, Any]] = []
+                trio_runs: list[dict[str, Any]] = []
                 runs: list[dict[str, Any]] = []
                 for _ in range(reps):
                     if mpiexec is not None:
                         mpi_runs.append(measure_mpi(mpiexec, size, frames, nodes, 1, depth))
+                    if nodes > 1:
+                        zmq_runs.append(measure_pyzmq(size, frames, nodes, 1, depth))
+                        trio_runs.append(measure_pyzmq(size, frames, nodes, 1, depth, "trio"))
                     runs += measure_cellmesh(size, frames, nodes, 1, depth)
                 fps = median([r["frames_per_second"] for r in runs])
+                pyzmq, pyzmq_fps = _pyzmq_summary(zmq_runs)
+                trio_pyzmq, trio_fps = _pyzmq_summary(trio_runs)
                 mpi: dict[str, Any] | None = None
                 mpi_fps: float | None = None
                 pairs: list[float] = []
                 if mpi_runs:
                     mpi_fps = median([m["frames_per_second"] for m in mpi_runs])
-                    pairs = [
-                        c["frames_per_second"] / m["frames_per_second"]
-                        for c, m in zip(runs, mpi_runs, strict=True)
-                    ]
+                    pairs = _pairs(runs, mpi_runs)
                     mpi = {
                         "runs": mpi_runs,
                         "frames_per_second": mpi_fps,
@@ -569,90 +865,34 @@ def main(argv: list[str] | None = None) -> int:
                         "cellmesh_runs": runs,
                         "cellmesh_vs_mpi": _ratio(fps, mpi_fps),
                         "cellmesh_vs_mpi_pairs": pairs,
+                        "pyzmq_fps": pyzmq_fps,
+                        "pyzmq": pyzmq,
+                        "cellmesh_vs_pyzmq": _ratio(fps, pyzmq_fps),
+                        "cellmesh_vs_pyzmq_pairs": _pairs(runs, zmq_runs),
+                        "pyzmq_vs_mpi": None if pyzmq_fps is None else _ratio(pyzmq_fps, mpi_fps),
+                        "pyzmq_vs_mpi_pairs": _pairs(zmq_runs, mpi_runs),
+                        "trio_pyzmq_fps": trio_fps,
+                        "trio_pyzmq": trio_pyzmq,
+                        "cellmesh_vs_trio_pyzmq": _ratio(fps, trio_fps),
+                        "cellmesh_vs_trio_pyzmq_pairs": _pairs(runs, trio_runs),
+                        "trio_pyzmq_vs_mpi": None
+                        if trio_fps is None
+                        else _ratio(trio_fps, mpi_fps),
+                        "trio_pyzmq_vs_mpi_pairs": _pairs(trio_runs, mpi_runs),
+                        "trio_pyzmq_vs_pyzmq": None
+                        if trio_fps is None
+                        else _ratio(trio_fps, pyzmq_fps),
+                        "trio_pyzmq_vs_pyzmq_pairs": _pairs(trio_runs, zmq_runs),
                         "cellmesh_vs_serial": _ratio(fps, serial_fps),
                         "cellmesh_vs_ray_reference": fps / RAY_REFERENCE_FPS,
+                        # measure_pyzmq raises on a tile that differs from the serial run's.
                         "all_match_serial": all(r["sha256"] == serial_digest for r in runs)
                         and all(m["sha256"] == serial_digest for m in mpi_runs),
                     }
                 )
 
-    def cell(value: float | None) -> object:
-        return "n/a" if value is None else value
-
     depth1_reps = min(args.reps, args.depth1_reps)
-    runs_text = f"{args.reps} runs" + (
-        "" if depth1_reps == args.reps else f" ({depth1_reps} at depth 1, to save time)"
-    )
-    print_table(
-        f"Life frames/s, median of {runs_text} "
-        f"({os.cpu_count()} cores: 4 nodes oversubscribe them)",
-        [
-            "size",
-            "nodes",
-            "depth",
-            "serial",
-            "mpi4py",
-            "cellmesh",
-            "cm/mpi same depth",
-            "pairs min-max",
-            "cm/serial",
-            f"cm/Ray ref {RAY_REFERENCE_FPS:.0f}*",
-            "results = serial",
-        ],
-        [
-            [
-                f"{r['size']}²",
-                r["nodes"],
-                _depth_label(r),
-                r["serial_fps"],
-                cell(r["mpi_fps"]),
-                r["cellmesh_fps"],
-                cell(r["cellmesh_vs_mpi"]),
-                _span(r["cellmesh_vs_mpi_pairs"]),
-                r["cellmesh_vs_serial"],
-                r["cellmesh_vs_ray_reference"],
-                "yes" if r["all_match_serial"] else "NO",
-            ]
-            for r in results
-        ],
-    )
-    print(
-        "  depth: frames per halo exchange, the same for both systems in a row; 'auto' is the "
-        "demo's default (auto_depth); 1 node exchanges no halos.\n"
-        "  pairs: cellmesh / mpi4py of each back-to-back pair of runs (they alternate).\n"
-        f"  * Ray: {RAY_REFERENCE_FPS:.0f} frames/s is a reference measured earlier on this "
-        "machine, not in this run."
-    )
-    gains = _depth_gains(results)
-    if gains:
-        print_table(
-            "What the deep halos gain each system (auto depth / depth 1, frames/s)",
-            ["size", "nodes", "auto depth", "mpi4py", "cellmesh"],
-            [
-                [f"{g['size']}²", g["nodes"], g["depth"], cell(g["mpi"]), g["cellmesh"]]
-                for g in gains
-            ],
-        )
-    goals = {
-        f"{r['size']}/{r['nodes']} depth {_depth_label(r)}: vs mpi4py at the same depth "
-        f">= {GOAL_VS_MPI}": (
-            None if r["cellmesh_vs_mpi"] is None else r["cellmesh_vs_mpi"] >= GOAL_VS_MPI
-        )
-        for r in results
-        if r["nodes"] in (2, 4)
-    }
-    goals.update(
-        {
-            f"{r['size']}/{r['nodes']} depth {_depth_label(r)}: vs Ray >= {GOAL_VS_RAY:.0f}x": r[
-                "cellmesh_vs_ray_reference"
-            ]
-            >= GOAL_VS_RAY
-            for r in results
-        }
-    )
-    print("\nGoals:")
-    for name, met in goals.items():
-        print(f"  {name}: {'n/a (no MPI)' if met is None else 'met' if met else 'NOT met'}")
+    gains, goals = print_report(results, args.reps, depth1_reps)
 
     probe: dict[str, Any] = {}
     if args.profile:
@@ -710,6 +950,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": machine_info(),
             "mpi": None if mpiexec is None else results[0]["mpi"]["mpi"] if results else None,
             "mpi_skipped": why or None,
+            "zmq": zmq.zmq_version(),
             "reps": args.reps,
             "depth1_reps": depth1_reps,
             "depth_gains": gains,
