@@ -248,16 +248,26 @@ class _Inbox:
 
     def __init__(self) -> None:
         self.frames: dict[int, dict[str, bytes]] = {}
-        self.changed = trio.Event()
+        self._complete = trio.Event()
+        #: The frame the frame loop waits for and how many halos make it whole.
+        self._wanted: tuple[int, int] | None = None
 
     def put(self, frame: int, peer: str, data: bytes) -> None:
-        self.frames.setdefault(frame, {})[peer] = data
-        self.changed.set()
+        halos = self.frames.setdefault(frame, {})
+        halos[peer] = data
+        # Wake the frame loop once, when its frame is whole: a wake per halo
+        # was a task step per halo that found the frame still incomplete.
+        if self._wanted == (frame, len(halos)):
+            self._complete.set()
 
     async def take(self, frame: int, count: int) -> dict[str, bytes]:
-        while len(self.frames.get(frame, ())) < count:
-            self.changed = trio.Event()
-            await self.changed.wait()
+        if len(self.frames.get(frame, ())) < count:
+            self._complete = trio.Event()
+            self._wanted = (frame, count)
+            try:
+                await self._complete.wait()
+            finally:
+                self._wanted = None
         return self.frames.pop(frame, {})
 
 
