@@ -90,6 +90,28 @@ _RECV_BUDGET = 256
 _TICK: Any = object()
 
 
+class _Tracked:
+    """What both reply sinks share: whether the message counts in ``outstanding``."""
+
+    __slots__ = ("_inbound", "_item", "_tracked")
+
+    def __init__(self, inbound: InboundState, item: Deliver) -> None:
+        self._inbound = inbound
+        self._item = item
+        self._tracked = False
+
+    def track(self) -> None:
+        """Count the message as with the compute actor (call before putting it there)."""
+        self._tracked = True
+        self._inbound.outstanding += 1
+
+    def untrack(self) -> None:
+        """The put failed: the message never reached the compute actor."""
+        if self._tracked:
+            self._tracked = False
+            self._inbound.outstanding -= 1
+
+
 @dataclass(frozen=True, slots=True)
 class InboundStatistics:
     """The receiving side's counters."""
@@ -146,11 +168,75 @@ class InboundState:
         self.unroutable = 0
         self.socket_full = 0
         self.socket: SocketLike | None = None
+        #: The Receiver's timer while it serves (see :meth:`answered`).
+        self.timer: trio.CancelScope | None = None
+        #: Messages in the compute actor's mailbox or hands, not answered yet.
+        self.outstanding = 0
+        self._inject = self.faults.active
 
     def wake(self) -> None:
         """Ask the Receiver's owner task to flush answers and look again."""
         if self.socket is not None:
             self.socket.wake()
+
+    def answered(self, tracked: bool) -> None:
+        """A completion gave the core an answer: send it now, or have the Receiver send it.
+
+        When no other message is with the compute actor, no other answer is
+        coming to share a message with this one, so the completing task sends
+        it itself instead of waking the Receiver for it (the wake-up is a trip
+        through Trio's I/O manager and an eventfd write and read per sparse
+        message; docs/performance.md, Grid). In a burst the Receiver sends
+        the answers, as one ACK_RANGE where they are consecutive. Completions
+        raise no core events, so the Receiver has nothing else to do for
+        them; its timer is moved forward if the core's next deadline is sooner.
+
+        Args:
+            tracked: the message was counted in :attr:`outstanding`.
+        """
+        if tracked:
+            self.outstanding -= 1
+        # Cheapest test first: in a burst it hands every answer but the last
+        # to the Receiver, which sends them together.
+        if self.outstanding:
+            self.wake()
+            return
+        sock = self.socket
+        timer = self.timer
+        if sock is None or timer is None or self._inject:
+            self.wake()
+            return
+        self.flush(sock, trio.current_time())
+        deadline = self.core.next_deadline()
+        if deadline is not None and deadline < timer.deadline:
+            timer.deadline = deadline
+
+    def flush(self, sock: SocketLike, now: float) -> None:
+        """Send every answer the core has ready, each peer's in as few messages as fit."""
+        inject = self._inject
+        outgoing = self.core.frames_to_send(now)
+        if outgoing:
+            by_peer: dict[NodeId, list[Frame]] = {}
+            for peer, frame in outgoing:
+                by_peer.setdefault(peer, []).append(frame)
+            secure = self.security.secure
+            for peer, frames in by_peer.items():
+                found = self.reply_routes.get(peer) if secure else peer.encode()
+                if found is None:
+                    # Nothing from this peer's key yet: no connection to answer on.
+                    self.unroutable += 1
+                    continue
+                rid = found
+                for parts in _encode_answers(frames, self.limits):
+                    message = [rid, *parts]
+                    if inject:
+                        for copy in self.faults.submit(message, now):
+                            _send(self, sock, copy)
+                    else:
+                        _send(self, sock, message)
+        if inject:
+            for message in self.faults.due(now):
+                _send(self, sock, message)
 
     def statistics(self) -> InboundStatistics:
         """A snapshot of the receiving side."""
@@ -181,39 +267,34 @@ def _err_of(error: BaseException) -> tuple[int, str]:
     return ErrCode.COMPUTE_FAILED, f"{type(cause).__name__}: {cause}"[:200]
 
 
-class _Completion:
+class _Completion(_Tracked):
     """The reply sink of one delivered message: turns the outcome into ACK/ERR."""
 
-    __slots__ = ("_inbound", "_item")
-
-    def __init__(self, inbound: InboundState, item: Deliver) -> None:
-        self._inbound = inbound
-        self._item = item
+    __slots__ = ()
 
     def set_result(self, value: Any) -> None:
         item = self._item
         self._inbound.core.complete(item.peer, item.peer_incarnation, item.seq, value)
-        self._inbound.wake()
+        self._inbound.answered(self._tracked)
 
     def fail(self, error: BaseException) -> None:
         item = self._item
         code, detail = _err_of(error)
         self._inbound.core.fail(item.peer, item.peer_incarnation, item.seq, code, detail)
-        self._inbound.wake()
+        self._inbound.answered(self._tracked)
 
 
 #: The outcome of an item processed without a result: one shared value.
 _ITEM_ACK = ItemAck(None)
 
 
-class _ItemsCompletion:
+class _ItemsCompletion(_Tracked):
     """The reply sink of a batch's items: answers the batch when the last one is settled."""
 
-    __slots__ = ("_inbound", "_item", "_left", "_outcomes")
+    __slots__ = ("_left", "_outcomes")
 
     def __init__(self, inbound: InboundState, item: Deliver) -> None:
-        self._inbound = inbound
-        self._item = item
+        super().__init__(inbound, item)
         n = len(item.payload)
         self._outcomes: list[ItemOutcome | None] = [None] * n
         self._left = n
@@ -243,7 +324,7 @@ class _ItemsCompletion:
             item = self._item
             done: tuple[ItemOutcome, ...] = tuple(outcomes)  # type: ignore[arg-type]
             self._inbound.core.complete_items(item.peer, item.peer_incarnation, item.seq, done)
-            self._inbound.wake()
+            self._inbound.answered(self._tracked)
 
 
 def _expand(inbound: InboundState, item: Deliver) -> tuple[list[Delivery], _ItemsCompletion]:
@@ -289,6 +370,7 @@ class Receiver(Actor[Any, Any]):
 
     async def on_stop(self) -> None:
         st = self._state
+        st.timer = None
         if st.socket is not None:
             st.socket.close()
             st.socket = None
@@ -313,6 +395,7 @@ class Receiver(Actor[Any, Any]):
             # its deadline (only when it changed) costs less than a fresh
             # move_on_at per wait.
             with trio.CancelScope() as timer:
+                st.timer = timer
                 while True:
                     now = trio.current_time()
                     for _ in range(_RECV_BUDGET):
@@ -355,7 +438,7 @@ class Receiver(Actor[Any, Any]):
                         core.receive_frame(peer, frame, now)
                     core.poll(now)
                     self._route(st)
-                    self._flush(st, sock, now, inject)
+                    st.flush(sock, now)
                     deadline = core.next_deadline()
                     if inject:
                         held = faults.next_deadline()
@@ -409,32 +492,6 @@ class Receiver(Actor[Any, Any]):
                         st.core.refuse(
                             item.peer, item.peer_incarnation, item.seq, RetryReason.BUFFER_FULL
                         )
-
-    @staticmethod
-    def _flush(st: InboundState, sock: SocketLike, now: float, inject: bool) -> None:
-        outgoing = st.core.frames_to_send(now)
-        if outgoing:
-            by_peer: dict[NodeId, list[Frame]] = {}
-            for peer, frame in outgoing:
-                by_peer.setdefault(peer, []).append(frame)
-            secure = st.security.secure
-            for peer, frames in by_peer.items():
-                found = st.reply_routes.get(peer) if secure else peer.encode()
-                if found is None:
-                    # Nothing from this peer's key yet: no connection to answer on.
-                    st.unroutable += 1
-                    continue
-                rid = found
-                for parts in _encode_answers(frames, st.limits):
-                    message = [rid, *parts]
-                    if inject:
-                        for copy in st.faults.submit(message, now):
-                            _send(st, sock, copy)
-                    else:
-                        _send(st, sock, message)
-        if inject:
-            for message in st.faults.due(now):
-                _send(st, sock, message)
 
 
 def _delivery(item: Deliver) -> Delivery:
@@ -617,15 +674,23 @@ class PeerSequencer(Actor[list[Any], None]):
         stream = self._streams.get(item.stream)
         if stream is None or not stream.releases_at_once(item.stream_seq, item.stream_floor):
             return False
-        try:
-            if item.items:
-                # One mailbox entry: a batch is released as one unit.
-                deliveries, completion = _expand(self._inbound, item)
-                compute.send_items_nowait(deliveries, reply=completion)
-            else:
-                compute.send_nowait(_delivery(item), reply=_Completion(self._inbound, item))
-        except (trio.WouldBlock, ActorStopped):
-            return False
+        if item.items:
+            # One mailbox entry: a batch is released as one unit.
+            deliveries, batch = _expand(self._inbound, item)
+            batch.track()
+            try:
+                compute.send_items_nowait(deliveries, reply=batch)
+            except (trio.WouldBlock, ActorStopped):
+                batch.untrack()
+                return False
+        else:
+            completion = _Completion(self._inbound, item)
+            completion.track()
+            try:
+                compute.send_nowait(_delivery(item), reply=completion)
+            except (trio.WouldBlock, ActorStopped):
+                completion.untrack()
+                return False
         stream.release_at_once(item.stream_seq, item.stream_floor)
         return True
 
@@ -711,12 +776,22 @@ class PeerSequencer(Actor[list[Any], None]):
                         continue
                     delivery = _delivery(item)
                     completion = _Completion(inbound, item)
+                    # Counted before the put: the actor may answer before
+                    # a waiting put returns.
+                    completion.track()
                     try:
                         # No checkpoint per message: a whole batch reaches the
                         # compute mailbox before the compute actor runs.
                         compute.send_nowait(delivery, reply=completion)
                     except trio.WouldBlock:
-                        await compute.send(delivery, reply=completion)
+                        try:
+                            await compute.send(delivery, reply=completion)
+                        except BaseException:
+                            completion.untrack()
+                            raise
+                    except BaseException:
+                        completion.untrack()
+                        raise
                 elif type(event) is GapEvent:
                     if compute is not None:
                         await compute.send(
@@ -756,12 +831,14 @@ class PeerSequencer(Actor[list[Any], None]):
     async def _hand_over_items(self, compute: ActorRef[Any, Any], item: Deliver) -> None:
         """Put a batch's items in the compute mailbox as one entry, waiting for room."""
         deliveries, completion = _expand(self._inbound, item)
+        completion.track()
         try:
             try:
                 compute.send_items_nowait(deliveries, reply=completion)
             except trio.WouldBlock:
                 await compute.send_items(deliveries, reply=completion)
         except BaseException as exc:
+            completion.untrack()
             # None of the items reached the actor and none will: each gets its
             # ERR now, so the batch still gets its one final answer.
             stopped = exc if isinstance(exc, ActorStopped) else ActorStopped("compute", "stopped")

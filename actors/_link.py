@@ -289,10 +289,16 @@ class LinkState:
             node, incarnation, peer, now=trio.current_time(), rng=rng.random, config=config
         )
         self.faults: FaultInjector[list[Any]] = FaultInjector(faults, salt=f"{node}->{peer}")
+        self._inject = faults.active
         self.handles: dict[LinkSeq, SendHandle | BatchHandle] = {}
         self.window = trio.lowlevel.ParkingLot()
         self.state = AsyncValue(PeerState.SUSPECT)
         self.socket: SocketLike | None = None
+        #: Messages the DEALER refused (no connection yet), oldest first.
+        self.pending: deque[list[Any]] = deque(maxlen=_PENDING_MAX)
+        #: The owner's timer while it serves: a send from another task moves
+        #: its deadline forward when the core's next deadline comes sooner.
+        self.timer: trio.CancelScope | None = None
         self.bad_frames = 0
         self.socket_full = 0
 
@@ -301,165 +307,59 @@ class LinkState:
         if self.socket is not None:
             self.socket.wake()
 
-    def submit(
-        self, stream: StreamId, payload: Payload, frame_no: int | None, deadline: float | None
-    ) -> SendHandle:
-        """Hand one message to the core; raises ``trio.WouldBlock`` if the window is closed."""
+    def push(self, now: float) -> None:
+        """Put what the core has to send on the wire now, from the caller's task.
+
+        Only for a lone message (nothing else in flight on the link): the
+        caller's task sends it rather than waking the owner task to send it,
+        which saves the owner's trip through Trio's I/O manager and an
+        eventfd write and read per sparse message (docs/performance.md,
+        Grid). While messages stream, the owner sends them, several to a
+        Batch message. The owner stays the only task that waits on the
+        socket, and is woken when this leaves it work: a message the DEALER
+        refused, or injected faults (held messages run on its timer). Its
+        retry timer is moved forward when the core's next deadline is sooner.
+        """
+        # Cheapest test first: while messages stream, the owner sends them,
+        # several to a Batch message, and this costs one comparison.
+        if self.core.in_flight > 1:
+            self.wake()
+            return
+        sock = self.socket
+        timer = self.timer
+        if sock is None or timer is None or self.pending or self._inject:
+            self.wake()
+            return
+        self.transmit(sock, now)
+        if self.pending:
+            self.wake()
+            return
+        self.dispatch()
+        deadline = self.core.next_deadline()
+        if deadline < timer.deadline:
+            timer.deadline = deadline
+
+    def transmit(self, sock: SocketLike, now: float) -> None:
+        """Send every frame the core has ready, several in one Batch message."""
         core = self.core
-        if not core.window_open():
-            raise trio.WouldBlock
-        now = trio.current_time()
-        seq = core.send(stream, payload, now=now, deadline=deadline, frame_no=frame_no)
-        handle = SendHandle(self.peer, seq, stream, core.stream_seq_of(seq), now)
-        self.handles[seq] = handle
-        self.wake()
-        return handle
-
-    def check_batch_size(self, count: int) -> None:
-        """Raise LocalProtocolError unless a batch of ``count`` items can be sent."""
-        if not 1 <= count <= self.limits.max_items:
-            raise LocalProtocolError(
-                f"a batch holds 1 to Limits.max_items={self.limits.max_items} items, got {count}"
-            )
-
-    def submit_items(
-        self,
-        stream: StreamId,
-        items: tuple[Payload, ...],
-        frame_no: int | None,
-        deadline: float | None,
-    ) -> BatchHandle:
-        """Hand a batch to the core as one message; raises ``trio.WouldBlock`` like submit."""
-        count = len(items)
-        self.check_batch_size(count)
-        core = self.core
-        if not core.window_open():
-            raise trio.WouldBlock
-        now = trio.current_time()
-        seq = core.send_items(stream, items, now=now, deadline=deadline, frame_no=frame_no)
-        handle = BatchHandle(self.peer, seq, stream, core.stream_seq_of(seq), now, count)
-        self.handles[seq] = handle
-        self.wake()
-        return handle
-
-    async def wait_window(self) -> None:
-        """Wait until the core accepts a new message."""
-        while not self.core.window_open():
-            await self.window.park()
-
-    def statistics(self) -> LinkStatistics:
-        """A snapshot of this link."""
-        return LinkStatistics(
-            peer=self.peer,
-            state=self.state.value,
-            protocol=self.core.statistics(),
-            waiting_for_window=self.window.statistics().tasks_waiting,
-            bad_frames=self.bad_frames,
-            socket_full=self.socket_full,
-            faults=self.faults.statistics(),
-        )
-
-
-class PeerLink(Actor[Any, Any]):
-    """The actor that drives one :class:`LinkState` over a DEALER socket."""
-
-    def __init__(self, state: LinkState, network: Network, routing_id: bytes) -> None:
-        self._state = state
-        self._network = network
-        self._routing_id = routing_id
-        self._pending: deque[list[Any]] = deque(maxlen=_PENDING_MAX)
-
-    async def on_start(self) -> None:
-        self.nursery.start_soon(self._own_socket)
-
-    async def receive(self, msg: Any) -> Any:
-        """Links take no messages: sends go straight into the protocol core."""
-        raise TypeError(f"PeerLink takes no messages, got {msg!r}")
-
-    async def _own_socket(self) -> None:
-        st = self._state
-        sock = self._network.dealer(self._routing_id, peer=st.peer)
-        try:
-            sock.connect(st.endpoint)
-            st.socket = sock
-            await self._serve(st, sock)
-        finally:
-            st.socket = None
-            sock.close()
-
-    async def _serve(self, st: LinkState, sock: SocketLike) -> None:
-        core = st.core
-        limits = st.limits
-        faults = st.faults
-        inject = faults.active
-        pending = self._pending
+        faults = self.faults
         while True:
-            # One cancel scope serves every wait until its timer fires: moving
-            # its deadline (only when it changed) costs less than entering and
-            # leaving a fresh move_on_at per wait, and with messages in flight
-            # there is always a retry timer, so every sparse message paid one.
-            with trio.CancelScope() as timer:
-                while True:
-                    now = trio.current_time()
-                    while pending:
-                        try:
-                            sock.send_multipart_nowait(pending[0])
-                        except trio.WouldBlock:
-                            break
-                        pending.popleft()
-                    for _ in range(_RECV_BUDGET):
-                        try:
-                            parts = sock.recv_multipart_nowait()
-                        except trio.WouldBlock:
-                            break
-                        try:
-                            frame = decode(parts, limits)
-                        except RemoteProtocolError:
-                            st.bad_frames += 1
-                            continue
-                        # The core unpacks a Batch itself (and refuses nested ones).
-                        core.receive_frame(frame, now)
-                    core.poll(now)
-                    self._dispatch(st)
-                    while True:
-                        frames = core.frames_to_send(now)
-                        if not frames:
-                            break
-                        self._count_attempts(st, frames)
-                        out: Frame = frames[0] if len(frames) == 1 else Batch(tuple(frames))
-                        wire = encode(out, limits=limits)
-                        if inject:
-                            for message in faults.submit(wire, now):
-                                self._send(st, sock, message)
-                        else:
-                            self._send(st, sock, wire)
-                    if inject:
-                        for message in faults.due(now):
-                            self._send(st, sock, message)
-                    deadline = core.next_deadline()
-                    if inject:
-                        held = faults.next_deadline()
-                        if held is not None:
-                            deadline = min(deadline, held)
-                    # A poll can settle sends (give-ups) and free window: dispatch again.
-                    self._dispatch(st)
-                    target = deadline if math.isfinite(deadline) else math.inf
-                    if timer.deadline != target:
-                        timer.deadline = target
-                    await sock.wait_ready(writable=bool(pending))
+            frames = core.frames_to_send(now)
+            if not frames:
+                return
+            self._count_attempts(frames)
+            out: Frame = frames[0] if len(frames) == 1 else Batch(tuple(frames))
+            wire = encode(out, limits=self.limits)
+            if self._inject:
+                for message in faults.submit(wire, now):
+                    self.send(sock, message)
+            else:
+                self.send(sock, wire)
 
-    @staticmethod
-    def _count_attempts(st: LinkState, frames: list[Frame]) -> None:
-        handles = st.handles
-        for frame in frames:
-            if type(frame) is Data or type(frame) is DataItems:
-                handle = handles.get(frame.seq)
-                if handle is not None:
-                    handle.attempts += 1
-
-    def _send(self, st: LinkState, sock: SocketLike, parts: list[Any]) -> None:
-        if self._pending:
-            self._pending.append(parts)
+    def send(self, sock: SocketLike, parts: list[Any]) -> None:
+        """Send one message, behind any the DEALER refused before."""
+        if self.pending:
+            self.pending.append(parts)
             return
         try:
             sock.send_multipart_nowait(parts)
@@ -468,15 +368,15 @@ class PeerLink(Actor[Any, Any]):
             # the newest few to go the moment the connection is up, so the
             # first sends do not wait for a retry timer; older ones fall off
             # the deque, and the protocol's retransmission covers them.
-            st.socket_full += 1
-            self._pending.append(parts)
+            self.socket_full += 1
+            self.pending.append(parts)
 
-    @staticmethod
-    def _dispatch(st: LinkState) -> None:
-        events = st.core.take_events()
+    def dispatch(self) -> None:
+        """Settle the handles, peer state and window by the core's events."""
+        events = self.core.take_events()
         if not events:
             return
-        handles = st.handles
+        handles = self.handles
         now = trio.current_time()
         freed = False
         for event in events:
@@ -521,7 +421,7 @@ class PeerLink(Actor[Any, Any]):
                 if handle is not None:
                     handle._give_up("deadline passed without a final answer")
             elif type(event) is PeerStateChanged:
-                st.state.value = event.new
+                self.state.value = event.new
             elif type(event) is Held:
                 handle = handles.get(event.seq)
                 if handle is not None:
@@ -531,5 +431,153 @@ class PeerLink(Actor[Any, Any]):
                 # is resending those messages to the new one.
                 for handle in handles.values():
                     handle.held = False
-        if freed and st.core.window_open():
-            st.window.unpark_all()
+        if freed and self.core.window_open():
+            self.window.unpark_all()
+
+    def _count_attempts(self, frames: list[Frame]) -> None:
+        handles = self.handles
+        for frame in frames:
+            if type(frame) is Data or type(frame) is DataItems:
+                handle = handles.get(frame.seq)
+                if handle is not None:
+                    handle.attempts += 1
+
+    def submit(
+        self, stream: StreamId, payload: Payload, frame_no: int | None, deadline: float | None
+    ) -> SendHandle:
+        """Hand one message to the core; raises ``trio.WouldBlock`` if the window is closed."""
+        core = self.core
+        if not core.window_open():
+            raise trio.WouldBlock
+        now = trio.current_time()
+        seq = core.send(stream, payload, now=now, deadline=deadline, frame_no=frame_no)
+        handle = SendHandle(self.peer, seq, stream, core.stream_seq_of(seq), now)
+        self.handles[seq] = handle
+        self.push(now)
+        return handle
+
+    def check_batch_size(self, count: int) -> None:
+        """Raise LocalProtocolError unless a batch of ``count`` items can be sent."""
+        if not 1 <= count <= self.limits.max_items:
+            raise LocalProtocolError(
+                f"a batch holds 1 to Limits.max_items={self.limits.max_items} items, got {count}"
+            )
+
+    def submit_items(
+        self,
+        stream: StreamId,
+        items: tuple[Payload, ...],
+        frame_no: int | None,
+        deadline: float | None,
+    ) -> BatchHandle:
+        """Hand a batch to the core as one message; raises ``trio.WouldBlock`` like submit."""
+        count = len(items)
+        self.check_batch_size(count)
+        core = self.core
+        if not core.window_open():
+            raise trio.WouldBlock
+        now = trio.current_time()
+        seq = core.send_items(stream, items, now=now, deadline=deadline, frame_no=frame_no)
+        handle = BatchHandle(self.peer, seq, stream, core.stream_seq_of(seq), now, count)
+        self.handles[seq] = handle
+        self.push(now)
+        return handle
+
+    async def wait_window(self) -> None:
+        """Wait until the core accepts a new message."""
+        while not self.core.window_open():
+            await self.window.park()
+
+    def statistics(self) -> LinkStatistics:
+        """A snapshot of this link."""
+        return LinkStatistics(
+            peer=self.peer,
+            state=self.state.value,
+            protocol=self.core.statistics(),
+            waiting_for_window=self.window.statistics().tasks_waiting,
+            bad_frames=self.bad_frames,
+            socket_full=self.socket_full,
+            faults=self.faults.statistics(),
+        )
+
+
+class PeerLink(Actor[Any, Any]):
+    """The actor that drives one :class:`LinkState` over a DEALER socket."""
+
+    def __init__(self, state: LinkState, network: Network, routing_id: bytes) -> None:
+        self._state = state
+        self._network = network
+        self._routing_id = routing_id
+        # A new instance has a new socket: what the last one could not send
+        # is the protocol's to resend, not this socket's to deliver late.
+        state.pending.clear()
+
+    async def on_start(self) -> None:
+        self.nursery.start_soon(self._own_socket)
+
+    async def receive(self, msg: Any) -> Any:
+        """Links take no messages: sends go straight into the protocol core."""
+        raise TypeError(f"PeerLink takes no messages, got {msg!r}")
+
+    async def _own_socket(self) -> None:
+        st = self._state
+        sock = self._network.dealer(self._routing_id, peer=st.peer)
+        try:
+            sock.connect(st.endpoint)
+            st.socket = sock
+            await self._serve(st, sock)
+        finally:
+            st.socket = None
+            st.timer = None
+            sock.close()
+
+    async def _serve(self, st: LinkState, sock: SocketLike) -> None:
+        core = st.core
+        limits = st.limits
+        faults = st.faults
+        inject = faults.active
+        pending = st.pending
+        while True:
+            # One cancel scope serves every wait until its timer fires: moving
+            # its deadline (only when it changed) costs less than entering and
+            # leaving a fresh move_on_at per wait, and with messages in flight
+            # there is always a retry timer, so every sparse message paid one.
+            with trio.CancelScope() as timer:
+                st.timer = timer
+                while True:
+                    now = trio.current_time()
+                    while pending:
+                        try:
+                            sock.send_multipart_nowait(pending[0])
+                        except trio.WouldBlock:
+                            break
+                        pending.popleft()
+                    for _ in range(_RECV_BUDGET):
+                        try:
+                            parts = sock.recv_multipart_nowait()
+                        except trio.WouldBlock:
+                            break
+                        try:
+                            frame = decode(parts, limits)
+                        except RemoteProtocolError:
+                            st.bad_frames += 1
+                            continue
+                        # The core unpacks a Batch itself (and refuses nested ones).
+                        core.receive_frame(frame, now)
+                    core.poll(now)
+                    st.dispatch()
+                    st.transmit(sock, now)
+                    if inject:
+                        for message in faults.due(now):
+                            st.send(sock, message)
+                    deadline = core.next_deadline()
+                    if inject:
+                        held = faults.next_deadline()
+                        if held is not None:
+                            deadline = min(deadline, held)
+                    # A poll can settle sends (give-ups) and free window: dispatch again.
+                    st.dispatch()
+                    target = deadline if math.isfinite(deadline) else math.inf
+                    if timer.deadline != target:
+                        timer.deadline = target
+                    await sock.wait_ready(writable=bool(pending))

@@ -9,11 +9,14 @@ Part 2 runs two real nodes over a wire that delays every message by a random
 1..N in order; the stream's counters show how many arrived early and how many
 were buffered at most.
 
-Part 3 is the frame that never arrives, with real nodes: the sender gives
-frame 3 up (its deadline passes before it could go out). The receiver learns
-that from the sender and its compute actor gets an explicit ``Gap`` event for
-frame 3, then frames 4, 5, 6. Nothing is silently dropped. The receiver can
-also ask the sender directly (``node.query``, the optional REQ semantics).
+Part 3 is the frame that never arrives: the wire from the sender to the
+receiver is cut while frame 3 is sent (nodes on ``actors.testing``'s
+in-memory network, whose ``cut`` loses every message on one link), so every
+try of frame 3 is lost and the sender gives it up at its deadline. The link
+heals; the receiver learns from the sender that frame 3 was given up and its
+compute actor gets an explicit ``Gap`` event for frame 3, then frames 4, 5,
+6. Nothing is silently dropped. The receiver can also ask the sender directly
+(``node.query``, the optional REQ semantics).
 
 Part 4 shows what the receiver does when nobody can say what became of
 frame 3 (the sender went silent), under each gap policy: ``wait`` keeps
@@ -30,7 +33,6 @@ import tempfile
 from typing import Any
 
 import trio
-import trio.testing
 
 from actors import (
     Actor,
@@ -45,6 +47,7 @@ from actors import (
     StreamConfig,
     open_node,
 )
+from actors.testing import open_test_network
 from transport import (
     AskMissing,
     MissingItem,
@@ -145,32 +148,32 @@ async def reordering_wire(tmp: str) -> None:
     print("    in order despite the reordering\n")
 
 
-async def frame_three_given_up(tmp: str, clock: trio.testing.MockClock) -> None:
+async def frame_three_given_up() -> None:
     """Part 3: the sender gives frame 3 up; the receiver sees a Gap."""
-    print("part 3: frame 3 never arrives (the sender gives it up)")
+    print("part 3: frame 3 never arrives (the wire is cut; the sender gives it up)")
     log: list[Any] = []
-    async with (
-        open_node(
-            "b", bind=f"ipc://{tmp}/b3.sock", peers={"a": None}, compute=lambda: Frames(log)
-        ) as b,
-        open_node("a", bind=f"ipc://{tmp}/a3.sock", peers={"b": b.endpoint}) as a,
-    ):
+    async with open_test_network() as net:
+        b = await net.start_node("b", peers={"a": None}, compute=lambda: Frames(log))
+        a = await net.start_node("a", peers=["b"])
         for frame in (1, 2):
             await a.send("b", b"cells", stream="halo", frame_no=frame, timeout=5)
-        lost = a.send_nowait("b", b"cells", stream="halo", frame_no=3, timeout=0.005)
-        # Stand-in for a sender stalled past frame 3's deadline: the clock
-        # jumps 10 ms before the link could transmit it.
-        clock.jump(0.01)
+        # Everything a sends to b is lost now, each retry of frame 3 too.
+        net.network.cut("a", "b")
+        lost = a.send_nowait("b", b"cells", stream="halo", frame_no=3, timeout=0.05)
+        try:
+            await lost.wait()
+        except DeliveryFailed as exc:
+            print(
+                f"    sender: frame 3 (message #{exc.seq}) -> DeliveryFailed "
+                f"({lost.attempts} transmission(s) lost on the cut wire): {exc.reason}"
+            )
+        else:
+            raise AssertionError("frame 3 was acknowledged although the wire was cut")
+        net.heal()
         later = [
             a.send_nowait("b", b"cells", stream="halo", frame_no=frame, timeout=5)
             for frame in (4, 5, 6)
         ]
-        try:
-            await lost.wait()
-        except DeliveryFailed as exc:
-            print(f"    sender: frame 3 (message #{exc.seq}) -> DeliveryFailed: {exc.reason}")
-        else:
-            raise AssertionError("frame 3 was acknowledged although it was given up")
         acks = [await h.wait() for h in later]
         print(f"    sender: frames 4, 5, 6 -> ACK #{[ack.seq for ack in acks]}")
         print(f"    receiver's compute actor saw: {log}")
@@ -231,17 +234,15 @@ def policies() -> None:
     print()
 
 
-async def main(clock: trio.testing.MockClock) -> None:
+async def main() -> None:
     frame_three_is_late()
     with tempfile.TemporaryDirectory() as tmp, trio.fail_after(DEADLINE):
         await reordering_wire(tmp)
-        await frame_three_given_up(tmp, clock)
+        await frame_three_given_up()
     policies()
     print("OK: in order, buffered while out of order, and gaps reported explicitly")
 
 
 if __name__ == "__main__":
-    # Real time (rate 1.0), but part 3 can jump the clock forward.
-    mock_clock = trio.testing.MockClock(rate=1.0)
-    trio.run(main, mock_clock, clock=mock_clock)
+    trio.run(main)
     sys.exit(0)

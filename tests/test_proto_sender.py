@@ -141,12 +141,14 @@ def test_ack_range_is_an_ack_without_result_for_each_number_in_it() -> None:
     assert all(e.answer == ack_range(2, 4, credit=300) for e in events)
     stats = s.statistics()
     assert (stats.acked, stats.in_flight, stats.watermark, stats.credit) == (3, 3, 1, 300)
+    assert s.in_flight == 3
     assert stats.rtt == 0.01
     # Overlapping an answered number and one never sent: those are duplicates.
     s.receive_frame(ack_range(1, 7), 0.02)
     assert [e.seq for e in s.take_events() if isinstance(e, Answered)] == [1, 5, 6]
     stats = s.statistics()
     assert (stats.acked, stats.in_flight, stats.watermark) == (6, 0, 7)
+    assert s.in_flight == 0
     assert stats.duplicate_answers == 4
 
 

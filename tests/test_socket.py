@@ -340,6 +340,66 @@ async def test_both_wake_paths_see_messages_and_close(ctx: Ctx, eventfd_wake: bo
         assert len(outcome) == 1
 
 
+@pytest.mark.parametrize("eventfd_wake", [True, False], ids=["eventfd", "cancel"])
+async def test_another_tasks_call_wakes_the_owner_only_when_it_leaves_input(
+    ctx: Ctx, eventfd_wake: bool
+) -> None:
+    # A task other than the owner may send on the socket. That call can take
+    # the fd's edge with it, so the owner must be woken if input is waiting,
+    # and need not be if there is none (the owner's fd fires for later input).
+    router = router_socket(ctx)
+    port = router.bind(TCP)
+    sock = Socket(ctx.socket(zmq.DEALER), eventfd_wake=eventfd_wake)
+    async with router, sock:
+        sock.zmq_socket.setsockopt(zmq.LINGER, 0)
+        sock.connect(port)
+        with trio.fail_after(10):
+            await sock.send_multipart([b"hello"])
+            routing_id, _ = await router.recv_multipart()
+        returns: list[int] = []
+        got: list[list[bytes]] = []
+        got_one = trio.Event()
+        stop = trio.Event()
+
+        async def owner() -> None:
+            while not stop.is_set():
+                await sock.wait_ready()
+                returns.append(len(got))
+                while True:
+                    try:
+                        got.append(sock.recv_multipart_nowait())
+                    except trio.WouldBlock:
+                        break
+                    got_one.set()
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(owner)
+                await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+                assert returns == []
+                # Nothing to read: sending from this task leaves the owner
+                # asleep, not even woken to look and sleep again (each sleep
+                # on the fd counts in fd_waits).
+                sleeps = sock.statistics().fd_waits
+                for i in range(3):
+                    sock.send_multipart_nowait([b"from another task %d" % i])
+                    await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+                assert returns == []
+                assert sock.statistics().fd_waits == sleeps
+                for i in range(3):
+                    expected = [routing_id, b"from another task %d" % i]
+                    assert await router.recv_multipart() == expected
+                # A reply, then another foreign send that may eat its edge: the
+                # owner still gets the reply.
+                await router.send_multipart([routing_id, b"reply"])
+                sock.send_multipart_nowait([b"one more"])
+                await got_one.wait()
+                assert got == [[b"reply"]]
+                stop.set()
+                sock.wake()
+        assert len(returns) >= 1
+
+
 async def test_wake_does_not_end_a_convenience_recv(
     ctx: Ctx, autojump_clock: trio.abc.Clock
 ) -> None:

@@ -257,6 +257,11 @@ class LinkSender:
 
     # --- sending ---------------------------------------------------------------------
 
+    @property
+    def in_flight(self) -> int:
+        """Messages sent and not finished yet (no final answer, not given up)."""
+        return len(self._msgs)
+
     def window_open(self) -> bool:
         """Whether :meth:`send` would accept a message now.
 

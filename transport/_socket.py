@@ -173,11 +173,14 @@ class SocketStatistics:
 class Socket:
     """A pyzmq socket driven by one owning Trio task.
 
-    The owner makes every zmq call; other tasks only call :meth:`wake`. The
-    owner's loop drains with the ``_nowait`` calls until they raise
-    :class:`trio.WouldBlock`, handles its other work, then awaits
-    :meth:`wait_ready`. Simple single-task users may use the async
-    :meth:`send_multipart` / :meth:`recv_multipart` instead.
+    The owner is the one task that waits on it: its loop drains with the
+    ``_nowait`` calls until they raise :class:`trio.WouldBlock`, handles its
+    other work, then awaits :meth:`wait_ready`. Other tasks call :meth:`wake`
+    to hand it work, or make a ``_nowait`` call themselves (a sender that
+    would otherwise wake the owner only to send): such a call wakes a sleeping
+    owner only if it leaves the socket ready for what the owner waits for
+    (any zmq call may take the fd's edge with it). Simple single-task users
+    may use the async :meth:`send_multipart` / :meth:`recv_multipart` instead.
 
     Use it as an async context manager, or call :meth:`close`.
     """
@@ -209,6 +212,9 @@ class Socket:
         self._wait_fd = self._fd
         self._wakeable = False
         self._signalled = False
+        # What the sleeping owner waits for (POLLIN/POLLOUT bits): a zmq call
+        # by another task wakes it only when EVENTS then shows one of them.
+        self._want = 0
         if eventfd_wake:
             self._epoll = select.epoll()
             self._event_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -381,9 +387,8 @@ class Socket:
         except zmq.ContextTerminated:
             raise trio.ClosedResourceError("the zmq context was terminated") from None
         finally:
-            # Any zmq call may eat the fd's edge: a sleeping owner re-reads EVENTS.
             if self._wakeable or self._wait_scope is not None:
-                self._interrupt()
+                self._foreign_call_done()
         self._received += 1
         self._streak += 1
         return parts
@@ -431,7 +436,7 @@ class Socket:
             raise
         finally:
             if self._wakeable or self._wait_scope is not None:
-                self._interrupt()
+                self._foreign_call_done()
         self._sent += 1
 
     async def wait_ready(self, *, readable: bool = True, writable: bool = False) -> None:
@@ -579,6 +584,7 @@ class Socket:
         """
         while True:
             if wakeable:
+                self._want = want
                 await self._sleep_on_fd_wakeable()
                 if self._wake_pending:
                     return
@@ -588,6 +594,24 @@ class Socket:
             if events & want:
                 self._readable = bool(events & _POLLIN)
                 return
+
+    def _foreign_call_done(self) -> None:
+        """A task other than the sleeping owner made a zmq call: wake the owner if it must look.
+
+        The call may have taken the fd's edge, so the owner's fd may not fire
+        for what is already there: if EVENTS now shows what it waits for, it
+        is woken. If not, its sleep stays right: libzmq signals the fd again
+        for the next change, as after any EVENTS read (design.md §5). Sending
+        from another task then costs the owner no wake-up (a trip through
+        the I/O manager and two eventfd calls).
+        """
+        try:
+            events = cast(int, self._zsock.getsockopt(_EVENTS))
+        except zmq.ZMQError:
+            # Context terminated under us: let the owner find out.
+            events = self._want
+        if events & self._want:
+            self._interrupt()
 
     def _interrupt(self) -> None:
         """End a wakeable sleep in progress early, if there is one."""
