@@ -58,6 +58,15 @@ def _job_options(parser: argparse.ArgumentParser, *, size: int, frames: int) -> 
         metavar="FRAMES",
         help="frames per halo exchange (halos that many frames deep; default: by tile size)",
     )
+    parser.add_argument(
+        "--report-at",
+        type=int,
+        action="append",
+        default=[],
+        metavar="FRAME",
+        help="also report progress the moment FRAME is done (repeatable; the demo "
+        "passes its --pause frames)",
+    )
 
 
 def _job(args: argparse.Namespace) -> object:
@@ -74,6 +83,7 @@ def _job(args: argparse.Namespace) -> object:
         delay_ms=args.delay,
         linger=args.linger,
         depth=args.depth,
+        report_at=tuple(args.report_at),
     )
 
 
@@ -108,6 +118,12 @@ def _demo(args: argparse.Namespace) -> int:
         resent = sum(n["resent"] for n in outcome.per_node.values())
         dups = sum(n["duplicates_dropped"] for n in outcome.per_node.values())
         print(f"wire: {resent} retransmissions, {dups} duplicates dropped, nothing lost.")
+        for pause in outcome.paused:
+            print(f"paused: {pause} (node@frame it was frozen at:seconds)")
+        for pause in outcome.pauses_missed:
+            print(
+                f"pause {pause} not carried out: the run ended before that node reported the frame"
+            )
         if outcome.secure:
             print(
                 f"security: CURVE on every link, {outcome.admitted} connections admitted "

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,10 @@ class Job:
     linger: float = 10.0
     #: Frames per halo exchange (None: :func:`auto_depth` picks it).
     depth: int | None = None
+    #: Frames whose end every node reports at once, on top of ten reports a
+    #: second: ``cellmesh demo`` passes its ``--pause`` frames, so that a
+    #: pause lands near its frame even in a run shorter than a report interval.
+    report_at: tuple[int, ...] = ()
 
     def fault_plan(self, salt: int) -> FaultPlan:
         """The seeded wire faults of one process."""
@@ -107,6 +111,8 @@ class Job:
             out += ["--pattern", self.pattern]
         if self.depth is not None:
             out += ["--depth", str(self.depth)]
+        for frame in self.report_at:
+            out += ["--report-at", str(frame)]
         return out
 
 
@@ -395,7 +401,7 @@ async def run_tile(
             last = frame + 1 == job.frames
             # Report about ten times a second, not every frame: a report per
             # frame halved the frame rate (bench/grid.py --profile).
-            if not last and now < next_report:
+            if not last and now < next_report and frame + 1 not in job.report_at:
                 continue
             next_report = now + _REPORT_EVERY
             report = {"frame": frame + 1, "ms": frame_ms[-1], **_summary(node.statistics())}
@@ -459,7 +465,11 @@ class _Board:
         self.results: dict[str, bytes] = {}
         #: Pauses carried out, as NODE@FRAME:SECONDS with the frame it was at.
         self.frozen: list[str] = []
+        #: Pauses asked for that the run ended before (NODE@FRAME:SECONDS).
+        self.missed: list[str] = []
         self.done = trio.Event()
+        #: Set by every report; the watcher renews it before each wait.
+        self.changed = trio.Event()
 
     def progress(self, peer: str, info: dict[str, Any]) -> None:
         view = self.nodes[peer]
@@ -472,6 +482,7 @@ class _Board:
             view.fps = (view.frame - 1) / elapsed
         for key in ("resent", "duplicates", "reordered", "in_flight"):
             setattr(view, key, int(info[key]))
+        self.changed.set()
 
     def result(self, peer: str, info: dict[str, Any]) -> None:
         view = self.nodes[peer]
@@ -481,6 +492,7 @@ class _Board:
         self.results[peer] = bytes(info["data"])
         if len(self.results) == len(self.nodes):
             self.done.set()
+        self.changed.set()
 
 
 class _BoardActor(Actor[Any, None]):
@@ -590,6 +602,8 @@ class DemoOutcome:
     secure: bool = False
     admitted: int = 0
     refused: int = 0
+    #: ``--pause`` requests the run ended before (NODE@FRAME:SECONDS).
+    pauses_missed: list[str] = field(default_factory=list)
 
 
 async def run_demo(
@@ -643,6 +657,8 @@ async def run_demo(
     with keys as keys_dir:
         if keys_dir is not None:
             topology = _throwaway_keys(topology, keys_dir)
+        # Every node reports the frames a pause waits for, the moment it is there.
+        job = replace(job, report_at=tuple(sorted({*job.report_at, *(p.frame for p in pauses)})))
         return await _run_demo(job, decomp, topology, pauses, show, timeout, out, keys_dir)
 
 
@@ -745,6 +761,7 @@ async def _run_demo(
         },
         pictures=pictures,
         paused=board.frozen,
+        pauses_missed=board.missed,
         secure=security is not None,
         admitted=gate.admitted + sum(v.admitted for v in board.nodes.values()),
         refused=sum(gate.refused.values()) + sum(v.refused for v in board.nodes.values()),
@@ -791,8 +808,11 @@ async def _follow(
                         raise RuntimeError(f"node {name} exited with code {code} before finishing")
                 if live is not None:
                     live.update(_render(board, job, started))
+                # Wake on every report, so a pause lands near its frame.
+                board.changed = trio.Event()
                 with trio.move_on_after(0.1):
-                    await board.done.wait()
+                    await board.changed.wait()
+            board.missed = [f"{p.node}@{p.frame}:{p.seconds:g}" for p in pending]
             nursery.cancel_scope.cancel()
     finally:
         if live is not None:

@@ -68,6 +68,31 @@ async def test_frozen_node_is_waited_for_and_result_still_matches(tmp_path: Path
     assert trio.current_time() - start >= 1.5
 
 
+async def test_a_pause_lands_near_its_frame_even_in_a_short_run(tmp_path: Path) -> None:
+    # 60 frames of 48² take a few ms, less than one progress interval (0.1 s):
+    # the nodes report the pause's frame at once, so the pause still lands.
+    job = Job(model="life", size=48, frames=60, seed=3)
+    outcome = await run_demo(
+        job, nodes=4, out=tmp_path, pauses=[Pause("t1-0", 20, 0.3)], show=False, timeout=90
+    )
+    assert outcome.match
+    assert outcome.pauses_missed == []
+    [pause] = outcome.paused
+    node, rest = pause.split("@")
+    assert node == "t1-0"
+    assert 20 <= int(rest.split(":")[0]) <= 60
+
+
+async def test_a_pause_the_run_never_reaches_is_reported_missed(tmp_path: Path) -> None:
+    job = Job(model="life", size=48, frames=20, seed=3)
+    outcome = await run_demo(
+        job, nodes=4, out=tmp_path, pauses=[Pause("t0-1", 500, 1.0)], show=False, timeout=90
+    )
+    assert outcome.match
+    assert outcome.paused == []
+    assert outcome.pauses_missed == ["t0-1@500:1"]
+
+
 def test_cli_json_summary_and_pattern(tmp_path: Path) -> None:
     pattern = Path(__file__).resolve().parent.parent / "examples" / "patterns" / "glider.rle"
     cmd = [sys.executable, "-m", "actors._cli", "demo", "--nodes", "2", "--size", "32"]
