@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import gc
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import numpy as np
@@ -301,8 +302,9 @@ async def test_both_wake_paths_wake_once_per_wake_and_see_messages(
         assert woke_at == [1.0, 2.0, 12.0]
 
 
-@pytest.mark.parametrize("eventfd_wake", [True, False], ids=["eventfd", "cancel"])
-async def test_both_wake_paths_see_messages_and_close(ctx: Ctx, eventfd_wake: bool) -> None:
+@asynccontextmanager
+async def _said_hello(ctx: Ctx, eventfd_wake: bool) -> AsyncIterator[tuple[Socket, Socket, bytes]]:
+    """A ROUTER, a DEALER on the chosen wake path that has said hello, and its routing id."""
     router = router_socket(ctx)
     port = router.bind(TCP)
     sock = Socket(ctx.socket(zmq.DEALER), eventfd_wake=eventfd_wake)
@@ -310,9 +312,16 @@ async def test_both_wake_paths_see_messages_and_close(ctx: Ctx, eventfd_wake: bo
         sock.zmq_socket.setsockopt(zmq.LINGER, 0)
         sock.connect(port)
         with trio.fail_after(10):
-            await sock.send_multipart([b"ping"])
-            routing_id, ping = await router.recv_multipart()
-            assert ping == b"ping"
+            await sock.send_multipart([b"hello"])
+            routing_id, hello = await router.recv_multipart()
+        assert hello == b"hello"
+        yield router, sock, routing_id
+
+
+@pytest.mark.parametrize("eventfd_wake", [True, False], ids=["eventfd", "cancel"])
+async def test_both_wake_paths_see_messages_and_close(ctx: Ctx, eventfd_wake: bool) -> None:
+    async with _said_hello(ctx, eventfd_wake) as (router, sock, routing_id):
+        with trio.fail_after(10):
             await router.send_multipart([routing_id, b"pong"])
             for _ in range(100):
                 await sock.wait_ready()
@@ -347,15 +356,7 @@ async def test_another_tasks_call_wakes_the_owner_only_when_it_leaves_input(
     # A task other than the owner may send on the socket. That call can take
     # the fd's edge with it, so the owner must be woken if input is waiting,
     # and need not be if there is none (the owner's fd fires for later input).
-    router = router_socket(ctx)
-    port = router.bind(TCP)
-    sock = Socket(ctx.socket(zmq.DEALER), eventfd_wake=eventfd_wake)
-    async with router, sock:
-        sock.zmq_socket.setsockopt(zmq.LINGER, 0)
-        sock.connect(port)
-        with trio.fail_after(10):
-            await sock.send_multipart([b"hello"])
-            routing_id, _ = await router.recv_multipart()
+    async with _said_hello(ctx, eventfd_wake) as (router, sock, routing_id):
         returns: list[int] = []
         got: list[list[bytes]] = []
         got_one = trio.Event()
