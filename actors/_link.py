@@ -55,6 +55,7 @@ from transport import (
     SocketLike,
     StreamId,
     StreamSeq,
+    check_payload,
     decode,
     encode,
 )
@@ -449,6 +450,8 @@ class LinkState:
         core = self.core
         if not core.window_open():
             raise trio.WouldBlock
+        # A payload no peer could take fails this call, not the link later.
+        check_payload(payload, self.limits)
         now = trio.current_time()
         seq = core.send(stream, payload, now=now, deadline=deadline, frame_no=frame_no)
         handle = SendHandle(self.peer, seq, stream, core.stream_seq_of(seq), now)
@@ -476,6 +479,7 @@ class LinkState:
         core = self.core
         if not core.window_open():
             raise trio.WouldBlock
+        check_payload(items, self.limits, items=True)
         now = trio.current_time()
         seq = core.send_items(stream, items, now=now, deadline=deadline, frame_no=frame_no)
         handle = BatchHandle(self.peer, seq, stream, core.stream_seq_of(seq), now, count)

@@ -61,6 +61,7 @@ from transport._codec import (
     _encode_by_schema,
     _encode_data,
     _Encoding,
+    check_payload,
     decode,
     encode,
 )
@@ -632,6 +633,39 @@ def test_encoder_refuses_too_deep_and_cyclic_payloads() -> None:
     with pytest.raises(LocalProtocolError, match="contains itself"):
         encode(data(cyclic))
     assert decode(encode(data(deep[0]))) == data(deep[0])
+
+
+@given(payloads)
+def test_check_payload_passes_what_encode_takes(payload: Any) -> None:
+    check_payload(payload)
+    check_payload((payload, b"x"), items=True)
+    encode(data(payload))
+
+
+def test_check_payload_refuses_what_a_send_must_not_queue() -> None:
+    with pytest.raises(LocalProtocolError, match="got object"):
+        check_payload(object())
+    with pytest.raises(LocalProtocolError, match="got set"):
+        check_payload({"cells": {1, 2}})
+    deep: Any = 1
+    for _ in range(33):
+        deep = [deep]
+    with pytest.raises(LocalProtocolError, match="max_depth"):
+        check_payload(deep)
+    small = Limits(max_message_bytes=64 * 1024, max_header_bytes=8 * 1024)
+    check_payload(b"x" * 60_000, small)
+    with pytest.raises(LocalProtocolError, match="max_message_bytes"):
+        check_payload(b"x" * 70_000, small)
+    with pytest.raises(LocalProtocolError, match="max_message_bytes"):
+        check_payload(np.zeros(70_000, dtype=np.uint8), small)
+    with pytest.raises(LocalProtocolError, match="max_header_bytes"):
+        check_payload({"row": list(range(5000))}, small)
+    # A batch's items: each is checked as a payload of its own, their sizes add up.
+    check_payload((deep[0], b"y"), items=True)
+    with pytest.raises(LocalProtocolError, match="max_message_bytes"):
+        check_payload((b"x" * 40_000, b"x" * 40_000), small, items=True)
+    with pytest.raises(LocalProtocolError, match="got object"):
+        check_payload((b"ok", object()), items=True)
 
 
 def test_length_limits() -> None:

@@ -25,6 +25,7 @@ from actors import (
     SenderConfig,
     open_node,
 )
+from transport import LocalProtocolError
 
 
 class Recorder(Actor[Any, Any]):
@@ -98,6 +99,24 @@ async def test_reject_becomes_peer_error_and_crash_is_answered_too() -> None:
             assert (await a.send("b", b"after")).result == 5
             compute = b.supervisor.actor("compute").statistics()
             assert compute.restarts == 1
+
+
+async def test_a_payload_no_peer_could_take_fails_the_send_not_the_link() -> None:
+    # Checked before anything is queued: the call raises, the link goes on.
+    seen: list[tuple[str, int, Any]] = []
+    with trio.fail_after(20):
+        async with pair("tcp://127.0.0.1:*", seen) as (a, _):
+            assert (await a.send("b", b"before")).result == 6
+            for bad in (object(), {"cells": {1, 2}}, b"x" * (65 * 1024 * 1024)):
+                with pytest.raises(LocalProtocolError):
+                    a.send_nowait("b", bad)
+                with pytest.raises(LocalProtocolError):
+                    await a.send("b", bad)
+            with pytest.raises(LocalProtocolError, match="got object"):
+                a.send_batch_nowait("b", [b"ok", object()])
+            assert (await a.send("b", b"after")).result == 5
+            assert a.statistics().links["b"].protocol.in_flight == 0
+    assert [p for (_, _, p) in seen] == [b"before", b"after"]
 
 
 async def test_many_in_flight_each_delivered_once_in_order() -> None:

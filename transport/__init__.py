@@ -4,7 +4,7 @@ core and the Trio-driven ZeroMQ sockets. It never imports ``actors``.
 
 from __future__ import annotations
 
-from ._codec import Limits, decode, encode
+from ._codec import Limits, check_payload, decode, encode
 from ._errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from ._faults import FaultInjector, FaultPlan, FaultStatistics
 from ._frames import (
@@ -194,6 +194,7 @@ __all__ = [
     "ZapPolicy",
     "ZapStatistics",
     "ZmqNetwork",
+    "check_payload",
     "dealer_socket",
     "decode",
     "encode",

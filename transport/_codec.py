@@ -1203,6 +1203,48 @@ def _decode_batch(top: list[Any], st: _Decoding) -> Batch:
     return Batch(tuple([_decode_frame(item, st) for item in items]))
 
 
+def check_payload(payload: Any, limits: Limits = _DEFAULT_LIMITS, *, items: bool = False) -> None:
+    """Raise unless a DATA message could carry ``payload`` to a peer with ``limits``.
+
+    What a send checks before it queues anything: an unencodable payload
+    must fail the call that made it, not the link that would carry it.
+    Binary payloads cost a type and a size check; anything else is walked
+    and its in-band part measured, as :func:`encode` would.
+
+    Args:
+        payload: one message's payload, or with ``items`` a DATA_ITEMS
+            message's tuple of item payloads.
+        limits: the peer's limits.
+        items: check ``payload`` as a batch's items.
+
+    Raises:
+        LocalProtocolError: the payload holds something CBOR data cannot, is
+            nested too deep, or is too large for ``limits``.
+    """
+    if type(payload) is bytes and not items:
+        size = len(payload)
+        header = 0
+    else:
+        st = _Encoding(limits, OOB_THRESHOLD)
+        in_band = _e_items(payload, st) if items else st.payload(payload, 0)
+        header = len(cbor2.dumps(in_band))
+        size = st.oob_bytes
+    if header + _DATA_OVERHEAD > limits.max_header_bytes:
+        raise LocalProtocolError(
+            f"payload needs a {header}-byte header, over Limits.max_header_bytes="
+            f"{limits.max_header_bytes}: send large data as bytes or arrays"
+        )
+    if size + header + _DATA_OVERHEAD > limits.max_message_bytes:
+        raise LocalProtocolError(
+            f"payload of about {size + header} bytes is over Limits.max_message_bytes="
+            f"{limits.max_message_bytes}"
+        )
+
+
+#: Room for a DATA frame's fields around its payload (ids, numbers, stream).
+_DATA_OVERHEAD = 1024
+
+
 def encode(
     frame: Frame,
     *,
