@@ -674,23 +674,22 @@ class PeerSequencer(Actor[list[Any], None]):
         stream = self._streams.get(item.stream)
         if stream is None or not stream.releases_at_once(item.stream_seq, item.stream_floor):
             return False
-        if item.items:
-            # One mailbox entry: a batch is released as one unit.
-            deliveries, batch = _expand(self._inbound, item)
-            batch.track()
-            try:
+        sink: _Tracked
+        try:
+            if item.items:
+                # One mailbox entry: a batch is released as one unit.
+                deliveries, batch = _expand(self._inbound, item)
                 compute.send_items_nowait(deliveries, reply=batch)
-            except (trio.WouldBlock, ActorStopped):
-                batch.untrack()
-                return False
-        else:
-            completion = _Completion(self._inbound, item)
-            completion.track()
-            try:
+                sink = batch
+            else:
+                completion = _Completion(self._inbound, item)
                 compute.send_nowait(_delivery(item), reply=completion)
-            except (trio.WouldBlock, ActorStopped):
-                completion.untrack()
-                return False
+                sink = completion
+        except (trio.WouldBlock, ActorStopped):
+            return False
+        # Counted after the put: the compute actor cannot answer before this
+        # task yields.
+        sink.track()
         stream.release_at_once(item.stream_seq, item.stream_floor)
         return True
 
@@ -780,15 +779,12 @@ class PeerSequencer(Actor[list[Any], None]):
                     # a waiting put returns.
                     completion.track()
                     try:
-                        # No checkpoint per message: a whole batch reaches the
-                        # compute mailbox before the compute actor runs.
-                        compute.send_nowait(delivery, reply=completion)
-                    except trio.WouldBlock:
                         try:
+                            # No checkpoint per message: a whole batch reaches
+                            # the compute mailbox before the compute actor runs.
+                            compute.send_nowait(delivery, reply=completion)
+                        except trio.WouldBlock:
                             await compute.send(delivery, reply=completion)
-                        except BaseException:
-                            completion.untrack()
-                            raise
                     except BaseException:
                         completion.untrack()
                         raise
