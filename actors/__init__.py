@@ -31,7 +31,15 @@ from ._actor import (
     ReplySink,
     spawn,
 )
-from ._errors import ActorCrashed, ActorError, ActorStopped, AskTimeout, SupervisorGaveUp
+from ._errors import (
+    ActorCrashed,
+    ActorError,
+    ActorStopped,
+    AskTimeout,
+    BindError,
+    NodeClosed,
+    SupervisorGaveUp,
+)
 from ._grid import Decomposition, Direction, GridError, Tile, assemble, interior, pad, scatter
 from ._inbound import InboundStatistics
 from ._link import BatchHandle, LinkStatistics, SendHandle
@@ -64,6 +72,7 @@ __all__ = [
     "AskTimeout",
     "Backoff",
     "BatchHandle",
+    "BindError",
     "ChildSpec",
     "CurveKeyPair",
     "Decomposition",
@@ -80,6 +89,7 @@ __all__ = [
     "KeyFileError",
     "LinkStatistics",
     "Node",
+    "NodeClosed",
     "NodeConfig",
     "NodeId",
     "NodeSpec",

@@ -75,3 +75,36 @@ class SupervisorGaveUp(ActorError):
         self.child = child
         self.intensity = intensity
         self.period = period
+
+
+class NodeClosed(ActorError):
+    """The node was used after its ``open_node`` block ended.
+
+    Every call on a closed node (``send``, ``send_nowait``, ``send_batch``,
+    a handle's ``wait``, ``query``, ``wait_all_up``, ...) raises it at once,
+    whatever its timeout: nothing will ever answer on a node that is gone.
+
+    Attributes:
+        node: the id of the closed node.
+    """
+
+    def __init__(self, node: str) -> None:
+        super().__init__(f"node {node!r} is closed: its open_node block has ended")
+        self.node = node
+
+
+class BindError(ActorError):
+    """A node could not bind its ROUTER to the endpoint it was given.
+
+    Attributes:
+        endpoint: the endpoint that could not be bound.
+        reason: what the operating system or ZeroMQ said.
+    """
+
+    def __init__(self, endpoint: str, reason: str) -> None:
+        super().__init__(
+            f"cannot bind {endpoint}: {reason}; pick another port (or '*' for any free one), "
+            "or stop the process that holds it"
+        )
+        self.endpoint = endpoint
+        self.reason = reason
