@@ -6,6 +6,7 @@ import pytest
 
 from transport import (
     APP_ERR_MIN,
+    PROTOCOL_VERSION,
     Ack,
     AckRange,
     Batch,
@@ -280,6 +281,28 @@ def test_hello_from_newer_incarnation_ends_the_session() -> None:
     assert r.take_events() == [SessionEnded(A, INC_A, (LinkSeq(1),))]
     assert r.session_incarnation(A) is None
     assert Hello(B, INC_B, 1, True) in flush(r, 0.5)
+
+
+def test_hello_of_another_version_gets_our_version_and_changes_nothing() -> None:
+    # protocol.md §5.7: the peer learns at once which version we speak; its
+    # frame's other fields are not taken (no session ends, no incarnation noted).
+    r = make()
+    r.receive_frame(A, data(1), 0.0)
+    r.take_events()
+    r.receive_frame(A, Hello(A, Incarnation(9), 5, False, 2), 0.1)
+    assert r.take_events() == [Rejected(A, "bad-version")]
+    assert r.statistics().rejected == {"bad-version": 1}
+    assert r.session_incarnation(A) == INC_A
+    assert flush(r, 0.1) == [
+        Hello(B, INC_B, 5, True, PROTOCOL_VERSION),
+        Received(B, INC_B, INC_A, LinkSeq(1), LinkSeq(8)),
+    ]
+    # The peer's other frames are handled as usual.
+    r.receive_frame(A, data(2), 0.2)
+    assert [e.seq for e in r.take_events() if isinstance(e, Deliver)] == [2]
+    # A reply of another version is unexpected at a receiver, as any reply is.
+    r.receive_frame(A, Hello(A, INC_A, 6, True, 2), 0.3)
+    assert r.statistics().rejected == {"bad-version": 1, "unexpected-frame": 1}
 
 
 def test_completion_misuse_raises() -> None:
