@@ -458,8 +458,9 @@ class LinkState:
         handle = SendHandle(self.peer, seq, stream, core.stream_seq_of(seq), now)
         self.handles[seq] = handle
         if core.peer_version is not None:
-            # The core gave it up already (the peer speaks another protocol
-            # version, protocol.md §5.7): settle it now, not on the next wake.
+            # The peer speaks another protocol version (protocol.md §5.7): the
+            # core gives it up on its next step; settle it now, not on a wake.
+            core.poll(now)
             self.dispatch()
         self.push(now)
         return handle
@@ -490,8 +491,9 @@ class LinkState:
         handle = BatchHandle(self.peer, seq, stream, core.stream_seq_of(seq), now, count)
         self.handles[seq] = handle
         if core.peer_version is not None:
-            # The core gave it up already (the peer speaks another protocol
-            # version, protocol.md §5.7): settle it now, not on the next wake.
+            # The peer speaks another protocol version (protocol.md §5.7): the
+            # core gives it up on its next step; settle it now, not on a wake.
+            core.poll(now)
             self.dispatch()
         self.push(now)
         return handle

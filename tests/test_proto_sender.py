@@ -455,11 +455,12 @@ def test_peer_of_another_version_fails_every_send_at_once() -> None:
         GaveUp(LinkSeq(2), HALO, StreamSeq(2), reason),
     ]
     assert s.peer_version == 2
-    # A later send is accepted and given up in the same call: never transmitted.
+    # A later send is accepted, and given up at the next step: never transmitted.
     assert s.window_open()
     seq = s.send(HALO, "later", now=0.03)
-    assert s.take_events() == [GaveUp(seq, HALO, StreamSeq(3), reason)]
+    assert s.stream_seq_of(seq) == 3
     assert datas(s.frames_to_send(0.03)) == []
+    assert s.take_events() == [GaveUp(seq, HALO, StreamSeq(3), reason)]
     stats = s.statistics()
     assert (stats.gave_up, stats.in_flight, stats.sent) == (3, 0, 1)
     assert (stats.peer_version, stats.rejected) == (2, {"bad-version": 1})

@@ -392,10 +392,7 @@ class LinkSender:
         self._queue.append(msg)
         if not self.window_open():
             self._expedite_blocker(now)
-        if self._peer_version is not None:
-            # §5.7: the peer could not read it; fail it now, not at its deadline.
-            self._give_up(msg, incompatible_reason(self._peer_version))
-        elif deadline != math.inf:
+        if deadline != math.inf:
             heapq.heappush(self._deadlines, (deadline, seq))
             if len(self._deadlines) > 2 * len(self._msgs) + 64:
                 self._compact_deadlines()
@@ -740,7 +737,11 @@ class LinkSender:
         if not hello.reply:
             self._control.append(Hello(self._node, self._incarnation, hello.nonce, True))
         self._peer_version = hello.version
-        reason = incompatible_reason(hello.version)
+        self._give_up_incompatible(hello.version)
+
+    def _give_up_incompatible(self, peer_version: int) -> None:
+        # §5.7: the peer could not read our DATA; fail it now, not at its deadline.
+        reason = incompatible_reason(peer_version)
         for msg in list(self._msgs.values()):
             self._give_up(msg, reason)
 
@@ -818,6 +819,9 @@ class LinkSender:
             msg = self._msgs.get(seq)
             if msg is not None:
                 self._give_up(msg)
+        if self._peer_version is not None and self._msgs:
+            # A message accepted since: it never goes out (frames_to_send comes here first).
+            self._give_up_incompatible(self._peer_version)
         self._update_state(now)
 
     def _give_up(self, msg: _Msg, reason: str = DEADLINE_PASSED) -> None:
