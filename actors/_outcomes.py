@@ -32,8 +32,13 @@ class Ack:
         seq: the message's link sequence number (its message id on this link).
         stream / stream_seq: where it sits in its stream.
         result: the small value the peer's compute actor returned, or None.
-        rtt: seconds from the first transmission to the final answer.
-        attempts: how many times it was transmitted.
+        rtt: seconds from the moment the node accepted the send (after any
+            wait for the window) to the moment its final answer was taken,
+            across every resend: the message's delivery latency, not an RTT
+            sample (the link's smoothed RTT is in ``statistics()``).
+            docs/protocol.md §9.
+        attempts: how many times it was transmitted (resends and held
+            re-probes included).
     """
 
     peer: NodeId
