@@ -6,7 +6,9 @@ test. Real sockets on 127.0.0.1 where only the real wire can show the rule.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +20,7 @@ from actors.testing import MemoryNetwork
 from transport import Hello, decode, router_socket
 
 Ctx = zmq.Context[zmq.Socket[bytes]]
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -58,3 +61,21 @@ async def test_each_start_of_a_node_gets_a_greater_incarnation() -> None:
             seen.append(a.incarnation)
     assert seen == sorted(seen)
     assert len(set(seen)) == 3
+
+
+def test_every_must_of_section_11_names_tests_that_exist() -> None:
+    # protocol.md §11.4 maps each MUST of §11.1 and §11.2 (S1.., R1..) to its
+    # tests: every MUST has a row, and every test a row names is defined.
+    text = (ROOT / "docs" / "protocol.md").read_text(encoding="utf-8")
+    section = text[text.index("### 11.1") : text.index("### 11.4")]
+    table = text[text.index("### 11.4") :]
+    musts = re.findall(r"^- ([SR]\d+):", section, flags=re.MULTILINE)
+    rows = dict(re.findall(r"^\| (\S+|§11\.3[^|]*?) \| (.+) \|$", table, flags=re.MULTILINE))
+    assert len(musts) == 20
+    assert set(musts) <= set(rows)
+    named = re.findall(r"`([\w/]+\.py)(?:::(\w+))?`", "\n".join(rows.values()))
+    assert len(named) > len(musts)
+    for path, name in named:
+        source = (ROOT / "tests" / path).read_text(encoding="utf-8")
+        if name:
+            assert re.search(rf"^(async )?def {name}\(", source, flags=re.MULTILINE), (path, name)
