@@ -73,11 +73,14 @@ class PeerError(SendError):
 
 
 class DeliveryFailed(SendError):
-    """No final answer arrived before the send's deadline.
+    """No final answer arrived: the deadline passed, or the peer cannot take it.
 
-    The message may or may not have reached the peer: if it did, the peer
-    holds it under its link sequence number and will never process a resend
-    of it twice. ``held`` says whether the peer had confirmed holding it.
+    ``reason`` says which: the deadline passed, the peer speaks another
+    protocol version (docs/protocol.md §5.7; the send failed at once), or
+    the node shut down. The message may or may not have reached the peer: if
+    it did, that peer process holds it under its link sequence number and
+    will never process a resend of it twice (a restarted one has forgotten
+    it). ``held`` says whether the peer had confirmed holding it.
     """
 
     def __init__(self, *, peer: NodeId, seq: LinkSeq | None, reason: str, held: bool) -> None:
