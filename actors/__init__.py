@@ -7,6 +7,7 @@ receives :class:`Delivery` (and :class:`Gap`) messages.
 from __future__ import annotations
 
 from transport import (
+    PROTOCOL_VERSION,
     CurveKeyPair,
     ErrCode,
     FaultPlan,
@@ -62,6 +63,7 @@ from ._topology import NodeSpec, Topology, TopologyError, node_id_from_env
 __all__ = [
     "DEFAULT_ASK_TIMEOUT",
     "DEFAULT_STREAM",
+    "PROTOCOL_VERSION",
     "Ack",
     "Actor",
     "ActorCrashed",

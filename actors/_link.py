@@ -420,7 +420,8 @@ class LinkState:
                 handle = handles.pop(event.seq, None)
                 freed = True
                 if handle is not None:
-                    handle._give_up("deadline passed without a final answer")
+                    # The deadline, or a peer of another protocol version (§5.7).
+                    handle._give_up(event.reason)
             elif type(event) is PeerStateChanged:
                 self.state.value = event.new
             elif type(event) is Held:
@@ -456,6 +457,11 @@ class LinkState:
         seq = core.send(stream, payload, now=now, deadline=deadline, frame_no=frame_no)
         handle = SendHandle(self.peer, seq, stream, core.stream_seq_of(seq), now)
         self.handles[seq] = handle
+        if core.peer_version is not None:
+            # The peer speaks another protocol version (protocol.md §5.7): the
+            # core gives it up on its next step; settle it now, not on a wake.
+            core.poll(now)
+            self.dispatch()
         self.push(now)
         return handle
 
@@ -484,6 +490,11 @@ class LinkState:
         seq = core.send_items(stream, items, now=now, deadline=deadline, frame_no=frame_no)
         handle = BatchHandle(self.peer, seq, stream, core.stream_seq_of(seq), now, count)
         self.handles[seq] = handle
+        if core.peer_version is not None:
+            # The peer speaks another protocol version (protocol.md §5.7): the
+            # core gives it up on its next step; settle it now, not on a wake.
+            core.poll(now)
+            self.dispatch()
         self.push(now)
         return handle
 

@@ -238,7 +238,10 @@ class Node:
 
         Waits first for room in the link's window (backpressure), then for the
         final answer. The message is retransmitted with backoff while the peer
-        is silent, and never processed twice.
+        is silent, and processed at most once by each receiver process: a
+        receiver killed and restarted before it answered gets the message
+        again, and processes it again if the dead process already had
+        (docs/reliability.md). Nothing is kept on disk.
 
         Args: as for :meth:`send_nowait`.
 

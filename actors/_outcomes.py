@@ -32,8 +32,13 @@ class Ack:
         seq: the message's link sequence number (its message id on this link).
         stream / stream_seq: where it sits in its stream.
         result: the small value the peer's compute actor returned, or None.
-        rtt: seconds from the first transmission to the final answer.
-        attempts: how many times it was transmitted.
+        rtt: seconds from the moment the node accepted the send (after any
+            wait for the window) to the moment its final answer was taken,
+            across every resend: the message's delivery latency, not an RTT
+            sample (the link's smoothed RTT is in ``statistics()``).
+            docs/protocol.md §9.
+        attempts: how many times it was transmitted (resends and held
+            re-probes included).
     """
 
     peer: NodeId
@@ -68,11 +73,14 @@ class PeerError(SendError):
 
 
 class DeliveryFailed(SendError):
-    """No final answer arrived before the send's deadline.
+    """No final answer arrived: the deadline passed, or the peer cannot take it.
 
-    The message may or may not have reached the peer: if it did, the peer
-    holds it under its link sequence number and will never process a resend
-    of it twice. ``held`` says whether the peer had confirmed holding it.
+    ``reason`` says which: the deadline passed, the peer speaks another
+    protocol version (docs/protocol.md §5.7; the send failed at once), or
+    the node shut down. The message may or may not have reached the peer: if
+    it did, that peer process holds it under its link sequence number and
+    will never process a resend of it twice (a restarted one has forgotten
+    it). ``held`` says whether the peer had confirmed holding it.
     """
 
     def __init__(self, *, peer: NodeId, seq: LinkSeq | None, reason: str, held: bool) -> None:

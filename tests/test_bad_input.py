@@ -146,7 +146,7 @@ def wire(frame: Frame) -> Parts:
 
 def crafted() -> list[tuple[str, Parts]]:
     """Hand-made bad messages, each with the reason it must be counted under."""
-    hello = [1, "evil", 1, 1, False]
+    hello = [1, "evil", 1, 1, False, 1]
     return [
         # Over max_message_bytes with an out-of-band part, and a header over
         # max_header_bytes: both refused from their size alone.

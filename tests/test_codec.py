@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from transport import (
+    PROTOCOL_VERSION,
     Ack,
     AckItems,
     AckRange,
@@ -104,7 +105,7 @@ payloads = st.recursive(
     max_leaves=12,
 )
 
-hellos = st.builds(Hello, ids, u63, u63, st.booleans())
+hellos = st.builds(Hello, ids, u63, u63, st.booleans(), u63)
 datas = st.builds(Data, ids, u63, u63, ids, u63, u63, st.none() | u63, payloads, u63)
 receiveds = st.builds(Received, ids, u63, u63, u63, u63)
 acks = st.builds(Ack, ids, u63, u63, u63, u63, payloads)
@@ -326,6 +327,38 @@ def test_ack_range_is_one_compact_array() -> None:
                 NodeId("n1"), Incarnation(7), Incarnation(8), LinkSeq(4), LinkSeq(3), LinkSeq(9)
             )
         )
+
+
+def test_hello_carries_the_protocol_version() -> None:
+    assert PROTOCOL_VERSION == 1
+    hello = Hello(NodeId("n1"), Incarnation(7), 3, False)
+    assert hello.version == PROTOCOL_VERSION
+    assert cbor2.loads(encode(hello)[0]) == [1, "n1", 7, 3, False, 1]
+    other = Hello(NodeId("n1"), Incarnation(7), 3, True, 2)
+    assert decode(encode(other)) == other
+    assert decode([cbor2.dumps([1, "n1", 7, 3, True, U63])]).version == U63  # type: ignore[union-attr]
+
+
+def test_hello_of_another_version_may_carry_more_fields() -> None:
+    # protocol.md §3.2: the layout up to ``version`` is frozen; what follows
+    # belongs to that version, and a version 1 decoder checks it as payloads
+    # and drops it.
+    future = [1, "n1", 7, 3, True, 2, "capabilities", {"x": [1, 2.5, None]}]
+    assert decode([cbor2.dumps(future)]) == Hello(NodeId("n1"), Incarnation(7), 3, True, 2)
+    ref = cbor2.CBORTag(OUT_OF_BAND_TAG, 1)
+    assert decode([cbor2.dumps([*future, ref]), b"part"]) == Hello(
+        NodeId("n1"), Incarnation(7), 3, True, 2
+    )
+    # Its references count like any other: in order, none dangling.
+    batch = [9, [[*future, ref], raw_data(cbor2.CBORTag(OUT_OF_BAND_TAG, 2))]]
+    got = decode([cbor2.dumps(batch), b"hello's", b"data's"])
+    assert type(got) is Batch
+    assert got.frames[1].payload == b"data's"  # type: ignore[union-attr]
+    assert reject_header([*future, ref]) == "bad-part"
+    assert reject_header(future, b"unreferenced") == "bad-part"
+    assert reject_header([*future, cbor2.undefined]) == "bad-field"
+    assert reject_header([*future, {1: 2}]) == "bad-field"
+    assert reject_header([*future, cbor2.CBORTag(1, 0)]) == "bad-tag"
 
 
 def test_header_is_a_compact_array() -> None:
@@ -571,9 +604,20 @@ def test_out_of_band_references_must_match_the_parts(payload: Any, extra: list[b
 
 
 def test_tag_in_a_header_field_is_a_bad_field() -> None:
+    ref = cbor2.CBORTag(OUT_OF_BAND_TAG, 1)
     header = raw_data()
-    header[1] = cbor2.CBORTag(OUT_OF_BAND_TAG, 1)
+    header[1] = ref
     assert reject_header(header, b"x") == "bad-field"
+    header = raw_data()
+    header[3] = ref
+    assert reject_header(header, b"x") == "bad-field"
+    # protocol.md §3.6: outside a payload position it is bad-field wherever it
+    # stands, but where the frame kind belongs, where it is unknown-kind.
+    assert reject_header(ref, b"x") == "bad-field"
+    assert reject_header([9, ref], b"x") == "bad-field"
+    assert reject_header([9, [ref]], b"x") == "bad-field"
+    assert reject_header([7, "n", 1, 2, "s", [ref]], b"x") == "bad-field"
+    assert reject_header([ref, "n", 1, 2, False, 1], b"x") == "unknown-kind"
 
 
 # --------------------------------------------------------------------------
@@ -750,7 +794,7 @@ def test_bool_is_never_an_int_on_encode() -> None:
         encode(data(seq=True))
     with pytest.raises(LocalProtocolError, match=r"Hello\.reply"):
         encode(Hello(NodeId("n"), Incarnation(1), 5, 1))  # type: ignore[arg-type]
-    assert reject_header([1, "n", 1, 5, 1]) == "bad-field"
+    assert reject_header([1, "n", 1, 5, 1, PROTOCOL_VERSION]) == "bad-field"
 
 
 @pytest.mark.parametrize("bad", ["", 1, None, b"n1", ["n1"]])
@@ -788,8 +832,16 @@ def test_ids_must_be_non_empty_text(bad: Any) -> None:
         [10, "n", 1, 2, 3, 4],
         [10, "n", 1, 2, 3, -4, 9],
         "not an array",
+        5,
         [],
         {"kind": 2},
+        [1, "n", 1, 2, True],
+        [1, "n", 1, 2, True, PROTOCOL_VERSION, "a version 1 HELLO has six elements"],
+        [1, "n", 1, 2, True, -1],
+        [1, "n", 1, 2, True, 2**63],
+        [1, "n", 1, 2, True, True],
+        [1, "n", 1, 2, True, None],
+        [1, "n", 1, 2, True, "2", "more"],
     ],
     ids=repr,
 )
@@ -811,10 +863,12 @@ def test_undefined_and_simple_values_are_rejected(payload: Any) -> None:
     assert reject_header(raw_data(payload)) == "bad-field"
 
 
-@pytest.mark.parametrize("key", [1, 1.5, b"k", True, None])
+@pytest.mark.parametrize("key", [1, -1, 1.5, b"k", True, None, (1,)])
 def test_map_keys_must_be_text(key: Any) -> None:
-    assert reject_header(raw_data({key: 1})) in {"bad-field", "malformed"}
-    assert reject_header(raw_data([{"ok": {key: 1}}])) in {"bad-field", "malformed"}
+    # protocol.md §3.6: well-formed CBOR with a non-text key is a field error,
+    # whether cbor2 refuses the key while parsing (int) or our walk does (bytes).
+    assert reject_header(raw_data({key: 1})) == "bad-field"
+    assert reject_header(raw_data([{"ok": {key: 1}}])) == "bad-field"
 
 
 @pytest.mark.parametrize(

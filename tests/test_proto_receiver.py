@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from transport import (
     APP_ERR_MIN,
+    PROTOCOL_VERSION,
     Ack,
     AckRange,
     Batch,
@@ -282,6 +287,28 @@ def test_hello_from_newer_incarnation_ends_the_session() -> None:
     assert Hello(B, INC_B, 1, True) in flush(r, 0.5)
 
 
+def test_hello_of_another_version_gets_our_version_and_changes_nothing() -> None:
+    # protocol.md §5.7: the peer learns at once which version we speak; its
+    # frame's other fields are not taken (no session ends, no incarnation noted).
+    r = make()
+    r.receive_frame(A, data(1), 0.0)
+    r.take_events()
+    r.receive_frame(A, Hello(A, Incarnation(9), 5, False, 2), 0.1)
+    assert r.take_events() == [Rejected(A, "bad-version")]
+    assert r.statistics().rejected == {"bad-version": 1}
+    assert r.session_incarnation(A) == INC_A
+    assert flush(r, 0.1) == [
+        Hello(B, INC_B, 5, True, PROTOCOL_VERSION),
+        Received(B, INC_B, INC_A, LinkSeq(1), LinkSeq(8)),
+    ]
+    # The peer's other frames are handled as usual.
+    r.receive_frame(A, data(2), 0.2)
+    assert [e.seq for e in r.take_events() if isinstance(e, Deliver)] == [2]
+    # A reply of another version is unexpected at a receiver, as any reply is.
+    r.receive_frame(A, Hello(A, INC_A, 6, True, 2), 0.3)
+    assert r.statistics().rejected == {"bad-version": 1, "unexpected-frame": 1}
+
+
 def test_completion_misuse_raises() -> None:
     r = make()
     r.receive_frame(A, data(1), 0.0)
@@ -434,3 +461,46 @@ def test_late_data_of_an_incarnation_replaced_by_hello_is_refused() -> None:
     refusals = [f for _, f in r.frames_to_send(0.2) if isinstance(f, Err)]
     assert [f.code for f in refusals] == [ErrCode.STALE_SESSION]
     assert r.statistics().stale_refused == 1
+
+
+_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("data"), st.integers(1, 40), st.integers(0, 39)),
+        st.tuples(st.sampled_from(["complete", "fail", "refuse"]), st.integers(0, 40)),
+        st.tuples(st.just("flush"), st.just(0)),
+    ),
+    max_size=120,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_OPS)
+def test_every_answer_names_both_sides_and_credit_never_falls(ops: list[tuple[Any, ...]]) -> None:
+    # protocol.md §11.2: every answer carries the receiver's own node id and
+    # incarnation, the DATA's incarnation as peer_incarnation, and a credit
+    # that never decreases within a session (§6.4), whatever the sender and
+    # the compute layer do.
+    r = make(window=8, max_entries=16)
+    delivered: list[LinkSeq] = []
+    credits: list[int] = []
+    now = 0.0
+    for op in ops:
+        now += 0.001
+        if op[0] == "data":
+            seq = op[1]
+            r.receive_frame(A, data(seq, watermark=max(1, seq - op[2])), now)
+            delivered += [e.seq for e in r.take_events() if isinstance(e, Deliver)]
+        elif op[0] == "flush":
+            for frame in flush(r, now):
+                assert isinstance(frame, Received | Ack | AckRange | Err | RetryLater)
+                assert (frame.node, frame.incarnation, frame.peer_incarnation) == (B, INC_B, INC_A)
+                credits.append(frame.credit)
+        elif delivered:
+            seq = delivered.pop(op[1] % len(delivered))
+            if op[0] == "complete":
+                r.complete(A, INC_A, seq)
+            elif op[0] == "fail":
+                r.fail(A, INC_A, seq, APP_ERR_MIN, "no")
+            else:
+                r.refuse(A, INC_A, seq, RetryReason.BUFFER_FULL)
+    assert credits == sorted(credits)

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from transport import (
+    PROTOCOL_VERSION,
     Ack,
     AckRange,
     Batch,
@@ -424,6 +425,73 @@ def test_frames_from_another_node_are_refused() -> None:
     assert stats.rejected == {"wrong-peer": 1, "nested-batch": 1}
     assert stats.in_flight == 1
     assert stats.peer_incarnation is None
+
+
+# --- protocol version (protocol.md §5.7) --------------------------------------------
+
+
+def test_heartbeats_carry_the_protocol_version() -> None:
+    s = make(heartbeat_interval=0.5)
+    (hello,) = s.frames_to_send(0.0)
+    assert hello.version == PROTOCOL_VERSION == 1  # type: ignore[union-attr]
+    s.receive_frame(Hello(B, INC_B, 77, False), 0.1)
+    (reply,) = s.frames_to_send(0.1)
+    assert reply == Hello(A, INC_A, 77, True, PROTOCOL_VERSION)
+
+
+def test_peer_of_another_version_fails_every_send_at_once() -> None:
+    s = make(heartbeat_interval=0.5)
+    s.send(HALO, "sent", now=0.0)
+    s.frames_to_send(0.0)
+    s.receive_frame(received(1), 0.01)
+    s.send(HALO, "queued", now=0.01, deadline=30.0)
+    s.take_events()
+    reason = "peer speaks protocol version 2, this node speaks 1"
+    # Another incarnation too: in another version it may mean something else.
+    s.receive_frame(Hello(B, Incarnation(99), 0, True, 2), 0.02)
+    # Held and queued alike end now, not at their deadlines.
+    assert s.take_events() == [
+        GaveUp(LinkSeq(1), HALO, StreamSeq(1), reason),
+        GaveUp(LinkSeq(2), HALO, StreamSeq(2), reason),
+    ]
+    assert s.peer_version == 2
+    # A later send is accepted, and given up at the next step: never transmitted.
+    assert s.window_open()
+    seq = s.send(HALO, "later", now=0.03)
+    assert s.stream_seq_of(seq) == 3
+    assert datas(s.frames_to_send(0.03)) == []
+    assert s.take_events() == [GaveUp(seq, HALO, StreamSeq(3), reason)]
+    stats = s.statistics()
+    assert (stats.gave_up, stats.in_flight, stats.sent) == (3, 0, 1)
+    assert (stats.peer_version, stats.rejected) == (2, {"bad-version": 1})
+    # Nothing of the other version's frame is taken but its version.
+    assert (stats.peer_incarnation, stats.peer_restarts) == (INC_B, 0)
+
+
+def test_peer_of_another_version_is_not_heard_and_gets_our_reply() -> None:
+    s = make(heartbeat_interval=0.5, suspect_after=1.5, down_after=5.0)
+    s.receive_frame(Hello(B, Incarnation(99), 41, False, 7), 0.1)
+    assert s.peer_incarnation is None
+    assert s.peer_state is PeerState.SUSPECT
+    assert s.frames_to_send(0.1) == [Hello(A, INC_A, 41, True, PROTOCOL_VERSION)]
+    assert s.peer_version == 7
+    assert s.statistics().rejected == {"bad-version": 1}
+
+
+def test_peer_upgraded_to_our_version_is_taken_up_again() -> None:
+    s = make(heartbeat_interval=0.5)
+    assert s.frames_to_send(0.0) == [Hello(A, INC_A, 1, False)]
+    s.receive_frame(Hello(B, INC_B, 1, True, 2), 0.01)
+    assert s.peer_version == 2
+    # Heartbeats go on while the link is incompatible.
+    assert s.frames_to_send(0.5) == [Hello(A, INC_A, 2, False)]
+    s.receive_frame(Hello(B, Incarnation(60), 2, True), 0.52)
+    assert s.peer_version is None
+    assert s.peer_state is PeerState.UP
+    s.send(HALO, "x", now=0.6)
+    assert seqs(s.frames_to_send(0.6)) == [1]
+    s.receive_frame(ack(1, inc=Incarnation(60)), 0.61)
+    assert [type(e) for e in s.take_events()] == [PeerStateChanged, Answered]
 
 
 # --- heartbeats, RTT, liveness ------------------------------------------------------

@@ -9,6 +9,7 @@ from ._errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from ._faults import FaultInjector, FaultPlan, FaultStatistics
 from ._frames import (
     APP_ERR_MIN,
+    PROTOCOL_VERSION,
     Ack,
     AckItems,
     AckRange,
@@ -108,6 +109,7 @@ from ._values import fast_init
 __all__ = [
     "APP_ERR_MIN",
     "DEALER_OPTIONS",
+    "PROTOCOL_VERSION",
     "ROUTER_OPTIONS",
     "Ack",
     "AckItems",

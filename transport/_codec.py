@@ -16,7 +16,8 @@ not maps: no key strings on the wire, and a fixed shape to check. In CDDL::
                   / err / retry-later / req / req-answer
     message     = frame / batch
     batch       = [9, [1*4096 frame]]          ; never nests, never empty
-    hello       = [1, node, incarnation, nonce: u63, reply: bool]
+    hello       = [1, node, incarnation, nonce: u63, reply: bool, version: u63,
+                   * any]                      ; more fields only if version != 1
     data        = [2, node, incarnation, seq: u63, stream, stream_seq: u63,
                    stream_floor: u63, frame_no: u63 / null, payload, watermark: u63]
     received    = [3, node, incarnation, peer_incarnation: u63, seq: u63, credit: u63]
@@ -48,7 +49,10 @@ not maps: no key strings on the wire, and a fixed shape to check. In CDDL::
                   / {* tstr => payload} / oob
     oob         = #6.52753(uint)               ; index of a ZeroMQ part, from 1
 
-Enums travel as their integer values; a REQ or REQ_ANSWER whose ``missing``
+Enums travel as their integer values. The HELLO layout up to ``version`` is
+frozen for every protocol version: a HELLO of version 1 has exactly those
+fields, and one of another version may carry more, which are checked as
+payloads (so their out-of-band references count) and dropped. A REQ or REQ_ANSWER whose ``missing``
 list is not empty must name its ``stream``; an ACK_RANGE's ``first`` is at
 most its ``last``; an ACK with a result inside ACK_ITEMS is ``[0, result]``
 only for a result that is not null (null alone says "ACK without a result").
@@ -96,7 +100,8 @@ built. ``reason`` is one of:
 ``nested-batch``  a batch inside a batch;
 ``bad-field``     wrong field count, wrong type (``bool`` is never an
                   ``int``), value out of range, undefined or simple values,
-                  non-``str`` map keys.
+                  non-``str`` map keys, an out-of-band reference outside a
+                  payload.
 """
 
 from __future__ import annotations
@@ -112,6 +117,7 @@ import cbor2
 from ._errors import LocalProtocolError, RemoteProtocolError
 from ._frames import (
     APP_ERR_MIN,
+    PROTOCOL_VERSION,
     Ack,
     AckItems,
     AckRange,
@@ -818,6 +824,7 @@ _SCHEMAS: Final = (
         ("incarnation", _U63_FIELD),
         ("nonce", _U63_FIELD),
         ("reply", (_d_bool, _e_bool)),
+        ("version", _U63_FIELD),
     ),
     _schema(
         FrameKind.DATA,
@@ -900,6 +907,10 @@ _U63_PROBLEM: Final = "must be an int in 0..2**63-1"
 
 _DATA: Final = FrameKind.DATA.value
 _DATA_ITEMS: Final = FrameKind.DATA_ITEMS.value
+_HELLO: Final = FrameKind.HELLO.value
+#: HELLO: elements up to and including ``version``, and its wire position.
+_HELLO_LEN: Final = 6
+_VERSION_AT: Final = 5
 
 
 def _plain_data_fields(
@@ -980,6 +991,20 @@ def _decode_data_items(item: list[Any], st: _Decoding) -> DataItems | None:
     return DataItems(node, inc, seq, stream, stream_seq, floor, frame_no, tuple(items), watermark)
 
 
+def _drop_hello_extras(item: list[Any], st: _Decoding) -> None:
+    """Cut a HELLO of another version down to the layout every version shares.
+
+    protocol.md §3.2: fields after ``version`` belong to that version. This
+    decoder cannot read them, but checks them as payloads (their out-of-band
+    references count, like any other) so that what it accepts stays exact.
+    """
+    version = item[_VERSION_AT]
+    if type(version) is int and version != PROTOCOL_VERSION:
+        for extra in item[_HELLO_LEN:]:
+            st.payload(extra, 0)
+        del item[_HELLO_LEN:]
+
+
 def _decode_frame(item: Any, st: _Decoding) -> Frame:
     if type(item) is list and item and type(item[0]) is int:
         kind = item[0]
@@ -991,6 +1016,8 @@ def _decode_frame(item: Any, st: _Decoding) -> Frame:
             items = _decode_data_items(item, st)
             if items is not None:
                 return items
+        elif kind == _HELLO and len(item) > _HELLO_LEN:
+            _drop_hello_extras(item, st)
     return _decode_by_schema(item, st)
 
 
@@ -1112,6 +1139,10 @@ def _decode_error(exc: Exception) -> RemoteProtocolError:
     text = str(exc)
     if "nesting depth" in text:
         return _remote(f"header nested too deep: {text}", "too-deep")
+    if "map key must be" in text:
+        # Well-formed CBOR that breaks §3.4 (keys are text): a field error, as
+        # a byte-string key is; cbor2 refuses the other key types while parsing.
+        return _remote(f"payload map key must be a str: {text}", "bad-field")
     return _remote(f"not a valid header: {text}", "malformed")
 
 

@@ -71,6 +71,12 @@ class ErrCode(IntEnum):
 #: The smallest code an application may use in ``Reject(code, ...)``.
 APP_ERR_MIN = 100
 
+#: The version of the wire protocol this package speaks (docs/protocol.md
+#: §5.7). Every HELLO carries it; the HELLO layout up to ``version`` is the one
+#: thing that never changes between versions, so that two nodes of different
+#: versions can always tell each other which one they speak.
+PROTOCOL_VERSION = 1
+
 
 class RetryReason(IntEnum):
     """Why a RETRY_LATER was sent. It always means "not held: send again"."""
@@ -103,12 +109,16 @@ class Hello:
 
     A HELLO with ``reply=False`` asks for a HELLO with ``reply=True`` and the
     same ``nonce`` back; the round trip measures latency and proves liveness.
+    ``version`` is the protocol version its sender speaks: a node answers a
+    HELLO request of any version, and a sender whose peer speaks another
+    version fails its sends at once (docs/protocol.md §5.7).
     """
 
     node: NodeId
     incarnation: Incarnation
     nonce: int
     reply: bool
+    version: int = PROTOCOL_VERSION
 
 
 @fast_init

@@ -20,7 +20,7 @@ from enum import Enum
 from typing import TypeAlias
 
 from ._errors import LocalProtocolError
-from ._frames import Ack, AckItems, AckRange, Err, Payload, ReqAnswer
+from ._frames import PROTOCOL_VERSION, Ack, AckItems, AckRange, Err, Payload, ReqAnswer
 from ._ids import Incarnation, LinkSeq, NodeId, StreamId, StreamSeq
 from ._values import fast_init
 
@@ -195,14 +195,29 @@ class Held:
     seq: LinkSeq
 
 
+#: Why a message is given up when its deadline passes (the usual case).
+DEADLINE_PASSED = "deadline passed without a final answer"
+
+
+def incompatible_reason(peer_version: int) -> str:
+    """Why a message to a peer of another protocol version is given up (protocol.md §5.7)."""
+    return f"peer speaks protocol version {peer_version}, this node speaks {PROTOCOL_VERSION}"
+
+
 @fast_init
 @dataclass(frozen=True, slots=True)
 class GaveUp:
-    """``seq`` reached its deadline without a final answer; it is never sent again."""
+    """``seq`` ended without a final answer; it is never sent again.
+
+    Attributes:
+        reason: why: its deadline passed (:data:`DEADLINE_PASSED`), or the
+            peer speaks another protocol version (:func:`incompatible_reason`).
+    """
 
     seq: LinkSeq
     stream: StreamId
     stream_seq: StreamSeq
+    reason: str = DEADLINE_PASSED
 
 
 @fast_init
@@ -319,6 +334,10 @@ class SenderStatistics:
         rtt: smoothed round-trip time in seconds (RFC 6298 SRTT), or None.
         peer_state: liveness of the peer.
         peer_incarnation: the peer's current incarnation, once known.
+        peer_version: the protocol version the peer's last HELLO announced
+            when it is not this node's: every send to it fails at once
+            (protocol.md §5.7). None while the versions match, or before any
+            HELLO was heard.
     """
 
     sent: int
@@ -341,6 +360,7 @@ class SenderStatistics:
     rtt: float | None
     peer_state: PeerState
     peer_incarnation: Incarnation | None
+    peer_version: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,6 +39,7 @@ from collections.abc import Iterable
 from ._errors import LocalProtocolError
 from ._frames import (
     APP_ERR_MIN,
+    PROTOCOL_VERSION,
     Ack,
     AckItems,
     AckRange,
@@ -273,6 +274,13 @@ class LinkReceiver:
     def _on_hello(self, peer: NodeId, hello: Hello) -> None:
         if hello.reply:
             self._reject(peer, "unexpected-frame")
+            return
+        if hello.version != PROTOCOL_VERSION:
+            # protocol.md §5.7: answer with our own version, so the peer learns
+            # at once that we cannot read it; take nothing else from the frame
+            # (its incarnation may mean something else in its version).
+            self._reject(peer, "bad-version")
+            self._out.append((peer, Hello(self._node, self._incarnation, hello.nonce, True)))
             return
         self._note_incarnation(peer, hello.incarnation)
         session = self._sessions.get(peer)

@@ -23,6 +23,10 @@ Rules that live here (design.md §3, §3.1):
 * A greater peer incarnation means the receiver restarted: RECEIVED from the
   old one proves nothing, so everything without a final answer goes again at
   once and the credit starts over.
+* A peer whose HELLO announces another protocol version cannot take our
+  DATA: every unfinished message and every later one is given up at once,
+  naming both versions, and heartbeats go on so that a peer upgraded to our
+  version is taken up again (protocol.md §5.7).
 
 Cost per message is O(1) amortised: dicts keyed by sequence number, a deque for
 the not-yet-sent queue, and lazy-deletion heaps for retry timers and deadlines.
@@ -36,6 +40,7 @@ from collections import deque
 
 from ._errors import LocalProtocolError
 from ._frames import (
+    PROTOCOL_VERSION,
     Ack,
     AckItems,
     AckRange,
@@ -57,6 +62,7 @@ from ._frames import (
 )
 from ._ids import Incarnation, LinkSeq, NodeId, StreamId, StreamSeq
 from ._proto_link import (
+    DEADLINE_PASSED,
     Answered,
     GaveUp,
     Held,
@@ -67,6 +73,7 @@ from ._proto_link import (
     SenderConfig,
     SenderEvent,
     SenderStatistics,
+    incompatible_reason,
     jittered,
 )
 
@@ -188,6 +195,8 @@ class LinkSender:
         self._events: deque[SenderEvent] = deque()
 
         self._peer_incarnation: Incarnation | None = None
+        # The other protocol version the peer announced; None while compatible.
+        self._peer_version: int | None = None
         self._last_sent = -math.inf
         self._last_heard = now
         self._heard_any = False
@@ -249,6 +258,15 @@ class LinkSender:
     def credit(self) -> LinkSeq:
         """Highest link sequence number usable for new DATA."""
         return LinkSeq(self._credit)
+
+    @property
+    def peer_version(self) -> int | None:
+        """The peer's protocol version if its last HELLO announced another one than ours.
+
+        While it is not None every send ends at once in :class:`GaveUp`
+        (protocol.md §5.7).
+        """
+        return self._peer_version
 
     @property
     def rtt(self) -> float | None:
@@ -696,6 +714,11 @@ class LinkSender:
         self._rto = min(max(cfg.retry_timeout, self._srtt + 4 * self._rttvar), cfg.retry_ceiling)
 
     def _on_hello(self, hello: Hello, now: float) -> None:
+        if hello.version != PROTOCOL_VERSION:
+            self._on_other_version(hello)
+            return
+        # A peer that spoke another version and now speaks ours was upgraded.
+        self._peer_version = None
         if not self._accept_incarnation(hello.incarnation, now):
             self._stale_answers += 1
             return
@@ -704,6 +727,23 @@ class LinkSender:
         elif hello.nonce == self._ping_nonce and self._ping_sent_at is not None:
             self._rtt_sample(now - self._ping_sent_at)
             self._ping_sent_at = None
+
+    def _on_other_version(self, hello: Hello) -> None:
+        # protocol.md §5.7. Only the HELLO layout up to ``version`` is shared
+        # between versions: nothing else of the frame is taken (no incarnation,
+        # no liveness, no RTT). A request still gets our HELLO reply, so that
+        # the peer learns our version from us as we learn its from it.
+        self._reject("bad-version")
+        if not hello.reply:
+            self._control.append(Hello(self._node, self._incarnation, hello.nonce, True))
+        self._peer_version = hello.version
+        self._give_up_incompatible(hello.version)
+
+    def _give_up_incompatible(self, peer_version: int) -> None:
+        # §5.7: the peer could not read our DATA; fail it now, not at its deadline.
+        reason = incompatible_reason(peer_version)
+        for msg in list(self._msgs.values()):
+            self._give_up(msg, reason)
 
     def _on_req(self, req: Req, now: float) -> None:
         if not self._accept_incarnation(req.incarnation, now):
@@ -779,9 +819,12 @@ class LinkSender:
             msg = self._msgs.get(seq)
             if msg is not None:
                 self._give_up(msg)
+        if self._peer_version is not None and self._msgs:
+            # A message accepted since: it never goes out (frames_to_send comes here first).
+            self._give_up_incompatible(self._peer_version)
         self._update_state(now)
 
-    def _give_up(self, msg: _Msg) -> None:
+    def _give_up(self, msg: _Msg, reason: str = DEADLINE_PASSED) -> None:
         st = msg.stream
         st.given_up[msg.stream_seq] = None
         if len(st.given_up) > self._config.given_up_memory:
@@ -789,7 +832,7 @@ class LinkSender:
         st.given_up_total += 1
         self._gave_up += 1
         self._finish(msg, self._now)
-        self._events.append(GaveUp(LinkSeq(msg.seq), st.name, StreamSeq(msg.stream_seq)))
+        self._events.append(GaveUp(LinkSeq(msg.seq), st.name, StreamSeq(msg.stream_seq), reason))
 
     def _update_state(self, now: float) -> None:
         # Compare against the same sums next_deadline() returns, so that being
@@ -881,4 +924,5 @@ class LinkSender:
             rtt=self._srtt,
             peer_state=self._state,
             peer_incarnation=self._peer_incarnation,
+            peer_version=self._peer_version,
         )
