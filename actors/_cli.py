@@ -313,8 +313,6 @@ def _node(args: argparse.Namespace) -> int:
         decomp.check_halo(get_model(job.model).halo * (job.depth or 1))
     except GridError as exc:
         raise CliError(f"{exc} (the topology {args.topology}, --size {job.size})") from None
-    if COORDINATOR not in topology:
-        _check_out(args.out)
     security = None
     if args.keys is None and topology.node(node_id).public_key is not None:
         # A keyed topology means a secure cluster: never fall back to plaintext.
@@ -329,6 +327,8 @@ def _node(args: argparse.Namespace) -> int:
             security = load_security(topology, node_id, args.keys)
         except (ValueError, OSError) as exc:
             raise CliError(_one_line(exc)) from None
+    if COORDINATOR not in topology:
+        _check_out(args.out)
     if os.environ.get(PARENT_ENV):
         # A Ctrl-C at the terminal reaches the whole process group; the
         # coordinator answers it and stops this process.
