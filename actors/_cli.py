@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+#: ``CELLMESH_DEBUG=1`` does what ``--debug`` does.
+DEBUG_ENV = "CELLMESH_DEBUG"
+
 
 class CliError(Exception):
     """A bad input, or a run that cannot go on; the message says what to do (exit status 2)."""
@@ -294,7 +297,7 @@ def _node(args: argparse.Namespace) -> int:
     from ._models import get_model
 
     topology = _read_topology(args.topology)
-    node_id = args.id or node_id_from_env_or_fail(topology)
+    node_id = args.id or _node_id_from_env(topology)
     if node_id not in topology:
         raise CliError(
             f"--id {node_id!r} is not a node of {args.topology}; "
@@ -337,7 +340,7 @@ def _node(args: argparse.Namespace) -> int:
     return 0
 
 
-def node_id_from_env_or_fail(topology: Topology) -> str:
+def _node_id_from_env(topology: Topology) -> str:
     """This process's node id from its launcher's environment.
 
     Raises:
@@ -394,7 +397,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="cellmesh", description="Reliable neighbour messaging for Trio grid simulations."
     )
-    debug_help = "on an error, show the traceback instead of one line"
+    debug_help = f"on an error, show the traceback instead of one line (or set {DEBUG_ENV}=1)"
     parser.add_argument("--debug", action="store_true", help=debug_help)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -522,12 +525,15 @@ def _report(prog: str, exc: BaseException) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the ``cellmesh`` command line; returns the process exit code."""
     args = _parser().parse_args(argv)
+    if args.debug:
+        # Inherited by the demo's node processes, so that they show theirs too.
+        os.environ[DEBUG_ENV] = "1"
     try:
         code: int = args.run(args)
     except SystemExit:
         raise
     except BaseException as exc:
-        if args.debug:
+        if os.environ.get(DEBUG_ENV) == "1":
             raise
         return _report(f"cellmesh {args.command}", exc)
     return code

@@ -813,11 +813,14 @@ async def _run_demo(
                 with trio.fail_after(timeout):
                     await _follow(board, job, procs, pauses, show, started)
             except trio.TooSlowError:
-                slowest = min(view.frame for view in board.nodes.values())
+                if all(view.started is None for view in board.nodes.values()):
+                    where = "no node had reported a frame yet; they take seconds to start"
+                else:
+                    slowest = min(view.frame for view in board.nodes.values())
+                    where = f"the slowest node was at frame {slowest} of {job.frames}"
                 raise DemoError(
-                    f"the run did not finish within --timeout {timeout:g} s (the slowest "
-                    f"node was at frame {slowest} of {job.frames}); give a larger --timeout, "
-                    "or fewer --frames or a smaller --size"
+                    f"the run did not finish within --timeout {timeout:g} s ({where}); "
+                    "give a larger --timeout, or fewer --frames or a smaller --size"
                 ) from None
             gate = coordinator.statistics().security
     finally:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from actors import Topology
+from actors._cli import DEBUG_ENV
 from actors._demo import COORDINATOR, free_port, grid_topology
 from actors._grid import Decomposition
 from actors._topology import NODE_ID_ENV, RANK_ENV
@@ -36,7 +37,7 @@ def _env() -> dict[str, str]:
     """This environment without the launcher variables `cellmesh node` reads its id
     from (so that a test run under srun or mpiexec still sees "no --id"), in the C
     locale (so the system's error texts are the English ones)."""
-    env = {k: v for k, v in os.environ.items() if k not in (NODE_ID_ENV, *RANK_ENV)}
+    env = {k: v for k, v in os.environ.items() if k not in (NODE_ID_ENV, *RANK_ENV, DEBUG_ENV)}
     return {**env, "LC_ALL": "C"}
 
 
