@@ -84,6 +84,19 @@ _NON_NEGATIVE = _number("a number >= 0", lambda x: 0 <= x < math.inf)
 _POSITIVE = _number("a number of seconds > 0", lambda x: 0 < x <= math.inf)
 
 
+def _bind(text: str) -> str:
+    """An argparse type: an endpoint to bind, ``tcp://HOST:PORT`` or ``ipc://PATH``.
+
+    Only its shape: the node's bind names what else is wrong with it.
+    """
+    transport, sep, address = text.partition("://")
+    if not sep or not transport or not address:
+        raise argparse.ArgumentTypeError(
+            f"wants an endpoint such as tcp://ib0:5601 or ipc:///tmp/n1.sock, got {text!r}"
+        )
+    return text
+
+
 def _pause(text: str) -> object:
     """An argparse type: ``NODE@FRAME:SECONDS`` (:class:`Pause`)."""
     from ._demo import Pause
@@ -430,7 +443,9 @@ def _parser() -> argparse.ArgumentParser:
         "--out", default="out", help="without a coordinator: where to save this node's tile"
     )
     node.add_argument(
-        "--bind", help="bind here instead of the topology's endpoint (e.g. tcp://ib0:5601)"
+        "--bind",
+        type=_bind,
+        help="bind here instead of the topology's endpoint (e.g. tcp://ib0:5601)",
     )
     node.add_argument(
         "--keys",

@@ -107,7 +107,9 @@ class Job:
 
         Raises:
             DemoError: a value out of range, an unknown model, a pattern file
-                that is missing, not Life RLE or larger than the grid.
+                that is missing, not Life RLE or larger than the grid. (The
+                halo depth is the tiles' business: :func:`run_demo` and
+                :class:`DeepTile` check it.)
         """
         try:
             model = get_model(self.model)
@@ -118,8 +120,6 @@ class Job:
             raise DemoError(f"the grid size must be >= 1 cell, got {self.size}")
         if self.frames < 0:
             raise DemoError(f"frames must be >= 0, got {self.frames}")
-        if self.depth is not None and self.depth < 1:
-            raise DemoError(f"halo depth must be >= 1 frame, got {self.depth}")
         if not self.linger >= 0:
             raise DemoError(f"linger must be >= 0 seconds, got {self.linger}")
         if self.pattern is None:
@@ -703,22 +703,23 @@ async def run_demo(
         The outcome; ``match`` says whether it equals the serial run.
 
     Raises:
-        DemoError: a bad input (checked before any process starts), a node
-            process that exited early, or the run outlasting ``timeout``.
+        GridError: ``nodes`` cannot tile the grid, or its tiles are narrower
+            than the halo (checked before any process starts).
+        DemoError: another bad input (checked before any process starts), a
+            node process that exited early, or the run outlasting ``timeout``.
     """
     # Every input is checked before the first process starts: a bad one
     # fails here once, not in every node process.
     job.check()
     model = get_model(job.model)
-    try:
-        names = Decomposition.for_nodes((job.size, job.size), nodes).node_ids()
-        decomp = Decomposition.for_nodes((job.size, job.size), nodes, names=list(names))
-    except GridError as exc:
-        raise DemoError(str(exc)) from None
+    names = Decomposition.for_nodes((job.size, job.size), nodes).node_ids()
+    decomp = Decomposition.for_nodes((job.size, job.size), nodes, names=list(names))
+    if job.depth is not None and job.depth < 1:
+        raise GridError(f"halo depth must be >= 1 frame, got {job.depth}")
     try:
         decomp.check_halo(model.halo * (job.depth or 1))
     except GridError as exc:
-        raise DemoError(f"{exc} (--depth {job.depth} frames)") from None
+        raise GridError(f"{exc} (--depth {job.depth} frames)") from None
     for pause in pauses:
         if pause.node not in names:
             raise DemoError(f"--pause names {pause.node!r}; the tiles are {', '.join(names)}")

@@ -126,6 +126,10 @@ BAD_INPUT = {
         ["node", "--topology", "{two}", "--id", "t0-0", "--keys", "nokeys"],
         "no such secret key file",
     ),
+    "bind not an endpoint": (
+        ["node", "--topology", "{two}", "--id", "t0-0", "--bind", "5601"],
+        "--bind",
+    ),
     "no topology": (["node", "--id", "t0-0"], "--topology"),
     "nodes 0": (["demo", "--nodes", "0"], "--nodes"),
     "frames -1": (["demo", "--frames", "-1"], "--frames"),
