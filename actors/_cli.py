@@ -1,13 +1,110 @@
-"""The ``cellmesh`` command line: ``demo``, ``node`` and ``keys``."""
+"""The ``cellmesh`` command line: ``demo``, ``node`` and ``keys``.
+
+Exit status: 0 done (for ``demo``: the result equals the serial run), 1 the
+demo's result differs, 2 a bad input or a run that cannot go on, 130 Ctrl-C,
+143 SIGTERM. Every error is one line on stderr, ``cellmesh CMD: error: ...``,
+that says what was wrong and what to do; ``--debug`` shows the traceback.
+Inputs are checked before any node starts or any process is spawned.
+"""
 
 from __future__ import annotations
 
 import argparse
+import functools
+import math
 import os
+import signal
 import sys
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 import trio
+
+if TYPE_CHECKING:
+    from ._demo import Job
+    from ._topology import Topology
+
+T = TypeVar("T")
+
+#: ``CELLMESH_DEBUG=1`` does what ``--debug`` does.
+DEBUG_ENV = "CELLMESH_DEBUG"
+
+
+class CliError(Exception):
+    """A bad input, or a run that cannot go on; the message says what to do (exit status 2)."""
+
+
+class _Terminated(Exception):
+    """SIGTERM ended the run (exit status 143)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its error as the same one line as every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
+def _whole(low: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"wants a whole number >= {low}, got {text!r}"
+            ) from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _number(wants: str, ok: Callable[[float], bool]) -> Callable[[str], float]:
+    """An argparse type: a number for which ``ok`` holds (never NaN)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        # NaN fails every comparison in `ok`.
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"wants {wants}, got {text!r}")
+        return value
+
+    return parse
+
+
+_PROBABILITY = _number("a probability in [0, 1)", lambda p: 0 <= p < 1)
+_NON_NEGATIVE = _number("a number >= 0", lambda x: 0 <= x < math.inf)
+_POSITIVE = _number("a number of seconds > 0", lambda x: 0 < x <= math.inf)
+
+
+def _bind(text: str) -> str:
+    """An argparse type: an endpoint to bind, ``tcp://HOST:PORT`` or ``ipc://PATH``.
+
+    Only its shape: the node's bind names what else is wrong with it.
+    """
+    transport, sep, address = text.partition("://")
+    if not sep or not transport or not address:
+        raise argparse.ArgumentTypeError(
+            f"wants an endpoint such as tcp://ib0:5601 or ipc:///tmp/n1.sock, got {text!r}"
+        )
+    return text
+
+
+def _pause(text: str) -> object:
+    """An argparse type: ``NODE@FRAME:SECONDS`` (:class:`Pause`)."""
+    from ._demo import Pause
+
+    try:
+        return Pause.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--pause ")) from None
 
 
 def _job_options(parser: argparse.ArgumentParser, *, size: int, frames: int) -> None:
@@ -17,50 +114,50 @@ def _job_options(parser: argparse.ArgumentParser, *, size: int, frames: int) -> 
         default="life",
         help="Conway's Life (uint8) or heat diffusion (float64)",
     )
-    parser.add_argument("--size", type=int, default=size, help="grid is SIZE x SIZE cells")
-    parser.add_argument("--frames", type=int, default=frames, help="frames to step")
-    parser.add_argument("--seed", type=int, default=1, help="seeds the start and the faults")
+    parser.add_argument("--size", type=_whole(1), default=size, help="grid is SIZE x SIZE cells")
+    parser.add_argument("--frames", type=_whole(0), default=frames, help="frames to step")
+    parser.add_argument("--seed", type=_whole(0), default=1, help="seeds the start and the faults")
     parser.add_argument(
         "--pattern", metavar="FILE", help="a Life pattern in RLE format, placed at the centre"
     )
     parser.add_argument(
         "--drop",
-        type=float,
+        type=_PROBABILITY,
         default=0.0,
         metavar="P",
         help="drop each message on the wire with probability P",
     )
     parser.add_argument(
         "--dup",
-        type=float,
+        type=_PROBABILITY,
         default=0.0,
         metavar="P",
         help="duplicate each message with probability P",
     )
     parser.add_argument(
         "--delay",
-        type=float,
+        type=_NON_NEGATIVE,
         default=0.0,
         metavar="MS",
         help="delay each message by up to MS milliseconds (reorders)",
     )
     parser.add_argument(
         "--linger",
-        type=float,
+        type=_NON_NEGATIVE,
         default=10.0,
         metavar="SECONDS",
         help="after its last frame a node keeps answering its peers this long",
     )
     parser.add_argument(
         "--depth",
-        type=int,
+        type=_whole(1),
         default=None,
         metavar="FRAMES",
         help="frames per halo exchange (halos that many frames deep; default: by tile size)",
     )
     parser.add_argument(
         "--report-at",
-        type=int,
+        type=_whole(0),
         action="append",
         default=[],
         metavar="FRAME",
@@ -69,7 +166,7 @@ def _job_options(parser: argparse.ArgumentParser, *, size: int, frames: int) -> 
     )
 
 
-def _job(args: argparse.Namespace) -> object:
+def _job(args: argparse.Namespace) -> Job:
     from ._demo import Job
 
     return Job(
@@ -87,18 +184,62 @@ def _job(args: argparse.Namespace) -> object:
     )
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from ._demo import Job, Pause, outcome_json, run_demo
+def _run_trio(fn: Callable[[], Awaitable[T]]) -> T:
+    """``trio.run(fn)``, which SIGTERM (and, in a demo's tile, the coordinator's end) cancels.
 
-    job = _job(args)
-    assert isinstance(job, Job)
-    pauses = [Pause.parse(p) for p in args.pause]
-    outcome = trio.run(
-        lambda: run_demo(
-            job,
+    Cancelled, not killed: every ``finally`` runs, so the demo's coordinator
+    stops its node processes whichever way it ends.
+
+    Raises:
+        _Terminated: SIGTERM.
+        CliError: this is a demo's tile process and the coordinator is gone.
+    """
+    from ._demo import PARENT_ENV
+
+    stopped: list[Exception] = []
+    result: list[T] = []
+
+    async def on_sigterm(scope: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM) as signals:
+            async for _ in signals:
+                stopped.append(_Terminated())
+                scope.cancel()
+                return
+
+    async def on_orphaned(scope: trio.CancelScope, parent: str) -> None:
+        # The coordinator holds our stdin's pipe open while it lives; its end
+        # (even by SIGKILL, which no finally sees) closes it, and we stop.
+        async with trio.lowlevel.FdStream(os.dup(sys.stdin.fileno())) as stdin:
+            while await stdin.receive_some():
+                pass
+        stopped.append(CliError(f"the demo coordinator (pid {parent}) is gone; stopping"))
+        scope.cancel()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(on_sigterm, nursery.cancel_scope)
+            parent = os.environ.get(PARENT_ENV)
+            if parent:
+                nursery.start_soon(on_orphaned, nursery.cancel_scope, parent)
+            result.append(await fn())
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    if stopped:
+        raise stopped[0]
+    return result[0]
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from ._demo import outcome_json, run_demo
+
+    outcome = _run_trio(
+        functools.partial(
+            run_demo,
+            _job(args),
             nodes=args.nodes,
             out=Path(args.out),
-            pauses=pauses,
+            pauses=args.pause,
             show=not args.json,
             timeout=args.timeout,
             secure=args.secure,
@@ -136,88 +277,149 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if outcome.match else 1
 
 
-def _node(args: argparse.Namespace) -> int:
-    from ._demo import Job, run_tile
-    from ._topology import Topology, node_id_from_env
+def _read_topology(path: str) -> Topology:
+    """Read ``--topology``; a missing or unreadable file is a :class:`CliError`."""
+    from ._topology import Topology
 
-    topology = Topology.load(args.topology)
-    node_id = args.id or node_id_from_env(topology=topology)
-    if node_id is None:
-        print(
-            "cellmesh node: give --id, or run under a launcher that sets a rank "
-            "(CELLMESH_NODE_ID, SLURM_PROCID, PMI_RANK, PMIX_RANK, OMPI_COMM_WORLD_RANK)",
-            file=sys.stderr,
+    try:
+        return Topology.load(path)
+    except OSError as exc:
+        raise CliError(
+            f"cannot read the topology {path}: {exc.strerror}; give the path of a topology "
+            "TOML file (cellmesh demo writes one as OUT/topology.toml)"
+        ) from None
+
+
+def _check_out(out: str) -> None:
+    """Make the folder ``out`` now, so a bad one fails before the run, not after it."""
+    try:
+        os.makedirs(out, exist_ok=True)
+    except FileExistsError:
+        raise CliError(f"{out} is a file; give --out a folder") from None
+    except OSError as exc:
+        raise CliError(
+            f"cannot make the folder {out}: {exc.strerror}; give --out a folder you can write"
+        ) from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise CliError(f"cannot write into {out}; give --out a folder you can write")
+
+
+def _node(args: argparse.Namespace) -> int:
+    from ._demo import COORDINATOR, PARENT_ENV, run_tile, tile_decomposition
+    from ._grid import GridError
+    from ._models import get_model
+
+    topology = _read_topology(args.topology)
+    node_id = args.id or _node_id_from_env(topology)
+    if node_id not in topology:
+        raise CliError(
+            f"--id {node_id!r} is not a node of {args.topology}; "
+            f"give one of {', '.join(topology.ids)}"
         )
-        return 2
+    if node_id == COORDINATOR:
+        tiles = ", ".join(n for n in topology.ids if n != COORDINATOR)
+        raise CliError(
+            f"--id {COORDINATOR} is the demo's coordinator, which cellmesh demo runs itself; "
+            f"give a tile's id: {tiles}"
+        )
     job = _job(args)
-    assert isinstance(job, Job)
+    job.check()
+    try:
+        decomp = tile_decomposition(topology, job.size)
+        decomp.check_halo(get_model(job.model).halo * (job.depth or 1))
+    except GridError as exc:
+        raise CliError(f"{exc} (the topology {args.topology}, --size {job.size})") from None
     security = None
     if args.keys is None and topology.node(node_id).public_key is not None:
         # A keyed topology means a secure cluster: never fall back to plaintext.
-        print(
-            f"cellmesh node: the topology lists a public key for {node_id!r}; "
-            "give --keys DIR (the folder with its .key_secret file)",
-            file=sys.stderr,
+        raise CliError(
+            f"the topology lists a public key for {node_id!r}; "
+            "give --keys DIR (the folder with its .key_secret file)"
         )
-        return 2
     if args.keys is not None:
         from ._security import load_security
 
         try:
             security = load_security(topology, node_id, args.keys)
-        except ValueError as exc:
-            print(f"cellmesh node: {exc}", file=sys.stderr)
-            return 2
-    trio.run(run_tile, topology, node_id, job, args.out, args.bind, security)
+        except (ValueError, OSError) as exc:
+            raise CliError(_one_line(exc)) from None
+    if COORDINATOR not in topology:
+        _check_out(args.out)
+    if os.environ.get(PARENT_ENV):
+        # A Ctrl-C at the terminal reaches the whole process group; the
+        # coordinator answers it and stops this process.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _run_trio(functools.partial(run_tile, topology, node_id, job, args.out, args.bind, security))
     return 0
+
+
+def _node_id_from_env(topology: Topology) -> str:
+    """This process's node id from its launcher's environment.
+
+    Raises:
+        CliError: no launcher variable is set.
+        TopologyError: a variable names no node of ``topology``.
+    """
+    from ._topology import node_id_from_env
+
+    node_id = node_id_from_env(topology=topology)
+    if node_id is None:
+        raise CliError(
+            "give --id, or run under a launcher that sets a rank "
+            "(CELLMESH_NODE_ID, SLURM_PROCID, PMI_RANK, PMIX_RANK, OMPI_COMM_WORLD_RANK)"
+        )
+    return node_id
 
 
 def _keys(args: argparse.Namespace) -> int:
     from transport import KeyFileError, generate_key_pair, write_key_pair
 
-    from ._topology import Topology, TopologyError
+    from ._topology import TopologyError
 
-    try:
-        topology = Topology.load(args.topology) if args.topology else None
-    except (OSError, TopologyError) as exc:
-        print(f"cellmesh keys: {exc}", file=sys.stderr)
-        return 2
+    topology = _read_topology(args.topology) if args.topology else None
     names: list[str] = list(args.nodes) or (list(topology.ids) if topology else [])
     if not names:
-        print("cellmesh keys: name the nodes, or give --topology", file=sys.stderr)
-        return 2
+        raise CliError("name the nodes, or give --topology")
+    if topology is not None:
+        for name in names:
+            topology.node(name)
     # Owner-only folder: it holds secret keys.
-    os.makedirs(args.dir, mode=0o700, exist_ok=True)
+    try:
+        os.makedirs(args.dir, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise CliError(
+            f"cannot make the key folder {args.dir}: {exc.strerror}; give --dir a folder "
+            "you can write"
+        ) from None
     made: dict[str, str] = {}
     try:
         for name in names:
-            if topology is not None:
-                topology.node(name)
             pair = generate_key_pair()
             _, secret = write_key_pair(args.dir, name, pair, overwrite=args.force)
             made[name] = pair.public
             print(f"{name}: public key {pair.public}  (secret in {secret})")
     except (FileExistsError, KeyFileError, TopologyError) as exc:
-        print(f"cellmesh keys: {exc} (nothing overwritten; --force replaces keys)", file=sys.stderr)
-        return 2
+        raise CliError(f"{exc} (nothing overwritten; --force replaces keys)") from None
     if topology is not None:
         topology.with_public_keys(made).save(args.topology)
         print(f"wrote the public keys into {args.topology}")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the ``cellmesh`` command line; returns the process exit code."""
-    parser = argparse.ArgumentParser(
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(
         prog="cellmesh", description="Reliable neighbour messaging for Trio grid simulations."
     )
+    debug_help = f"on an error, show the traceback instead of one line (or set {DEBUG_ENV}=1)"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="run a grid simulation over several local node processes")
-    demo.add_argument("--nodes", type=int, default=4, help="tile processes (default 4 = 2x2)")
+    demo.add_argument("--nodes", type=_whole(1), default=4, help="tile processes (default 4 = 2x2)")
     _job_options(demo, size=1024, frames=300)
     demo.add_argument(
         "--pause",
+        type=_pause,
         action="append",
         default=[],
         metavar="NODE@FRAME:SECONDS",
@@ -225,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     demo.add_argument("--out", default="out", help="folder for pictures and the topology")
     demo.add_argument("--json", action="store_true", help="print a JSON summary, no live view")
-    demo.add_argument("--timeout", type=float, default=600.0, help="give up after SECONDS")
+    demo.add_argument("--timeout", type=_POSITIVE, default=600.0, help="give up after SECONDS")
     demo.add_argument(
         "--secure",
         action="store_true",
@@ -241,7 +443,9 @@ def main(argv: list[str] | None = None) -> int:
         "--out", default="out", help="without a coordinator: where to save this node's tile"
     )
     node.add_argument(
-        "--bind", help="bind here instead of the topology's endpoint (e.g. tcp://ib0:5601)"
+        "--bind",
+        type=_bind,
+        help="bind here instead of the topology's endpoint (e.g. tcp://ib0:5601)",
     )
     node.add_argument(
         "--keys",
@@ -262,8 +466,91 @@ def main(argv: list[str] | None = None) -> int:
     keys.add_argument("--force", action="store_true", help="replace existing key files")
     keys.set_defaults(run=_keys)
 
-    args = parser.parse_args(argv)
-    code: int = args.run(args)
+    for command in (demo, node, keys):
+        # Also after the command; SUPPRESS keeps the subcommand from resetting
+        # a --debug given before it.
+        command.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help
+        )
+    return parser
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    """The exceptions inside ``exc``'s (nested) exception groups, or ``exc`` itself."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
+
+
+def _one_line(exc: BaseException) -> str:
+    """``exc`` as one line of text."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror}"
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _expected() -> tuple[type[BaseException], ...]:
+    """The errors that are bad input or the environment, not a bug: one line, status 2."""
+    from transport import KeyFileError, LocalProtocolError
+
+    from ._demo import DemoError
+    from ._errors import BindError
+    from ._grid import GridError
+    from ._models import RleError
+    from ._topology import TopologyError
+
+    return (
+        CliError,
+        DemoError,
+        BindError,
+        TopologyError,
+        GridError,
+        RleError,
+        KeyFileError,
+        LocalProtocolError,
+        OSError,
+    )
+
+
+def _report(prog: str, exc: BaseException) -> int:
+    """Say ``exc`` in one line on stderr; returns the exit status."""
+    leaves = list(_leaves(exc))
+    if any(isinstance(e, KeyboardInterrupt) for e in leaves):
+        print(f"{prog}: interrupted (Ctrl-C); stopped", file=sys.stderr)
+        return 130
+    if any(isinstance(e, _Terminated) for e in leaves):
+        print(f"{prog}: terminated (SIGTERM); stopped", file=sys.stderr)
+        return 143
+    expected = _expected()
+    for e in leaves:
+        if isinstance(e, expected):
+            print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+            return 2
+    first = leaves[0]
+    print(
+        f"{prog}: error: {type(first).__name__}: {_one_line(first)} "
+        "(unexpected; rerun with --debug for the traceback, and report it)",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``cellmesh`` command line; returns the process exit code."""
+    args = _parser().parse_args(argv)
+    if args.debug:
+        # Inherited by the demo's node processes, so that they show theirs too.
+        os.environ[DEBUG_ENV] = "1"
+    try:
+        code: int = args.run(args)
+    except SystemExit:
+        raise
+    except BaseException as exc:
+        if os.environ.get(DEBUG_ENV) == "1":
+            raise
+        return _report(f"cellmesh {args.command}", exc)
     return code
 
 

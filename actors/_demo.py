@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import socket
@@ -32,18 +33,32 @@ import numpy as np
 import numpy.typing as npt
 import trio
 
-from transport import FaultPlan, Security, SenderConfig, generate_key_pair, write_key_pair
+from transport import (
+    FaultPlan,
+    LocalProtocolError,
+    Security,
+    SenderConfig,
+    generate_key_pair,
+    write_key_pair,
+)
 
 from ._actor import Actor
 from ._grid import Decomposition, Direction, GridError, Tile, assemble, interior, pad
 from ._link import SendHandle
-from ._models import Model, get_model, grid_digest, load_rle, place_center, run_serial
+from ._models import Model, RleError, get_model, grid_digest, load_rle, place_center, run_serial
 from ._node import Node, NodeConfig, open_node
 from ._outcomes import Delivery
 from ._security import load_security
 from ._topology import NodeSpec, Topology
 
 COORDINATOR = "coord"
+
+#: Set by the coordinator in each tile process's environment to its own pid:
+#: such a node ignores SIGINT (a Ctrl-C at the terminal reaches the whole
+#: process group; the coordinator alone answers it and stops the tiles) and
+#: stops when its stdin, a pipe from the coordinator, closes: no tile outlives
+#: its demo, even one whose coordinator was SIGKILLed.
+PARENT_ENV = "CELLMESH_DEMO_PARENT"
 
 #: Seconds between a tile node's progress reports.
 _REPORT_EVERY = 0.1
@@ -61,6 +76,10 @@ _CELLS_PER_DEPTH = 32
 _CHILD_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "100000000", "MALLOC_TRIM_THRESHOLD_": "1000000000"}
 
 Grid = npt.NDArray[Any]
+
+
+class DemoError(Exception):
+    """A demo or tile run cannot start, or did not finish; the message says why and what to do."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +101,50 @@ class Job:
     #: second: ``cellmesh demo`` passes its ``--pause`` frames, so that a
     #: pause lands near its frame even in a run shorter than a report interval.
     report_at: tuple[int, ...] = ()
+
+    def check(self) -> None:
+        """Check the job, and read its pattern file, before any process starts.
+
+        Raises:
+            DemoError: a value out of range, an unknown model, a pattern file
+                that is missing, not Life RLE or larger than the grid. (The
+                halo depth is the tiles' business: :func:`run_demo` and
+                :class:`DeepTile` check it.)
+        """
+        try:
+            model = get_model(self.model)
+            self.fault_plan(0)
+        except (ValueError, LocalProtocolError) as exc:
+            raise DemoError(str(exc)) from None
+        if self.size < 1:
+            raise DemoError(f"the grid size must be >= 1 cell, got {self.size}")
+        if self.frames < 0:
+            raise DemoError(f"frames must be >= 0, got {self.frames}")
+        if not self.linger >= 0:
+            raise DemoError(f"linger must be >= 0 seconds, got {self.linger}")
+        if self.pattern is None:
+            return
+        if model.name != "life":
+            raise DemoError("--pattern is a Life pattern; use it with --model life")
+        try:
+            pattern = load_rle(self.pattern)
+        except OSError as exc:
+            raise DemoError(
+                f"cannot read the pattern {self.pattern}: {exc.strerror}; "
+                "give the path of a Life RLE file"
+            ) from None
+        except UnicodeDecodeError:
+            raise DemoError(
+                f"the pattern {self.pattern} is not text; give a Life RLE file"
+            ) from None
+        except RleError as exc:
+            raise DemoError(f"{exc}; give a Life RLE file (x = W, y = H, rule = B3/S23)") from None
+        rows, cols = pattern.shape
+        if rows > self.size or cols > self.size:
+            raise DemoError(
+                f"the pattern {self.pattern} is {rows}x{cols} cells, larger than the "
+                f"{self.size}x{self.size} grid; give --size {max(rows, cols)} or more"
+            )
 
     def fault_plan(self, salt: int) -> FaultPlan:
         """The seeded wire faults of one process."""
@@ -527,14 +590,18 @@ class Pause:
         Raises:
             ValueError: the text does not have that form.
         """
+        node, _, rest = text.partition("@")
+        frame_text, _, seconds_text = rest.partition(":")
         try:
-            node, rest = text.split("@", 1)
-            frame, seconds = rest.split(":", 1)
-            return cls(node, int(frame), float(seconds))
+            frame, seconds = int(frame_text), float(seconds_text)
         except ValueError:
+            frame, seconds = -1, math.nan
+        if not node or frame < 0 or not 0 <= seconds < math.inf:
             raise ValueError(
-                f"--pause wants NODE@FRAME:SECONDS, e.g. t0-1@50:3, got {text!r}"
-            ) from None
+                "--pause wants NODE@FRAME:SECONDS with FRAME >= 0 and SECONDS >= 0, "
+                f"e.g. t0-1@50:3, got {text!r}"
+            )
+        return cls(node, frame, seconds)
 
 
 def free_port() -> int:
@@ -634,15 +701,40 @@ async def run_demo(
 
     Returns:
         The outcome; ``match`` says whether it equals the serial run.
+
+    Raises:
+        GridError: ``nodes`` cannot tile the grid, or its tiles are narrower
+            than the halo (checked before any process starts).
+        DemoError: another bad input (checked before any process starts), a
+            node process that exited early, or the run outlasting ``timeout``.
     """
-    await trio.Path(out).mkdir(parents=True, exist_ok=True)
+    # Every input is checked before the first process starts: a bad one
+    # fails here once, not in every node process.
+    job.check()
     model = get_model(job.model)
     names = Decomposition.for_nodes((job.size, job.size), nodes).node_ids()
     decomp = Decomposition.for_nodes((job.size, job.size), nodes, names=list(names))
     if job.depth is not None and job.depth < 1:
         raise GridError(f"halo depth must be >= 1 frame, got {job.depth}")
-    # A depth the tiles cannot take fails here, not in every node process.
-    decomp.check_halo(model.halo * (job.depth or 1))
+    try:
+        decomp.check_halo(model.halo * (job.depth or 1))
+    except GridError as exc:
+        raise GridError(f"{exc} (--depth {job.depth} frames)") from None
+    for pause in pauses:
+        if pause.node not in names:
+            raise DemoError(f"--pause names {pause.node!r}; the tiles are {', '.join(names)}")
+    if not timeout > 0:
+        raise DemoError(f"the timeout must be > 0 seconds, got {timeout}")
+    try:
+        await trio.Path(out).mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise DemoError(f"{out} is a file; give --out a folder") from None
+    except OSError as exc:
+        raise DemoError(
+            f"cannot make the folder {out}: {exc.strerror}; give --out a folder you can write"
+        ) from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise DemoError(f"cannot write into {out}; give --out a folder you can write")
     ports: set[int] = set()
     while len(ports) < len(names) + 1:
         ports.add(free_port())
@@ -650,9 +742,6 @@ async def run_demo(
         name: f"tcp://127.0.0.1:{port}"
         for name, port in zip([*names, COORDINATOR], sorted(ports), strict=True)
     }
-    for pause in pauses:
-        if pause.node not in names:
-            raise ValueError(f"--pause names {pause.node!r}; the tiles are {', '.join(names)}")
     topology = grid_topology(decomp, endpoints)
     # mkdtemp makes the folder 0700; the secret files are 0600.
     keys: contextlib.AbstractContextManager[str | None] = (
@@ -716,10 +805,24 @@ async def _run_demo(
                 if keys_dir is not None:
                     cmd += ["--keys", keys_dir]
                 procs[name] = await trio.lowlevel.open_process(
-                    cmd, stdin=subprocess.DEVNULL, env={**os.environ, **_CHILD_MALLOC_ENV}
+                    cmd,
+                    # Held open while we live: its end tells the tile we are gone.
+                    stdin=subprocess.PIPE,
+                    env={**os.environ, **_CHILD_MALLOC_ENV, PARENT_ENV: str(os.getpid())},
                 )
-            with trio.fail_after(timeout):
-                await _follow(board, job, procs, pauses, show, started)
+            try:
+                with trio.fail_after(timeout):
+                    await _follow(board, job, procs, pauses, show, started)
+            except trio.TooSlowError:
+                if all(view.started is None for view in board.nodes.values()):
+                    where = "no node had reported a frame yet; they take seconds to start"
+                else:
+                    slowest = min(view.frame for view in board.nodes.values())
+                    where = f"the slowest node was at frame {slowest} of {job.frames}"
+                raise DemoError(
+                    f"the run did not finish within --timeout {timeout:g} s ({where}); "
+                    "give a larger --timeout, or fewer --frames or a smaller --size"
+                ) from None
             gate = coordinator.statistics().security
     finally:
         with trio.CancelScope(shield=True):
@@ -728,6 +831,8 @@ async def _run_demo(
                     proc.send_signal(signal.SIGCONT)
                     proc.kill()
                 await proc.wait()
+                if proc.stdin is not None:
+                    await proc.stdin.aclose()
     seconds = time.perf_counter() - started
 
     parts: dict[Tile, Grid] = {}
@@ -809,7 +914,10 @@ async def _follow(
                 for name, proc in procs.items():
                     code = proc.poll()
                     if code is not None and name not in board.results:
-                        raise RuntimeError(f"node {name} exited with code {code} before finishing")
+                        raise DemoError(
+                            f"node {name} exited with code {code} before finishing "
+                            "(its own error is printed above)"
+                        )
                 if live is not None:
                     live.update(_render(board, job, started))
                 # Wake on every report, so a pause lands near its frame.

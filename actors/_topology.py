@@ -292,10 +292,16 @@ class Topology:
 
         Raises:
             OSError: the file cannot be read.
-            TopologyError: invalid TOML or an invalid topology; the message
-                names the file and the entry.
+            TopologyError: not UTF-8 text, invalid TOML or an invalid topology;
+                the message names the file and the entry.
         """
-        return cls.loads(Path(path).read_text(encoding="utf-8"), source=os.fspath(path))
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise TopologyError(
+                f"{os.fspath(path)}: not a TOML text file (byte {exc.start} is not UTF-8)"
+            ) from None
+        return cls.loads(text, source=os.fspath(path))
 
     def dumps(self) -> str:
         """This topology as TOML text that :meth:`loads` reads back to an equal value."""
