@@ -61,6 +61,7 @@ from transport import (
 )
 
 from ._actor import Actor
+from ._errors import NodeClosed
 from ._outcomes import Ack, DeliveryFailed, PeerError
 
 #: Incoming ZeroMQ messages handled per wake before the owner task yields,
@@ -282,9 +283,12 @@ class LinkState:
         limits: Limits,
         seed: int,
     ) -> None:
+        self.node = node
         self.peer = peer
         self.endpoint = endpoint
         self.limits = limits
+        #: Set once by :meth:`close`, when the node's block ends; never cleared.
+        self.closed = False
         rng = random.Random(f"{seed}:{node}->{peer}")
         self.core = LinkSender(
             node, incarnation, peer, now=trio.current_time(), rng=rng.random, config=config
@@ -488,9 +492,27 @@ class LinkState:
         return handle
 
     async def wait_window(self) -> None:
-        """Wait until the core accepts a new message."""
+        """Wait until the core accepts a new message; NodeClosed once the node closed."""
         while not self.core.window_open():
+            if self.closed:
+                raise NodeClosed(self.node)
             await self.window.park()
+        if self.closed:
+            raise NodeClosed(self.node)
+
+    def close(self) -> None:
+        """The node is closing: every unanswered send ends now, and so does every wait.
+
+        Nobody will poll the core again, so a handle left pending would wait
+        forever, whatever its deadline: it ends with DeliveryFailed, and a
+        task parked for the window wakes to NodeClosed.
+        """
+        self.closed = True
+        for handle in self.handles.values():
+            if not handle.done:
+                handle._give_up("the sending node shut down")
+        self.handles.clear()
+        self.window.unpark_all()
 
     def statistics(self) -> LinkStatistics:
         """A snapshot of this link."""
