@@ -183,3 +183,24 @@ async def test_a_busy_port_names_the_endpoint() -> None:
             assert "receiver" not in str(caught.value)
             # The first node is unharmed.
             assert not first.closed
+
+
+async def test_a_timeout_holds_while_the_link_restarts(autojump_clock: trio.abc.Clock) -> None:
+    # Crashes in a row grow the supervisor's restart backoff (0.05 s, doubling):
+    # for a while no owner task runs the link's timers.
+    async with open_test_network() as net:
+        await net.start_node("b", peers={"a": None})
+        a = await net.start_node("a", peers=["b"])
+        net.partition(["a"], ["b"])
+        handle = a.send_nowait("b", b"waits through the crashes", timeout=1)
+        link = a.supervisor.actor("link:b")
+        for _ in range(6):
+            link.send_nowait("crash")
+            await trio.lowlevel.checkpoint()
+        t0 = trio.current_time()
+        with pytest.raises(DeliveryFailed, match="deadline passed"):
+            await a.send("b", b"x", timeout=1)
+        assert trio.current_time() == t0 + 1
+        with pytest.raises(DeliveryFailed, match="deadline passed"):
+            await handle.wait()
+        assert a.supervisor.actor("link:b").statistics().restarts >= 3
