@@ -15,6 +15,7 @@ restarted actor resumes its link's pending messages instead of losing them.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -43,7 +44,7 @@ from transport import (
 )
 
 from ._actor import Actor, ActorRef
-from ._errors import ActorCrashed, BindError, NodeClosed
+from ._errors import ActorCrashed, BindError, NodeClosed, PeersNotUp
 from ._inbound import InboundState, InboundStatistics, PeerSequencer, Receiver, _Query
 from ._link import BatchHandle, LinkState, LinkStatistics, PeerLink, SendHandle
 from ._outcomes import Ack, DeliveryFailed, PeerError, SendError
@@ -505,15 +506,30 @@ class Node:
         with self._waiting():
             await link.state.wait_value(state)
 
-    async def wait_all_up(self) -> None:
+    async def wait_all_up(self, *, timeout: float | None = None) -> None:
         """Wait until every outgoing link has heard from its peer.
 
+        Args:
+            timeout: seconds to wait; default: no limit.
+
         Raises:
+            PeersNotUp: the timeout passed first; it names the peers still
+                not UP, with their endpoints.
             NodeClosed: the node is closed, or closed while this waited.
+            LocalProtocolError: a timeout that is not > 0.
         """
-        with self._waiting():
+        limit = self._deadline(timeout, None)
+        with self._waiting(), trio.move_on_at(math.inf if limit is None else limit) as scope:
             for link in self._links.values():
                 await link.state.wait_value(PeerState.UP)
+        if scope.cancelled_caught:
+            assert timeout is not None
+            missing: dict[str, str] = {
+                peer: link.endpoint
+                for peer, link in self._links.items()
+                if link.state.value is not PeerState.UP
+            }
+            raise PeersNotUp(self._id, missing, timeout)
 
     def statistics(self) -> NodeStatistics:
         """Counters of every link, of the receiving side and of every stream.

@@ -15,12 +15,13 @@ from actors import (
     Node,
     NodeClosed,
     NodeConfig,
+    PeersNotUp,
     PeerState,
     SenderConfig,
     open_node,
 )
 from actors.testing import Inbox, TestNetwork, open_test_network
-from transport import NodeId
+from transport import LocalProtocolError, NodeId
 
 #: Every public call of a Node, with a timeout wherever it takes one: a closed
 #: node must refuse each at once, long before any timeout.
@@ -31,7 +32,7 @@ CALLS: dict[str, Callable[[Node], Awaitable[Any]]] = {
     "wait_window": lambda n: n.wait_window("b"),
     "query": lambda n: n.query("b", timeout=1),
     "wait_state": lambda n: n.wait_state("b", PeerState.DOWN),
-    "wait_all_up": lambda n: n.wait_all_up(),
+    "wait_all_up": lambda n: n.wait_all_up(timeout=1),
 }
 
 SYNC_CALLS: dict[str, Callable[[Node], object]] = {
@@ -204,3 +205,21 @@ async def test_a_timeout_holds_while_the_link_restarts(autojump_clock: trio.abc.
         with pytest.raises(DeliveryFailed, match="deadline passed"):
             await handle.wait()
         assert a.supervisor.actor("link:b").statistics().restarts >= 3
+
+
+async def test_wait_all_up_names_the_peers_still_missing(autojump_clock: trio.abc.Clock) -> None:
+    async with open_test_network() as net:
+        await net.start_node("b", peers={"a": None})
+        a = await net.start_node("a", peers=["b", "c"])
+        t0 = trio.current_time()
+        with pytest.raises(PeersNotUp) as caught:
+            await a.wait_all_up(timeout=2)
+        assert trio.current_time() == t0 + 2
+        assert caught.value.missing == {"c": net.network.endpoint("c")}
+        assert isinstance(caught.value, trio.TooSlowError)
+        assert "c (mem://c)" in str(caught.value)
+        with pytest.raises(LocalProtocolError, match="timeout must be > 0"):
+            await a.wait_all_up(timeout=0)
+        await net.start_node("c", peers={"a": None})
+        with trio.fail_after(5):
+            await a.wait_all_up(timeout=5)
