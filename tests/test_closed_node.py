@@ -223,3 +223,19 @@ async def test_wait_all_up_names_the_peers_still_missing(autojump_clock: trio.ab
         await net.start_node("c", peers={"a": None})
         with trio.fail_after(5):
             await a.wait_all_up(timeout=5)
+
+
+async def test_the_issues_case_over_real_zeromq() -> None:
+    # Issue 14, point 3: after the block, send(timeout=1) was pending after 4 s.
+    # (The exact "at once" is checked in virtual time above.)
+    with trio.fail_after(10):
+        async with open_node("b", bind="tcp://127.0.0.1:*", peers={"a": None}) as b:
+            async with open_node("a", bind="tcp://127.0.0.1:*", peers={"b": b.endpoint}) as a:
+                await a.wait_all_up(timeout=5)
+            with pytest.raises(NodeClosed, match="node 'a' is closed"):
+                await a.send("b", b"x", timeout=1)
+            with pytest.raises(NodeClosed):
+                a.send_nowait("b", b"x")
+            with pytest.raises(NodeClosed):
+                a.state("b")
+            assert a.statistics().closed
