@@ -110,7 +110,7 @@ class PeersNotUp(ActorError, trio.TooSlowError):
     def __init__(self, node: str, missing: Mapping[str, str], timeout: float) -> None:
         peers = ", ".join(f"{peer} ({endpoint})" for peer, endpoint in missing.items())
         super().__init__(
-            f"node {node!r} heard nothing within {timeout} s from {peers}; "
+            f"node {node!r} waited {timeout} s and these peers are still not up: {peers}; "
             "check that they run and that these endpoints reach them"
         )
         self.node = node
