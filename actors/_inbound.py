@@ -361,7 +361,9 @@ class Receiver(Actor[Any, Any]):
         except zmq.ZMQError as exc:
             sock.close()
             # The endpoint is the caller's: name it, not this actor.
-            raise BindError(endpoint, exc.strerror) from exc
+            # zmq.strerror: pyzmq's own text repeats the address.
+            reason = exc.strerror if exc.errno is None else zmq.strerror(exc.errno)
+            raise BindError(endpoint, reason) from exc
         except BaseException:
             sock.close()
             raise
