@@ -39,6 +39,7 @@ from ._errors import (
     AskTimeout,
     BindError,
     NodeClosed,
+    PeersNotUp,
     SupervisorGaveUp,
 )
 from ._grid import Decomposition, Direction, GridError, Tile, assemble, interior, pad, scatter
@@ -98,6 +99,7 @@ __all__ = [
     "NodeStatistics",
     "PeerError",
     "PeerState",
+    "PeersNotUp",
     "ReceiverConfig",
     "Reject",
     "ReplySink",

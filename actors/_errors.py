@@ -6,6 +6,8 @@ Every way an actor interaction can end badly has its own class, so callers can
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import trio
 
 
@@ -91,6 +93,29 @@ class NodeClosed(ActorError):
     def __init__(self, node: str) -> None:
         super().__init__(f"node {node!r} is closed: its open_node block has ended")
         self.node = node
+
+
+class PeersNotUp(ActorError, trio.TooSlowError):
+    """``wait_all_up``'s timeout passed before every peer was heard from.
+
+    It is a :class:`trio.TooSlowError`, so code written for
+    ``trio.fail_after`` catches it too.
+
+    Attributes:
+        node: the id of the waiting node.
+        missing: peer id -> endpoint, for each peer not UP at the timeout.
+        timeout: the timeout, in seconds.
+    """
+
+    def __init__(self, node: str, missing: Mapping[str, str], timeout: float) -> None:
+        peers = ", ".join(f"{peer} ({endpoint})" for peer, endpoint in missing.items())
+        super().__init__(
+            f"node {node!r} waited {timeout} s and these peers are still not up: {peers}; "
+            "check that they run and that these endpoints reach them"
+        )
+        self.node = node
+        self.missing = dict(missing)
+        self.timeout = timeout
 
 
 class BindError(ActorError):

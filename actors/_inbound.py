@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
+import zmq
 
 from transport import Ack as AckFrame
 from transport import (
@@ -80,7 +81,7 @@ from transport import Err as ErrFrame
 from transport import Gap as GapEvent
 
 from ._actor import Actor, ActorRef
-from ._errors import ActorStopped
+from ._errors import ActorStopped, BindError
 from ._outcomes import Delivery, Gap, Reject, StreamFailedError
 from ._security import SecurityState, watch_handshakes
 
@@ -352,10 +353,17 @@ class Receiver(Actor[Any, Any]):
     async def on_start(self) -> None:
         st = self._state
         sock = self._network.router()
+        # A restart binds the endpoint the peers already know, not a new
+        # wildcard port.
+        endpoint = st.endpoint or st.bind
         try:
-            # A restart binds the endpoint the peers already know, not a new
-            # wildcard port.
-            st.endpoint = sock.bind(st.endpoint or st.bind)
+            st.endpoint = sock.bind(endpoint)
+        except zmq.ZMQError as exc:
+            sock.close()
+            # The endpoint is the caller's: name it, not this actor.
+            # zmq.strerror: pyzmq's own text repeats the address.
+            reason = exc.strerror if exc.errno is None else zmq.strerror(exc.errno)
+            raise BindError(endpoint, reason) from exc
         except BaseException:
             sock.close()
             raise

@@ -61,6 +61,7 @@ from transport import (
 )
 
 from ._actor import Actor
+from ._errors import NodeClosed
 from ._outcomes import Ack, DeliveryFailed, PeerError
 
 #: Incoming ZeroMQ messages handled per wake before the owner task yields,
@@ -78,8 +79,10 @@ class _Handle:
         "_done",
         "_error",
         "_event",
+        "_link",
         "_value",
         "attempts",
+        "deadline",
         "held",
         "peer",
         "sent_at",
@@ -89,13 +92,24 @@ class _Handle:
     )
 
     def __init__(
-        self, peer: NodeId, seq: LinkSeq, stream: StreamId, stream_seq: StreamSeq, sent_at: float
+        self,
+        peer: NodeId,
+        seq: LinkSeq,
+        stream: StreamId,
+        stream_seq: StreamSeq,
+        sent_at: float,
+        deadline: float = math.inf,
+        link: LinkState | None = None,
     ) -> None:
         self.peer = peer
         self.seq = seq
         self.stream = stream
         self.stream_seq = stream_seq
         self.sent_at = sent_at
+        #: When the send gives up (trio time); ``link`` enforces it while no
+        #: owner task runs the link's timers.
+        self.deadline = deadline
+        self._link = link
         self.attempts = 0
         self.held = False
         self._done = False
@@ -115,13 +129,40 @@ class _Handle:
         """Wait until settled; the value, or raise the error."""
         if self._done:
             await trio.lowlevel.checkpoint()
-        else:
-            if self._event is None:
-                self._event = trio.Event()
-            await self._event.wait()
+        while not self._done:
+            link = self._link
+            if link is None or link.socket is not None or link.closed:
+                # The owner task runs the core's timers (or the close
+                # settles every handle): the deadline needs no timer here.
+                await self._sleep()
+                continue
+            # The link's actor is being restarted (after a crash, with the
+            # supervisor's backoff): nobody runs the core's timers, so the
+            # waiter keeps its own deadline. Only here: a cancel scope per
+            # wait cost 17-22 us on the normal path (measured, under load).
+            with trio.move_on_at(self.deadline):
+                await self._sleep()
+            if not self._done and trio.current_time() >= self.deadline:
+                link.expire(trio.current_time())
+                if not self._done:
+                    # The core holds a later deadline than this handle (it
+                    # should not): its timer ends the send, not a busy loop.
+                    await self._sleep()
         if self._error is not None:
             raise self._error
         return self._value
+
+    async def _sleep(self) -> None:
+        """Sleep until settled, or until :meth:`_nudge` (the link's owner left)."""
+        if self._event is None:
+            self._event = trio.Event()
+        await self._event.wait()
+
+    def _nudge(self) -> None:
+        """Wake the waiters to look at the link again, without settling anything."""
+        if self._event is not None:
+            self._event.set()
+            self._event = None
 
     def _give_up(self, reason: str) -> None:
         """End the send with :class:`DeliveryFailed` for ``reason``."""
@@ -184,8 +225,10 @@ class BatchHandle(_Handle):
         stream_seq: StreamSeq,
         sent_at: float,
         count: int,
+        deadline: float = math.inf,
+        link: LinkState | None = None,
     ) -> None:
-        super().__init__(peer, seq, stream, stream_seq, sent_at)
+        super().__init__(peer, seq, stream, stream_seq, sent_at, deadline, link)
         self.count = count
 
     async def wait(self) -> list[Ack | PeerError]:
@@ -282,9 +325,13 @@ class LinkState:
         limits: Limits,
         seed: int,
     ) -> None:
+        self.node = node
         self.peer = peer
         self.endpoint = endpoint
         self.limits = limits
+        self.send_timeout = config.send_timeout
+        #: Set once by :meth:`close`, when the node's block ends; never cleared.
+        self.closed = False
         rng = random.Random(f"{seed}:{node}->{peer}")
         self.core = LinkSender(
             node, incarnation, peer, now=trio.current_time(), rng=rng.random, config=config
@@ -455,7 +502,16 @@ class LinkState:
         check_payload(payload, self.limits)
         now = trio.current_time()
         seq = core.send(stream, payload, now=now, deadline=deadline, frame_no=frame_no)
-        handle = SendHandle(self.peer, seq, stream, core.stream_seq_of(seq), now)
+        handle = SendHandle(
+            self.peer,
+            seq,
+            stream,
+            core.stream_seq_of(seq),
+            now,
+            # Positional: keywords cost about 250 ns more per send (measured).
+            now + self.send_timeout if deadline is None else deadline,
+            self,
+        )
         self.handles[seq] = handle
         if core.peer_version is not None:
             # The peer speaks another protocol version (protocol.md §5.7): the
@@ -488,7 +544,16 @@ class LinkState:
         check_payload(items, self.limits, items=True)
         now = trio.current_time()
         seq = core.send_items(stream, items, now=now, deadline=deadline, frame_no=frame_no)
-        handle = BatchHandle(self.peer, seq, stream, core.stream_seq_of(seq), now, count)
+        handle = BatchHandle(
+            self.peer,
+            seq,
+            stream,
+            core.stream_seq_of(seq),
+            now,
+            count,
+            now + self.send_timeout if deadline is None else deadline,
+            self,
+        )
         self.handles[seq] = handle
         if core.peer_version is not None:
             # The peer speaks another protocol version (protocol.md §5.7): the
@@ -499,9 +564,37 @@ class LinkState:
         return handle
 
     async def wait_window(self) -> None:
-        """Wait until the core accepts a new message."""
+        """Wait until the core accepts a new message; NodeClosed once the node closed."""
         while not self.core.window_open():
+            if self.closed:
+                raise NodeClosed(self.node)
             await self.window.park()
+        if self.closed:
+            raise NodeClosed(self.node)
+
+    def expire(self, now: float) -> None:
+        """Run the core's timers from a waiting task: the owner is away (restarting)."""
+        self.core.poll(now)
+        self.dispatch()
+
+    def owner_left(self) -> None:
+        """The owner task ended: wake every waiting handle to keep its own deadline."""
+        for handle in self.handles.values():
+            handle._nudge()
+
+    def close(self) -> None:
+        """The node is closing: every unanswered send ends now, and so does every wait.
+
+        Nobody will poll the core again, so a handle left pending would wait
+        forever, whatever its deadline: it ends with DeliveryFailed, and a
+        task parked for the window wakes to NodeClosed.
+        """
+        self.closed = True
+        for handle in self.handles.values():
+            if not handle.done:
+                handle._give_up("the sending node shut down")
+        self.handles.clear()
+        self.window.unpark_all()
 
     def statistics(self) -> LinkStatistics:
         """A snapshot of this link."""
@@ -545,6 +638,7 @@ class PeerLink(Actor[Any, Any]):
             st.socket = None
             st.timer = None
             sock.close()
+            st.owner_left()
 
     async def _serve(self, st: LinkState, sock: SocketLike) -> None:
         core = st.core

@@ -15,9 +15,10 @@ restarted actor resumes its link's pending messages instead of losing them.
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +44,7 @@ from transport import (
 )
 
 from ._actor import Actor, ActorRef
+from ._errors import ActorCrashed, BindError, NodeClosed, PeersNotUp
 from ._inbound import InboundState, InboundStatistics, PeerSequencer, Receiver, _Query
 from ._link import BatchHandle, LinkState, LinkStatistics, PeerLink, SendHandle
 from ._outcomes import Ack, DeliveryFailed, PeerError, SendError
@@ -90,9 +92,15 @@ class NodeConfig:
 
 @dataclass(frozen=True, slots=True)
 class NodeStatistics:
-    """A snapshot of a whole node: every link, the receiving side, streams."""
+    """A snapshot of a whole node: every link, the receiving side, streams.
+
+    ``closed`` is True once the node's ``open_node`` block has ended; the
+    counters are then the last ones, and each link's ``state`` is the last
+    state it saw, not a live one.
+    """
 
     node: NodeId
+    closed: bool
     incarnation: Incarnation
     links: dict[NodeId, LinkStatistics]
     inbound: InboundStatistics
@@ -101,7 +109,14 @@ class NodeStatistics:
 
 
 class Node:
-    """A running node; made by :func:`open_node`, valid inside its block."""
+    """A running node; made by :func:`open_node`, valid inside its block.
+
+    Once the block has ended the node is closed, and every call on it raises
+    :class:`NodeClosed` at once (``id``, ``incarnation``, ``endpoint``,
+    ``peers``, ``closed`` and :meth:`statistics` still answer). A call still
+    waiting when the block ends wakes: a send with :class:`DeliveryFailed`
+    ("the sending node shut down"), any other wait with :class:`NodeClosed`.
+    """
 
     def __init__(
         self,
@@ -118,6 +133,9 @@ class Node:
         self._links = links
         self._inbound = inbound
         self._supervisor = supervisor
+        self._closed = False
+        #: The cancel scopes of the calls waiting now (see _waiting).
+        self._waiters: set[trio.CancelScope] = set()
 
     @property
     def id(self) -> NodeId:
@@ -145,7 +163,43 @@ class Node:
         """The node's supervisor, to start more actors beside the node's own."""
         return self._supervisor
 
+    @property
+    def closed(self) -> bool:
+        """Whether the node's ``open_node`` block has ended."""
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise NodeClosed(self._id)
+
+    @contextmanager
+    def _waiting(self) -> Iterator[None]:
+        """Run a wait that the node's close ends, with NodeClosed.
+
+        The waits it guards (peer state, a query's answer) are woken by tasks
+        that stop with the node: without this they would wait forever.
+        """
+        self._check_open()
+        with trio.CancelScope() as scope:
+            self._waiters.add(scope)
+            try:
+                yield
+            finally:
+                self._waiters.discard(scope)
+        # Only _close cancels this scope.
+        if scope.cancelled_caught:
+            raise NodeClosed(self._id)
+
+    def _close(self) -> None:
+        """The block is ending: refuse every new call and wake every waiting one."""
+        self._closed = True
+        for scope in self._waiters:
+            scope.cancel()
+        for link in self._links.values():
+            link.close()
+
     def _link(self, peer: str) -> LinkState:
+        self._check_open()
         link = self._links.get(NodeId(peer))
         if link is None:
             raise LocalProtocolError(
@@ -172,9 +226,18 @@ class Node:
 
     @staticmethod
     async def _wait_window_until(link: LinkState, limit: float) -> None:
-        """Wait for room in the link's window; DeliveryFailed if none comes by ``limit``."""
+        """Wait for room in the link's window; DeliveryFailed if none comes by ``limit``.
+
+        A send still waiting here when the node closes was pending at close,
+        like one waiting for its answer: it ends with the same DeliveryFailed.
+        """
         with trio.move_on_at(limit) as scope:
-            await link.wait_window()
+            try:
+                await link.wait_window()
+            except NodeClosed:
+                raise DeliveryFailed(
+                    peer=link.peer, seq=None, reason="the sending node shut down", held=False
+                ) from None
         if scope.cancelled_caught:
             raise DeliveryFailed(
                 peer=link.peer, seq=None, reason="the link's window stayed full", held=False
@@ -210,6 +273,7 @@ class Node:
         Raises:
             trio.WouldBlock: the link's window is full (too many unanswered
                 messages or no credit from the peer); use :meth:`send`.
+            NodeClosed: the node's block has ended.
             LocalProtocolError: unknown peer, or bad arguments.
         """
         link = self._link(peer)
@@ -221,6 +285,10 @@ class Node:
         ``await node.wait_window(p)`` then ``node.send_nowait(p, ...)`` keeps
         many sends in flight without a task per send (no checkpoint when the
         window is already open).
+
+        Raises:
+            NodeClosed: the node is closed, or closed while this waited.
+            LocalProtocolError: unknown peer.
         """
         await self._link(peer).wait_window()
 
@@ -250,7 +318,9 @@ class Node:
 
         Raises:
             PeerError: the peer received it and answered ERR (see ``.code``).
-            DeliveryFailed: no final answer before the deadline.
+            DeliveryFailed: no final answer before the deadline, or the node
+                closed while this waited ("the sending node shut down").
+            NodeClosed: the node was already closed when this was called.
             LocalProtocolError: unknown peer, or bad arguments.
         """
         link = self._link(peer)
@@ -294,6 +364,7 @@ class Node:
 
         Raises:
             trio.WouldBlock: the link's window is full; use :meth:`send_batch`.
+            NodeClosed: the node's block has ended.
             LocalProtocolError: unknown peer, an empty or too large batch, or
                 bad arguments.
         """
@@ -326,7 +397,9 @@ class Node:
 
         Raises:
             DeliveryFailed: no final answer for the batch before the deadline
-                (for every item: a batch is answered as a whole).
+                (for every item: a batch is answered as a whole), or the node
+                closed while this waited.
+            NodeClosed: the node was already closed when this was called.
             LocalProtocolError: unknown peer, an empty or too large batch, or
                 bad arguments.
         """
@@ -354,8 +427,18 @@ class Node:
             stream / frame_no / timeout: as for :meth:`send`, for each.
 
         Returns:
-            peer -> its :class:`Ack`, or the :class:`SendError` it ended in.
+            peer -> its :class:`Ack`, or the :class:`SendError` it ended in
+            (:class:`DeliveryFailed` for each send still waiting when the
+            node closes).
+
+        Raises:
+            NodeClosed: the node was already closed when this was called.
+            LocalProtocolError: an unknown peer (nothing is sent then).
         """
+        # Every peer checked before the first send, and outside the nursery:
+        # raised inside it, the error would come out in an ExceptionGroup.
+        for peer in payloads:
+            self._link(peer)
         results: dict[NodeId, Ack | SendError] = {}
 
         async def one(peer: str, payload: Payload) -> None:
@@ -368,7 +451,6 @@ class Node:
 
         async with trio.open_nursery() as nursery:
             for peer, payload in payloads.items():
-                self._link(peer)
                 nursery.start_soon(one, peer, payload)
         return results
 
@@ -386,9 +468,10 @@ class Node:
         Raises:
             trio.TooSlowError: no answer in time (the peer is down, or has
                 never connected to us).
+            NodeClosed: the node is closed, or closed while this waited.
         """
         query = _Query()
-        with trio.fail_after(timeout):
+        with self._waiting(), trio.fail_after(timeout):
             while True:
                 query_id = self._inbound.core.request(NodeId(peer), None, (), trio.current_time())
                 self._inbound.queries[query_id] = query
@@ -401,23 +484,65 @@ class Node:
                     return query.answer
 
     def state(self, peer: str) -> PeerState:
-        """The peer's liveness as this node's link sees it: UP, SUSPECT or DOWN."""
+        """The peer's liveness as this node's link sees it: UP, SUSPECT or DOWN.
+
+        A closed node raises rather than answer: it has no link any more, and
+        DOWN would say the *peer* is unreachable, which nobody measured. (A
+        fourth PeerState would be a wire-protocol state the core never has.)
+        :attr:`closed` and :meth:`statistics` still answer on a closed node.
+
+        Raises:
+            NodeClosed: the node's block has ended.
+            LocalProtocolError: unknown peer.
+        """
         state: PeerState = self._link(peer).state.value
         return state
 
     async def wait_state(self, peer: str, state: PeerState) -> None:
-        """Wait until the link to ``peer`` reports ``state``."""
-        await self._link(peer).state.wait_value(state)
+        """Wait until the link to ``peer`` reports ``state``.
 
-    async def wait_all_up(self) -> None:
-        """Wait until every outgoing link has heard from its peer."""
-        for link in self._links.values():
-            await link.state.wait_value(PeerState.UP)
+        Raises:
+            NodeClosed: the node is closed, or closed while this waited.
+            LocalProtocolError: unknown peer.
+        """
+        link = self._link(peer)
+        with self._waiting():
+            await link.state.wait_value(state)
+
+    async def wait_all_up(self, *, timeout: float | None = None) -> None:
+        """Wait until every outgoing link has heard from its peer.
+
+        Args:
+            timeout: seconds to wait; default: no limit.
+
+        Raises:
+            PeersNotUp: the timeout passed first; it names the peers still
+                not UP, with their endpoints.
+            NodeClosed: the node is closed, or closed while this waited.
+            LocalProtocolError: a timeout that is not > 0.
+        """
+        limit = self._deadline(timeout, None)
+        with self._waiting(), trio.move_on_at(math.inf if limit is None else limit) as scope:
+            for link in self._links.values():
+                await link.state.wait_value(PeerState.UP)
+        if scope.cancelled_caught:
+            assert timeout is not None
+            missing: dict[str, str] = {
+                peer: link.endpoint
+                for peer, link in self._links.items()
+                if link.state.value is not PeerState.UP
+            }
+            raise PeersNotUp(self._id, missing, timeout)
 
     def statistics(self) -> NodeStatistics:
-        """Counters of every link, of the receiving side and of every stream."""
+        """Counters of every link, of the receiving side and of every stream.
+
+        It answers on a closed node too (``closed`` is then True), so what a
+        node did can be read after its block has ended.
+        """
         return NodeStatistics(
             node=self._id,
+            closed=self._closed,
             incarnation=self._incarnation,
             links={peer: link.statistics() for peer, link in self._links.items()},
             inbound=self._inbound.statistics(),
@@ -472,6 +597,8 @@ async def open_node(
     Raises:
         SupervisorGaveUp: the node's actors kept failing beyond the restart
             intensity.
+        BindError: ``bind`` could not be bound (the port is in use, or the
+            endpoint is malformed); it names the endpoint.
         LocalProtocolError: ``security`` lacks a peer's key, or comes with
             a ``network`` (give the keys to ``ZmqNetwork(security=...)``).
     """
@@ -550,7 +677,15 @@ async def open_node(
                 # Before the ROUTER binds: with ZAP_ENFORCE_DOMAIN a peer
                 # that connects while nobody answers ZAP is turned away.
                 await sup.start_child(ChildSpec("gatekeeper", lambda: Gatekeeper(guard, zmq_net)))
-            await sup.start_child(ChildSpec("receiver", lambda: Receiver(inbound, net)))
+            try:
+                await sup.start_child(ChildSpec("receiver", lambda: Receiver(inbound, net)))
+            except ActorCrashed as exc:
+                # A busy or bad endpoint is the caller's to fix: raise the
+                # BindError that names it, not the internal actor it failed in.
+                cause = exc.__cause__
+                if isinstance(cause, BindError):
+                    raise cause from cause.__cause__
+                raise
             for peer in peer_map:
                 inbound.sequencers[peer] = await sup.start_child(
                     ChildSpec(
@@ -568,7 +703,7 @@ async def open_node(
             try:
                 yield node
             finally:
-                _fail_pending(links)
+                node._close()
     finally:
         if owned is not None:
             owned.close()
@@ -583,12 +718,3 @@ def _sequencer_factory(
 
 def _link_factory(link: LinkState, net: Network, routing_id: bytes) -> Callable[[], PeerLink]:
     return lambda: PeerLink(link, net, routing_id)
-
-
-def _fail_pending(links: dict[NodeId, LinkState]) -> None:
-    """The node is closing: every unanswered send ends now, with a reason."""
-    for link in links.values():
-        for handle in link.handles.values():
-            if not handle.done:
-                handle._give_up("the sending node shut down")
-        link.handles.clear()
