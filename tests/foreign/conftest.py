@@ -84,6 +84,15 @@ class NodeProcess:
             self._answers[line["id"]] = line
         return self._answers.pop(cmd_id)
 
+    def poll(self, cmd_id: int) -> dict[str, Any] | None:
+        """The answer to ``cmd_id`` if it has arrived, without waiting."""
+        while True:
+            try:
+                line = self._lines.get_nowait()
+            except queue.Empty:
+                return self._answers.pop(cmd_id, None)
+            self._answers[line["id"]] = line
+
     def call(self, op: str, timeout: float = REPLY_TIMEOUT, **fields: Any) -> dict[str, Any]:
         return self.result(self.start(op, **fields), timeout)
 

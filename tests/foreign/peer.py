@@ -240,8 +240,18 @@ def router(ctx: zmq.Context[Any], endpoint: str) -> zmq.Socket[Any]:
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-    sock.bind(endpoint)
-    return sock
+    # A socket closed a moment ago on this endpoint (a restart) frees it in ZeroMQ's I/O
+    # thread, not at once: retry for a bounded while.
+    deadline = time.monotonic() + 5.0
+    while True:
+        try:
+            sock.bind(endpoint)
+            return sock
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EADDRINUSE or time.monotonic() >= deadline:
+                sock.close(0)
+                raise
+            time.sleep(0.02)
 
 
 def recv_parts(sock: zmq.Socket[Any], timeout: float) -> list[bytes] | None:
@@ -561,7 +571,8 @@ class Sender:
 
 #: What the test's policy answers a new message with: ("ack", result), ("err", code, detail),
 #: ("hold",) for RECEIVED now and a final answer later via ``Receiver.complete``,
-#: ("retry", reason) or ("drop",) to stay silent.
+#: ("retry", reason), ("drop",) to stay silent, or ("once", answer) to send a final answer
+#: without keeping it.
 Policy = Callable[[Frame], tuple[Any, ...]]
 
 
@@ -681,6 +692,17 @@ class Receiver:
             return
         answer = self.policy(frame)
         if answer[0] == "drop":
+            return
+        if answer[0] == "once":
+            # A final answer sent but not kept: a resend is taken as new (a test's bad answer).
+            self.send(
+                peer,
+                [
+                    *self.final(answer[1])[:1],
+                    *self.head(session, frame.seq),
+                    *self.final(answer[1])[1:],
+                ],
+            )
             return
         if answer[0] == "retry":
             self.send(peer, [RETRY_LATER, *self.head(session, frame.seq), answer[1]])
