@@ -135,6 +135,24 @@ def encode(message: Any) -> list[bytes]:
     return [header, *parts]
 
 
+def encode_with_raw(frame: list[Any], index: int, raw: bytes) -> list[bytes]:
+    """``frame`` encoded with the CBOR bytes ``raw`` as element ``index``.
+
+    For input cbor2 would never write (duplicate keys, bad UTF-8, undefined, foreign tags) and
+    for big payloads built as bytes rather than as Python objects.
+    """
+    marker = "\u2603marker\u2603"
+    header = cbor2.dumps([*frame[:index], marker, *frame[index + 1 :]])
+    encoded = cbor2.dumps(marker)
+    at = header.index(encoded)
+    return [header[:at] + raw + header[at + len(encoded) :]]
+
+
+def zeros_array(n: int) -> bytes:
+    """The CBOR of an array of ``n`` zeros: the cheapest header to send, costly to decode."""
+    return b"\x9a" + n.to_bytes(4, "big") + b"\x00" * n
+
+
 class DecodeError(Exception):
     """A message from the node that breaks §3; the tests treat it as a node bug."""
 

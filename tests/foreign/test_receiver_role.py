@@ -42,6 +42,7 @@ from peer import (
     data,
     data_items,
     encode,
+    encode_with_raw,
     hello,
     new_incarnation,
     req_answer,
@@ -113,18 +114,6 @@ def nested(depth: int) -> Any:
     for _ in range(depth):
         value = [value]
     return value
-
-
-def with_raw_payload(frame: list[Any], index: int, raw: bytes) -> list[bytes]:
-    """``frame`` encoded with the CBOR bytes ``raw`` in place of element ``index``.
-
-    For input cbor2 would never write (duplicate keys, bad UTF-8, undefined, foreign tags).
-    """
-    marker = "\u2603marker\u2603"
-    header = cbor2.dumps([*frame[:index], marker, *frame[index + 1 :]])
-    encoded = cbor2.dumps(marker)
-    assert header.count(encoded) == 1
-    return [header.replace(encoded, raw)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,7 +334,7 @@ def frame_parts(build: Callable[[str, int], Any]) -> Build:
 
 
 def raw_payload(raw: bytes) -> Build:
-    return lambda p, i: with_raw_payload(data(p, i, 1, None), 8, raw)
+    return lambda p, i: encode_with_raw(data(p, i, 1, None), 8, raw)
 
 
 BAD: list[tuple[str, str, Build]] = [
