@@ -512,6 +512,11 @@ BAD: list[tuple[str, str, Build]] = [
         "REQ missing without stream",
         frame_parts(lambda p, i: [REQ, p, i, 1, None, [1]]),
     ),
+    # Not a frame at all. §3.6 leaves it open between unknown-kind ("first element is not an
+    # integer kind") and bad-field ("wrong type"); the node says bad-field.
+    ("bad-field", "a map as the message", lambda p, i: [cbor2.dumps({"kind": 1})]),
+    ("bad-field", "an integer as the message", lambda p, i: [cbor2.dumps(5)]),
+    ("bad-field", "an empty array as the message", lambda p, i: [cbor2.dumps([])]),
     # impersonation (§4.4)
     ("impersonation", "HELLO naming p39", frame_parts(lambda p, i: hello("p39", i, 1, False))),
     ("impersonation", "DATA naming p39", frame_parts(lambda p, i: data("p39", i, 1, 0))),
