@@ -144,8 +144,8 @@ async def send_all(node: Node, cmd: dict[str, Any]) -> dict[str, Any]:
     payloads = [from_json(p) for p in cmd["payloads"]]
     if cmd["op"] == "send_batch":
         await node.wait_window(peer)
-        handle = node.send_batch_nowait(peer, payloads, stream=stream, timeout=timeout)
-        return {"outcomes": [outcome(o) for o in await handle.wait()]}
+        batch = node.send_batch_nowait(peer, payloads, stream=stream, timeout=timeout)
+        return {"outcomes": [outcome(o) for o in await batch.wait()]}
     handles = []
     for payload in payloads:
         await node.wait_window(peer)

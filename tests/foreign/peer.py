@@ -244,7 +244,7 @@ def frame_of(raw: Any) -> Frame:
 
 def dealer(ctx: zmq.Context[Any], routing_id: bytes, endpoint: str) -> zmq.Socket[Any]:
     """A DEALER that names itself ``routing_id``, connected to ``endpoint`` (§2.1, §2.2)."""
-    sock = ctx.socket(zmq.DEALER)
+    sock: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.ROUTING_ID, routing_id)
     sock.setsockopt(zmq.RECONNECT_IVL, 100)
@@ -254,7 +254,7 @@ def dealer(ctx: zmq.Context[Any], routing_id: bytes, endpoint: str) -> zmq.Socke
 
 def router(ctx: zmq.Context[Any], endpoint: str) -> zmq.Socket[Any]:
     """A ROUTER bound at ``endpoint``, handing a restarted peer its connection (§2.2)."""
-    sock = ctx.socket(zmq.ROUTER)
+    sock: zmq.Socket[Any] = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
