@@ -104,8 +104,11 @@ class NodeProcess:
         return counts
 
     def deliveries(self, peer: str | None = None) -> list[dict[str, Any]]:
+        """What the compute actor was handed (Deliveries and Gaps), from ``peer`` or all."""
         log: list[dict[str, Any]] = self.stats()["deliveries"]
-        return [d for d in log if peer is None or d.get("peer") == peer]
+        return [
+            d for d in log if peer is None or d.get("peer", d.get("gap", {}).get("peer")) == peer
+        ]
 
     def alive(self) -> bool:
         return self.proc.poll() is None
