@@ -179,8 +179,10 @@ def test_out_of_order_stream_seqs_are_released_in_order(
     link: Link, node: NodeProcess, peer_id: str
 ) -> None:
     inc = new_incarnation()
+    # Watermark 1 on both: a watermark of 2 would tell the node that seq 1 has its outcome
+    # already (§6.2 step 3), and its answer would rightly never come.
     link.send(data(peer_id, inc, 1, "second", stream="s", stream_seq=2, stream_floor=1))
-    link.send(data(peer_id, inc, 2, "first", stream="s", stream_seq=1, stream_floor=1))
+    link.send(data(peer_id, inc, 2, "first", stream="s", stream_seq=1, stream_floor=1, watermark=1))
     link.expect(lambda f: f.kind in (ACK, ACK_RANGE) and f.raw[4] == 1)
     link.expect(lambda f: f.kind in (ACK, ACK_RANGE) and f.raw[4] in (1, 2))
     got = node.deliveries(peer_id)
