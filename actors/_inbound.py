@@ -205,7 +205,7 @@ class InboundState:
 
         Args:
             peer: whose frame or answer was being handled.
-            what: what was being done, for the log line ("handling a frame").
+            what: what was being done, for the log line ("handling a frame from").
             error: the exception; its traceback goes into the log line.
             now: the current time, for the rate limit.
         """
@@ -217,9 +217,9 @@ class InboundState:
         self._log_after[key] = now + _LOG_EVERY
         unlogged = self._unlogged.pop(key, 0)
         log.error(
-            "node %s: %s from peer %r raised %s: %s; refused and counted as %r, the node "
-            "goes on (%d more from this peer not logged in the last %g s; "
-            "node.statistics().inbound.rejected counts each)",
+            "node %s: %s peer %r raised %s: %s; that frame or answer is refused and "
+            "counted as %r, the node goes on (%d more for this peer not logged in the "
+            "last %g s; node.statistics().inbound.rejected counts each)",
             self.node,
             what,
             peer,
@@ -295,7 +295,7 @@ class InboundState:
                         else:
                             _send(self, sock, message)
                 except Exception as exc:
-                    self.internal_error(peer, "sending answers", exc, now)
+                    self.internal_error(peer, "sending answers to", exc, now)
         if inject:
             for message in self.faults.due(now):
                 _send(self, sock, message)
@@ -500,7 +500,7 @@ class Receiver(Actor[Any, Any]):
                         try:
                             core.receive_frame(peer, frame, now)
                         except Exception as exc:
-                            st.internal_error(peer, "handling a frame", exc, now)
+                            st.internal_error(peer, "handling a frame from", exc, now)
                     core.poll(now)
                     self._route(st)
                     st.flush(sock, now)
@@ -559,7 +559,7 @@ class Receiver(Actor[Any, Any]):
                     if type(item) is Deliver:
                         _refuse(st, item)
             except Exception as exc:
-                st.internal_error(peer, "routing messages", exc, trio.current_time())
+                st.internal_error(peer, "routing messages from", exc, trio.current_time())
                 for item in items:
                     if type(item) is Deliver:
                         _refuse(st, item)
@@ -568,7 +568,7 @@ class Receiver(Actor[Any, Any]):
 def _route_failed(st: InboundState, event: ReceiverEvent, error: Exception) -> None:
     """Routing one event raised: count it at its peer's boundary, refuse its message."""
     peer = event.origin if isinstance(event, Rejected) else event.peer
-    st.internal_error(peer, "routing a message", error, trio.current_time())
+    st.internal_error(peer, "routing a message from", error, trio.current_time())
     if isinstance(event, Deliver):
         _refuse(st, event)
 
@@ -636,10 +636,10 @@ def _encode_answers(
         try:
             fallback = _fallback(frame, problem, limits)
         except Exception as exc:
-            st.internal_error(peer, "encoding an answer", exc, now)
+            st.internal_error(peer, "encoding an answer to", exc, now)
             continue
         if fallback is None:
-            st.internal_error(peer, "encoding an answer", problem, now)
+            st.internal_error(peer, "encoding an answer to", problem, now)
         else:
             out.append(fallback)
     return out

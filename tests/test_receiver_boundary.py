@@ -197,7 +197,7 @@ async def test_a_failure_handling_one_peers_frame_is_refused_counted_and_logged_
         records[0].getMessage()
     )
     assert records[0].exc_info is not None
-    unlogged = re.search(r"\((\d+) more from this peer", records[1].getMessage())
+    unlogged = re.search(r"\((\d+) more for this peer", records[1].getMessage())
     assert unlogged is not None
     # The copies of the first 10 s after the first line; the one at the edge
     # of the window falls on either side, as float time rounds its arrival.
@@ -274,7 +274,7 @@ async def test_an_answer_that_fails_to_encode_is_dropped_and_the_other_peers_sti
         dealers[EVIL].recv_multipart_nowait()
     assert st.statistics().rejected == {"internal-error": 1}
     (record,) = caplog.records
-    assert "encoding an answer from peer 'evil' raised ValueError: injected bug" in (
+    assert "encoding an answer to peer 'evil' raised ValueError: injected bug" in (
         record.getMessage()
     )
     router.close()
