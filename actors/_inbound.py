@@ -22,11 +22,21 @@ core once the last item has its outcome
 (``LinkReceiver.complete_items``). A crash on one item is that item's ERR and
 restarts the actor, exactly as for a message sent alone; the runtime carries
 the items behind it over to the new instance.
+
+No peer can hurt another peer (issue 14): an exception while handling one
+peer's frame (the core's ``receive_frame``), routing its messages, or
+encoding and sending its answers is caught at that peer's boundary, counted
+as ``internal-error`` in :attr:`InboundStatistics.rejected`, logged on the
+``cellmesh.receiver`` logger at most once per peer in ``_LOG_EVERY`` seconds,
+and that frame or answer is refused (docs/protocol.md §3.6: no answer; the
+sender's retransmission or deadline takes care of it). The Receiver goes on
+serving every other peer, and their answers in the same flush still go out.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections import Counter
 from collections.abc import Callable
@@ -59,7 +69,9 @@ from transport import (
     OfferResult,
     QueryAnswered,
     ReceiverConfig,
+    ReceiverEvent,
     ReceiverStatistics,
+    Rejected,
     Release,
     RemoteProtocolError,
     ReqAnswer,
@@ -86,6 +98,16 @@ from ._outcomes import Delivery, Gap, Reject, StreamFailedError
 from ._security import SecurityState, watch_handshakes
 
 _RECV_BUDGET = 256
+
+log = logging.getLogger("cellmesh.receiver")
+
+#: The reason token (docs/protocol.md §3.6) of a frame refused, or an answer
+#: dropped, because handling it raised: a bug in this node that one peer's
+#: input reached, kept at that peer's boundary.
+INTERNAL_ERROR = "internal-error"
+#: At most one log line per peer and reason in this many seconds; the ones in
+#: between are counted, and the next line says how many there were.
+_LOG_EVERY = 10.0
 
 #: Stands for "timers may be due" in a sequencer's mailbox.
 _TICK: Any = object()
@@ -174,6 +196,41 @@ class InboundState:
         #: Messages in the compute actor's mailbox or hands, not answered yet.
         self.outstanding = 0
         self._inject = self.faults.active
+        # Rate-limited logging of internal errors, per (peer, reason): when the
+        # next line may be written, and how many were not logged since the last.
+        self._log_after: dict[tuple[NodeId, str], float] = {}
+        self._unlogged: Counter[tuple[NodeId, str]] = Counter()
+
+    def internal_error(self, peer: NodeId, what: str, error: Exception, now: float) -> None:
+        """Count and log (rate-limited) an exception caught at ``peer``'s boundary.
+
+        Args:
+            peer: whose frame or answer was being handled.
+            what: what was being done, for the log line ("handling a frame from").
+            error: the exception; its traceback goes into the log line.
+            now: the current time, for the rate limit.
+        """
+        self.rejected[INTERNAL_ERROR] += 1
+        key = (peer, INTERNAL_ERROR)
+        if now < self._log_after.get(key, -math.inf):
+            self._unlogged[key] += 1
+            return
+        self._log_after[key] = now + _LOG_EVERY
+        unlogged = self._unlogged.pop(key, 0)
+        log.error(
+            "node %s: %s peer %r raised %s: %s; that frame or answer is refused and "
+            "counted as %r, the node goes on (%d more for this peer not logged in the "
+            "last %g s; node.statistics().inbound.rejected counts each)",
+            self.node,
+            what,
+            peer,
+            type(error).__name__,
+            error,
+            INTERNAL_ERROR,
+            unlogged,
+            _LOG_EVERY,
+            exc_info=error,
+        )
 
     def wake(self) -> None:
         """Ask the Receiver's owner task to flush answers and look again."""
@@ -228,13 +285,18 @@ class InboundState:
                     self.unroutable += 1
                     continue
                 rid = found
-                for parts in _encode_answers(frames, self.limits):
-                    message = [rid, *parts]
-                    if inject:
-                        for copy in self.faults.submit(message, now):
-                            _send(self, sock, copy)
-                    else:
-                        _send(self, sock, message)
+                # Each peer's answers behind their own boundary: one that fails
+                # here is dropped and counted, and the next peer's still go.
+                try:
+                    for parts in _encode_answers(frames, self.limits, peer, self, now):
+                        message = [rid, *parts]
+                        if inject:
+                            for copy in self.faults.submit(message, now):
+                                _send(self, sock, copy)
+                        else:
+                            _send(self, sock, message)
+                except Exception as exc:
+                    self.internal_error(peer, "sending answers to", exc, now)
         if inject:
             for message in self.faults.due(now):
                 _send(self, sock, message)
@@ -443,7 +505,10 @@ class Receiver(Actor[Any, Any]):
                                 continue
                             st.reply_routes[peer] = parts[0]
                         # The core unpacks a Batch itself (and refuses nested ones).
-                        core.receive_frame(peer, frame, now)
+                        try:
+                            core.receive_frame(peer, frame, now)
+                        except Exception as exc:
+                            st.internal_error(peer, "handling a frame from", exc, now)
                     core.poll(now)
                     self._route(st)
                     st.flush(sock, now)
@@ -465,27 +530,30 @@ class Receiver(Actor[Any, Any]):
         by_peer: dict[NodeId, list[Any]] = {}
         inline = st.inline
         for event in events:
-            if type(event) is Deliver:
-                peer = event.peer
-                if peer not in by_peer and not st.backlog[peer]:
-                    # Nothing of this peer is queued for or inside its
-                    # sequencer, so nothing can overtake: an in-order message
-                    # goes straight to the compute mailbox (one task hop less).
-                    sequencer = inline.get(peer)
-                    if sequencer is not None and sequencer.offer_inline(event):
-                        continue
-                by_peer.setdefault(peer, []).append(event)
-            elif type(event) is SessionEnded:
-                # The sequencer reports what the old session left buffered now,
-                # not only when the restarted peer's first DATA arrives.
-                by_peer.setdefault(event.peer, []).append(event)
-            elif type(event) is QueryAnswered:
-                query = st.queries.pop(event.answer.query_id, None)
-                if query is not None:
-                    query.answer = event.answer
-                    query.event.set()
-                else:
+            try:
+                if type(event) is Deliver:
+                    peer = event.peer
+                    if peer not in by_peer and not st.backlog[peer]:
+                        # Nothing of this peer is queued for or inside its
+                        # sequencer, so nothing can overtake: an in-order message
+                        # goes straight to the compute mailbox (one task hop less).
+                        sequencer = inline.get(peer)
+                        if sequencer is not None and sequencer.offer_inline(event):
+                            continue
+                    by_peer.setdefault(peer, []).append(event)
+                elif type(event) is SessionEnded:
+                    # The sequencer reports what the old session left buffered now,
+                    # not only when the restarted peer's first DATA arrives.
                     by_peer.setdefault(event.peer, []).append(event)
+                elif type(event) is QueryAnswered:
+                    query = st.queries.pop(event.answer.query_id, None)
+                    if query is not None:
+                        query.answer = event.answer
+                        query.event.set()
+                    else:
+                        by_peer.setdefault(event.peer, []).append(event)
+            except Exception as exc:
+                _route_failed(st, event, exc)
         for peer, items in by_peer.items():
             ref = st.sequencers.get(peer)
             try:
@@ -497,9 +565,33 @@ class Receiver(Actor[Any, Any]):
                 # The peer's sequencer is flooded (or gone): refuse, do not hold.
                 for item in items:
                     if type(item) is Deliver:
-                        st.core.refuse(
-                            item.peer, item.peer_incarnation, item.seq, RetryReason.BUFFER_FULL
-                        )
+                        _refuse(st, item)
+            except Exception as exc:
+                st.internal_error(peer, "routing messages from", exc, trio.current_time())
+                for item in items:
+                    if type(item) is Deliver:
+                        _refuse(st, item)
+
+
+def _route_failed(st: InboundState, event: ReceiverEvent, error: Exception) -> None:
+    """Routing one event raised: count it at its peer's boundary, refuse its message."""
+    peer = event.origin if isinstance(event, Rejected) else event.peer
+    st.internal_error(peer, "routing a message from", error, trio.current_time())
+    if isinstance(event, Deliver):
+        _refuse(st, event)
+
+
+def _refuse(st: InboundState, item: Deliver) -> None:
+    """Answer RETRY_LATER for a delivered message that never reached its sequencer.
+
+    The core forgets it, so the sender's resend is taken as new (§6.5). A
+    message already answered (the failure came after the hand-over) is left
+    to the answer it has.
+    """
+    try:
+        st.core.refuse(item.peer, item.peer_incarnation, item.seq, RetryReason.BUFFER_FULL)
+    except LocalProtocolError:
+        return
 
 
 def _delivery(item: Deliver) -> Delivery:
@@ -525,44 +617,68 @@ def _claimed_node(frame: Frame, peer: NodeId) -> str | None:
     return frame.node if frame.node != peer else None
 
 
-def _encode_answers(frames: list[Frame], limits: Limits) -> list[list[Any]]:
+def _encode_answers(
+    frames: list[Frame], limits: Limits, peer: NodeId, st: InboundState, now: float
+) -> list[list[Any]]:
     """Encode answers for one peer, one batch where possible.
 
     A compute actor may return a result the codec refuses (an arbitrary
     object): that message is answered ERR instead, and the rest still go.
+    An answer that cannot be encoded even then (a bug here: every field of
+    an answer is in range, §6.4) is dropped and counted as ``internal-error``;
+    the sender's resend gets it again, and nothing is raised.
     """
     try:
         one: Frame = frames[0] if len(frames) == 1 else Batch(tuple(frames))
         return [encode(one, limits=limits)]
-    except LocalProtocolError:
+    except Exception:
+        # One by one below: only the answer that does not encode is lost.
         pass
     out: list[list[Any]] = []
     for frame in frames:
         try:
             out.append(encode(frame, limits=limits))
-        except LocalProtocolError as exc:
+            continue
+        except Exception as exc:
             problem = exc
-            if type(frame) is AckItems:
-                try:
-                    out.append(encode(_encodable_items(frame, limits), limits=limits))
-                    continue
-                except LocalProtocolError as too_large:
-                    # Results that encode one by one but not together (over
-                    # the size limits): the batch is answered ERR as a whole.
-                    problem = too_large
-            elif type(frame) is not AckFrame:
-                raise
-            err = ErrFrame(
-                frame.node,
-                frame.incarnation,
-                frame.peer_incarnation,
-                frame.seq,
-                frame.credit,
-                ErrCode.COMPUTE_FAILED,
-                f"result not encodable: {problem}"[:200],
-            )
-            out.append(encode(err, limits=limits))
+        try:
+            fallback = _fallback(frame, problem, limits)
+        except Exception as exc:
+            st.internal_error(peer, "encoding an answer to", exc, now)
+            continue
+        if fallback is None:
+            st.internal_error(peer, "encoding an answer to", problem, now)
+        else:
+            out.append(fallback)
     return out
+
+
+def _fallback(frame: Frame, problem: Exception, limits: Limits) -> list[Any] | None:
+    """The encoded stand-in of an answer whose results the codec refused.
+
+    An ACK becomes ERR ``COMPUTE_FAILED``; an ACK_ITEMS keeps its items and
+    turns each refused result into that item's ERR. Any other answer carries
+    no result and has no stand-in: None.
+    """
+    if type(frame) is AckItems:
+        try:
+            return encode(_encodable_items(frame, limits), limits=limits)
+        except LocalProtocolError as too_large:
+            # Results that encode one by one but not together (over
+            # the size limits): the batch is answered ERR as a whole.
+            problem = too_large
+    elif type(frame) is not AckFrame:
+        return None
+    err = ErrFrame(
+        frame.node,
+        frame.incarnation,
+        frame.peer_incarnation,
+        frame.seq,
+        frame.credit,
+        ErrCode.COMPUTE_FAILED,
+        f"result not encodable: {problem}"[:200],
+    )
+    return encode(err, limits=limits)
 
 
 def _encodable_items(frame: AckItems, limits: Limits) -> AckItems:

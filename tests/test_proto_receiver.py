@@ -15,11 +15,13 @@ from transport import (
     AckRange,
     Batch,
     Data,
+    DataItems,
     Err,
     ErrCode,
     Frame,
     Hello,
     Incarnation,
+    ItemAck,
     LinkSeq,
     LocalProtocolError,
     MissingItem,
@@ -32,6 +34,8 @@ from transport import (
     RetryReason,
     StreamId,
     StreamSeq,
+    decode,
+    encode,
 )
 from transport._proto_link import (
     Deliver,
@@ -504,3 +508,158 @@ def test_every_answer_names_both_sides_and_credit_never_falls(ops: list[tuple[An
             else:
                 r.refuse(A, INC_A, seq, RetryReason.BUFFER_FULL)
     assert credits == sorted(credits)
+
+
+# -- fields at the limits of the wire ----------------------------------------------
+
+#: The greatest u63 (docs/protocol.md §3.2): the top of every number a peer sends.
+MAX = 2**63 - 1
+
+
+def encodes(frame: Frame) -> None:
+    """``frame`` encodes and decodes back to itself (the shell sends exactly this)."""
+    assert decode(encode(frame)) == frame
+
+
+def test_credit_is_capped_at_the_top_of_the_u63_range() -> None:
+    # A peer whose numbers reach 2**63 - 1 (valid by §3.2 and §6.2): the floor
+    # passes the u63 range once that message is finalised, and floor + window - 1
+    # would leave it even before. Every answer carries credit 2**63 - 1 (§6.4).
+    r = make()
+    r.receive_frame(A, data(MAX, watermark=MAX), 0.0)
+    assert flush(r) == [Received(B, INC_B, INC_A, LinkSeq(MAX), LinkSeq(MAX))]
+    assert r.complete(A, INC_A, LinkSeq(MAX), result="r")
+    assert flush(r) == [Ack(B, INC_B, INC_A, LinkSeq(MAX), LinkSeq(MAX), "r")]
+    assert session(r).credit == MAX
+    # The duplicate gets the cached answer, with the same capped credit.
+    r.receive_frame(A, data(MAX, watermark=MAX), 0.0)
+    assert flush(r) == [Ack(B, INC_B, INC_A, LinkSeq(MAX), LinkSeq(MAX), "r")]
+
+
+@pytest.mark.parametrize("finish", ["ack", "ack-range", "err", "retry-later", "window-full"])
+def test_every_answer_at_the_top_of_the_range_encodes(finish: str) -> None:
+    r = make(window=8, max_entries=16)
+    first = MAX - 1
+    r.receive_frame(A, data(first, watermark=first), 0.0)
+    r.receive_frame(A, data(MAX, watermark=first), 0.0)
+    flush(r)
+    if finish == "ack":
+        r.complete(A, INC_A, LinkSeq(MAX))
+        want: list[Frame] = [Ack(B, INC_B, INC_A, LinkSeq(MAX), LinkSeq(MAX))]
+    elif finish == "ack-range":
+        r.complete(A, INC_A, LinkSeq(MAX))
+        r.complete(A, INC_A, LinkSeq(first))
+        want = [AckRange(B, INC_B, INC_A, LinkSeq(first), LinkSeq(MAX), LinkSeq(MAX))]
+    elif finish == "err":
+        r.fail(A, INC_A, LinkSeq(MAX), APP_ERR_MIN, "no")
+        want = [Err(B, INC_B, INC_A, LinkSeq(MAX), LinkSeq(MAX), APP_ERR_MIN, "no")]
+    elif finish == "retry-later":
+        r.refuse(A, INC_A, LinkSeq(MAX), RetryReason.BUFFER_FULL)
+        want = [RetryLater(B, INC_B, INC_A, LinkSeq(MAX), LinkSeq(MAX), RetryReason.BUFFER_FULL)]
+    else:
+        # A watermark far below: MAX is past the credit, which itself is far
+        # below the cap, and the RETRY_LATER says so exactly.
+        r = make(window=8, max_entries=16)
+        r.receive_frame(A, data(MAX, watermark=MAX - 100), 0.0)
+        credit = LinkSeq(MAX - 100 + 8 - 1)
+        want = [RetryLater(B, INC_B, INC_A, LinkSeq(MAX), credit, RetryReason.WINDOW_FULL)]
+    out = flush(r)
+    assert out == want
+    for frame in out:
+        encodes(frame)
+
+
+#: Every u63 field takes one of these: both ends of the range and their neighbours.
+LIMIT_VALUES = st.sampled_from([0, 1, 2, 255, MAX - 256, MAX - 2, MAX - 1, MAX])
+
+_data_op = st.tuples(
+    st.just("data"),
+    st.sampled_from([A, C]),
+    LIMIT_VALUES,  # incarnation
+    LIMIT_VALUES,  # seq
+    LIMIT_VALUES,  # watermark
+    LIMIT_VALUES,  # stream_seq
+    LIMIT_VALUES,  # stream_floor
+    st.one_of(st.none(), LIMIT_VALUES),  # frame_no
+    st.integers(0, 3),  # items of a DATA_ITEMS; 0 for a DATA
+)
+_hello_op = st.tuples(st.just("hello"), st.sampled_from([A, C]), LIMIT_VALUES, LIMIT_VALUES)
+_answer_op = st.tuples(st.just("req-answer"), st.sampled_from([A, C]), LIMIT_VALUES)
+_finish_op = st.tuples(
+    st.just("finish"),
+    st.integers(0, 20),
+    st.sampled_from(["ack", "result", "err", "items", "refuse"]),
+)
+_request_op = st.tuples(
+    st.just("request"), st.sampled_from([A, C]), st.lists(LIMIT_VALUES, max_size=4)
+)
+_flush_op = st.tuples(st.just("flush"), st.sampled_from([0.0, 0.005, 0.02]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    ops=st.lists(
+        st.one_of(_data_op, _hello_op, _answer_op, _finish_op, _request_op, _flush_op),
+        max_size=40,
+    ),
+    window=st.sampled_from([1, 8, 256]),
+    delay=st.sampled_from([0.0, 0.01]),
+)
+def test_every_frame_the_core_emits_encodes_with_every_field_at_its_limits(
+    ops: list[tuple[Any, ...]], window: int, delay: float
+) -> None:
+    # Nothing a peer can put in a valid frame makes this node produce a frame
+    # it cannot encode: each answer's fields stay u63 (§3.2, §6.4).
+    r = LinkReceiver(
+        B,
+        INC_B,
+        config=ReceiverConfig(window=window, max_entries=2 * window, received_delay=delay),
+    )
+    now = 0.0
+    pending: list[Deliver] = []
+
+    def drain() -> None:
+        for _, frame in r.frames_to_send(now):
+            encodes(frame)
+        pending.extend(e for e in r.take_events() if isinstance(e, Deliver))
+
+    for op in ops:
+        kind = op[0]
+        if kind == "data":
+            _, node, inc, seq, wm, sseq, sfloor, frame_no, items = op
+            frame: Frame
+            if items:
+                frame = DataItems(node, inc, seq, HALO, sseq, sfloor, frame_no, ("x",) * items, wm)
+            else:
+                frame = Data(node, inc, seq, HALO, sseq, sfloor, frame_no, b"x", wm)
+            # What the wire can carry, exactly as the shell hands it over.
+            r.receive_frame(node, decode(encode(frame)), now)
+        elif kind == "hello":
+            _, node, inc, nonce = op
+            r.receive_frame(node, decode(encode(Hello(node, inc, nonce, False))), now)
+        elif kind == "req-answer":
+            _, node, query_id = op
+            r.receive_frame(node, ReqAnswer(node, INC_A, query_id, HALO, (), ()), now)
+        elif kind == "finish" and pending:
+            _, index, how = op
+            item = pending.pop(index % len(pending))
+            key = (item.peer, item.peer_incarnation, item.seq)
+            if how == "refuse":
+                r.refuse(*key, RetryReason.BUFFER_FULL)
+            elif how == "err":
+                r.fail(*key, APP_ERR_MIN, "no")
+            elif item.items:
+                outcomes = tuple(
+                    ItemAck(MAX) if how == "result" else ItemAck() for _ in item.payload
+                )
+                r.complete_items(*key, outcomes)
+            else:
+                r.complete(*key, MAX if how == "result" else None)
+        elif kind == "request":
+            _, node, missing = op
+            r.request(node, HALO, [StreamSeq(m) for m in missing], now)
+        elif kind == "flush":
+            now += op[1]
+        drain()
+    now += 1.0
+    drain()

@@ -15,7 +15,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from transport import LocalProtocolError, MissingItem, MissingStatus, RemoteProtocolError
+from transport import (
+    Incarnation,
+    LocalProtocolError,
+    MissingItem,
+    MissingStatus,
+    NodeId,
+    RemoteProtocolError,
+    Req,
+    StreamId,
+    decode,
+    encode,
+)
 from transport._ids import StreamSeq
 from transport._proto_sequencer import (
     AskMissing,
@@ -731,3 +742,76 @@ def test_unordered_delivers_each_once_in_arrival_order(data: st.DataObject, n: i
     assert released(sq.next_events()) == first_seen
     assert sq.next_expected == n + 1
     assert sq.next_deadline() is None
+
+
+# -- stream numbers at the top of the u63 range --------------------------------
+
+#: The greatest u63 (docs/protocol.md §3.2): no stream seq or floor is above it.
+MAX = 2**63 - 1
+#: Numbers at the top of the range, where ``next`` can pass ``MAX``.
+TOP = st.sampled_from(
+    [1, MAX - 300, MAX - 257, MAX - 256, MAX - 64, MAX - 3, MAX - 2, MAX - 1, MAX]
+)
+
+
+def _req_of(event: AskMissing) -> Req:
+    """The REQ the node sends for ``event`` (``LinkReceiver.request``)."""
+    return Req(NodeId("b"), Incarnation(MAX), MAX, StreamId("s"), event.missing)
+
+
+def test_the_last_number_of_the_range_is_released_and_its_copies_refused() -> None:
+    sq = StreamSequencer[str](SequencerConfig(), first=S(MAX - 3))
+    assert offer(sq, MAX, floor=MAX - 3) is ACCEPTED
+    assert offer(sq, MAX - 2, floor=MAX - 3) is ACCEPTED
+    sq.poll(0.5)
+    (ask,) = [e for e in sq.next_events() if isinstance(e, AskMissing)]
+    assert ask.missing == (S(MAX - 3), S(MAX - 1))
+    assert decode(encode(_req_of(ask))) == _req_of(ask)
+    assert offer(sq, MAX - 3, floor=MAX - 3) is ACCEPTED
+    assert offer(sq, MAX - 1, floor=MAX - 3) is ACCEPTED
+    assert released(sq.next_events()) == [MAX - 3, MAX - 2, MAX - 1, MAX]
+    # ``next`` is now 2**63, past every number a DATA can carry: each copy is
+    # a duplicate, never a new message, and no REQ is ever due.
+    assert offer(sq, MAX, floor=MAX) is OfferResult.DUPLICATE
+    assert sq.next_deadline() is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    offers=st.lists(st.tuples(TOP, TOP), max_size=30),
+    answers=st.lists(st.tuples(TOP, st.sampled_from(list(MissingStatus))), max_size=6),
+    policy=st.sampled_from(list(GapPolicy)),
+    ordered=st.booleans(),
+    first=TOP,
+)
+def test_every_event_at_the_top_of_the_range_stays_in_u63_and_every_req_encodes(
+    offers: list[tuple[int, int]],
+    answers: list[tuple[int, MissingStatus]],
+    policy: GapPolicy,
+    ordered: bool,
+    first: int,
+) -> None:
+    sq = StreamSequencer[int](
+        SequencerConfig(ordered=ordered, policy=policy, buffer_limit=256), first=S(first)
+    )
+    now = 0.0
+    for seq, floor in offers:
+        if floor > seq:
+            # Refused as bad-data by the link layer (§6.2 step 1) before any offer.
+            continue
+        sq.offer(S(seq), S(floor), seq, now)
+        now += 0.25
+        sq.poll(now)
+        if answers:
+            sq.on_missing_answer(answer(*answers), now)
+    sq.poll(now + 100.0)
+    for event in sq.next_events():
+        if isinstance(event, Release):
+            assert 1 <= event.stream_seq <= MAX
+        elif isinstance(event, Gap):
+            assert 1 <= event.first <= event.last <= MAX
+        elif isinstance(event, StreamFailed):
+            assert 1 <= event.first_missing <= MAX
+        else:
+            assert all(1 <= m <= MAX for m in event.missing)
+            assert decode(encode(_req_of(event))) == _req_of(event)

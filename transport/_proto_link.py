@@ -112,9 +112,10 @@ class ReceiverConfig:
 
     Attributes:
         window: credit granted per session: the sender may use link sequence
-            numbers up to ``floor + window - 1``, where ``floor`` is the lowest
-            one the receiver has not finalised. Messages the compute layer has
-            not answered yet hold the floor back: that is the backpressure.
+            numbers up to ``floor + window - 1`` (at most ``2**63 - 1``), where
+            ``floor`` is the lowest one the receiver has not finalised. Messages
+            the compute layer has not answered yet hold the floor back: that is
+            the backpressure.
         max_entries: hard cap on the per-session table (messages being
             processed plus final answers the sender has not yet confirmed with
             its watermark). DATA that would exceed it gets RETRY_LATER. A sender

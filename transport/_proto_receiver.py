@@ -21,10 +21,11 @@ Rules that live here (design.md §3, §3.1):
 * Cached answers are dropped as soon as the sender's watermark passes them,
   and copies below the watermark are dropped unanswered: the table stays at
   ``max_entries`` per session at most.
-* Credit ``floor + window - 1``: ``floor`` is the lowest sequence number not
-  finalised here, so work the compute layer has not finished holds the
-  sender back. DATA past the credit gets RETRY_LATER and is neither held nor
-  delivered.
+* Credit ``min(floor + window - 1, 2**63 - 1)``: ``floor`` is the lowest
+  sequence number not finalised here, so work the compute layer has not
+  finished holds the sender back. DATA past the credit gets RETRY_LATER and
+  is neither held nor delivered. The cap keeps every answer encodable when a
+  peer's numbers reach the top of the u63 range (docs/protocol.md §6.4).
 * A greater incarnation of the peer ends its session (event
   :class:`SessionEnded` with what was left unfinished) and starts a fresh one;
   DATA from an older incarnation is refused with ERR ``STALE_SESSION``. The
@@ -80,6 +81,23 @@ _ERRED = 2
 _ITEMS = 3
 
 _VALID_ERR_CODES = frozenset(int(code) for code in ErrCode)
+
+#: The greatest value of a u63 field (docs/protocol.md §3.2). Link sequence
+#: numbers are u63 on the wire, so no sender can use a number above it and
+#: granting more credit than this means nothing; a credit above it could not
+#: be encoded at all.
+_U63 = 2**63 - 1
+
+
+def _credit(floor: int, window: int) -> LinkSeq:
+    """The credit of a session whose floor is ``floor`` (docs/protocol.md §6.4).
+
+    ``floor`` reaches ``2**63`` once a peer's ``seq = 2**63 - 1`` is
+    finalised, and ``floor + window - 1`` leaves the u63 range well before
+    that: capped, every answer still encodes, and the credit still never
+    decreases within a session.
+    """
+    return LinkSeq(min(floor + window - 1, _U63))
 
 
 class _Entry:
@@ -351,7 +369,7 @@ class LinkReceiver:
                         self._incarnation,
                         session.incarnation,
                         seq,
-                        LinkSeq(session.floor + self._window - 1),
+                        _credit(session.floor, self._window),
                         RetryReason.WINDOW_FULL,
                     ),
                 )
@@ -582,7 +600,7 @@ class LinkReceiver:
                     self._incarnation,
                     peer_incarnation,
                     seq,
-                    LinkSeq(session.floor + self._window - 1),
+                    _credit(session.floor, self._window),
                     reason,
                 ),
             )
@@ -690,15 +708,15 @@ class LinkReceiver:
                     else:
                         seqs.append(seq)
                     continue
-                credit = LinkSeq(session.floor + window - 1)
+                credit = _credit(session.floor, window)
                 frame = Ack(node, incarnation, peer_incarnation, LinkSeq(seq), credit, entry.result)
             elif entry.state == _ITEMS:
-                credit = LinkSeq(session.floor + window - 1)
+                credit = _credit(session.floor, window)
                 frame = AckItems(
                     node, incarnation, peer_incarnation, LinkSeq(seq), credit, entry.result
                 )
             elif entry.state == _ERRED:
-                credit = LinkSeq(session.floor + window - 1)
+                credit = _credit(session.floor, window)
                 frame = Err(
                     node,
                     incarnation,
@@ -709,13 +727,13 @@ class LinkReceiver:
                     entry.detail,
                 )
             else:
-                credit = LinkSeq(session.floor + window - 1)
+                credit = _credit(session.floor, window)
                 frame = Received(node, incarnation, peer_incarnation, LinkSeq(seq), credit)
             others.append((peer, frame))
         self._answers.clear()
         for peer, seqs in plain.items():
             session = sessions[peer]
-            self._ack_runs(out, peer, session.incarnation, seqs, session.floor + window - 1)
+            self._ack_runs(out, peer, session.incarnation, seqs, _credit(session.floor, window))
         out.extend(others)
         return out
 
@@ -813,7 +831,7 @@ class LinkReceiver:
                 cached_answers=len(s.entries) - s.processing,
                 watermark=LinkSeq(s.watermark),
                 floor=LinkSeq(s.floor),
-                credit=LinkSeq(s.floor + window - 1),
+                credit=_credit(s.floor, window),
             )
             for s in self._sessions.values()
         )
