@@ -1,107 +1,26 @@
 """CBOR (RFC 8949) encoding of frames, with strict validation on decode.
 
-Wire format
-===========
+The wire format is specified once, normatively, in docs/protocol.md: §3.2
+holds the CDDL of every frame, §3.3 batches, §3.4 payloads and out-of-band
+parts, §3.5 the limits (:class:`Limits`) and §3.6 the reason tokens. This
+module implements it:
 
-One frame, or one batch of frames, travels as one ZeroMQ multipart message::
+* :func:`encode` turns a frame or a :class:`Batch` into the parts of one
+  ZeroMQ message: a CBOR header, then every binary payload of at least
+  ``oob_threshold`` bytes (:data:`OOB_THRESHOLD`) as a part of its own. It
+  refuses to produce anything the peer's ``limits`` would reject.
+* :func:`decode` accepts exactly what the spec describes and raises
+  :class:`RemoteProtocolError` with a §3.6 ``reason`` for everything else,
+  before any frame object is built.
+* :func:`check_payload` tells a send, before it queues anything, whether a
+  payload could travel at all.
 
-    part 0        the header: one CBOR data item (a frame or a batch)
-    part 1..n     out-of-band buffers, referenced from the header
-
-A frame is a CBOR array whose first element is its :class:`FrameKind` and
-whose other elements are the dataclass fields, in declaration order. Arrays,
-not maps: no key strings on the wire, and a fixed shape to check. In CDDL::
-
-    frame       = hello / data / data-items / received / ack / ack-range / ack-items
-                  / err / retry-later / req / req-answer
-    message     = frame / batch
-    batch       = [9, [1*4096 frame]]          ; never nests, never empty
-    hello       = [1, node, incarnation, nonce: u63, reply: bool, version: u63,
-                   * any]                      ; more fields only if version != 1
-    data        = [2, node, incarnation, seq: u63, stream, stream_seq: u63,
-                   stream_floor: u63, frame_no: u63 / null, payload, watermark: u63]
-    received    = [3, node, incarnation, peer_incarnation: u63, seq: u63, credit: u63]
-    ack         = [4, node, incarnation, peer_incarnation: u63, seq: u63, credit: u63,
-                   result: payload]
-    ack-range   = [10, node, incarnation, peer_incarnation: u63, first: u63, last: u63,
-                   credit: u63]                ; first <= last: ACK, no result, each seq
-    data-items  = [11, node, incarnation, seq: u63, stream, stream_seq: u63,
-                   stream_floor: u63, frame_no: u63 / null, items: [1*4096 payload],
-                   watermark: u63]             ; at most Limits.max_items items
-    ack-items   = [12, node, incarnation, peer_incarnation: u63, seq: u63, credit: u63,
-                   outcomes: [1*4096 outcome]] ; one per item, in item order
-    outcome     = null                         ; ACK without a result
-                / [0, result: payload .ne null]   ; ACK with a result
-                / [code: 1..6 / 100..u63max, detail: tstr]   ; ERR
-    err         = [5, node, incarnation, peer_incarnation: u63, seq: u63, credit: u63,
-                   code: 1..6 / 100..u63max, detail: tstr]
-    retry-later = [6, node, incarnation, peer_incarnation: u63, seq: u63, credit: u63,
-                   reason: 1..2]
-    req         = [7, node, incarnation, query_id: u63, stream / null, missing: [* u63]]
-    req-answer  = [8, node, incarnation, query_id: u63, stream / null,
-                   missing: [* [stream_seq: u63, status: 1..5]],
-                   streams: [* [stream, last_sent: u63, in_flight: u63, given_up: u63]]]
-    node        = tstr .size (1..256)          ; UTF-8 bytes, Limits.max_id_bytes
-    stream      = tstr .size (1..256)
-    incarnation = u63
-    u63         = 0..9223372036854775807       ; fits a signed 64-bit integer
-    payload     = null / bool / int / float / tstr / bstr / [* payload]
-                  / {* tstr => payload} / oob
-    oob         = #6.52753(uint)               ; index of a ZeroMQ part, from 1
-
-Enums travel as their integer values. The HELLO layout up to ``version`` is
-frozen for every protocol version: a HELLO of version 1 has exactly those
-fields, and one of another version may carry more, which are checked as
-payloads (so their out-of-band references count) and dropped. A REQ or REQ_ANSWER whose ``missing``
-list is not empty must name its ``stream``; an ACK_RANGE's ``first`` is at
-most its ``last``; an ACK with a result inside ACK_ITEMS is ``[0, result]``
-only for a result that is not null (null alone says "ACK without a result").
-
-Payloads
---------
-
-A payload is plain data (``int`` from -2**64 to 2**64-1, ``float`` including
-NaN and infinities, ``str``, ``bytes``, lists and maps with ``str`` keys,
-nested at most ``Limits.max_depth`` containers deep) or binary data. Binary
-data of at least ``oob_threshold`` bytes (4 KiB by default) and any object
-with the buffer protocol (``bytearray``, ``memoryview``, numpy arrays) of
-that size never enters the CBOR stream: it becomes an extra ZeroMQ part and
-the header holds ``#6.52753(i)``, the index of that part. The k-th reference
-met in a depth-first, left-to-right walk of the header must name part k, and
-every extra part must be referenced: one layout per message, nothing
-dangling. Smaller buffers are inlined as byte strings. Either way they come
-back as ``bytes`` (or as the ``memoryview`` part the caller handed to
-:func:`decode`): a numpy array arrives as its bytes in C order, and its
-dtype and shape are the application's business. Tuples travel as arrays and
+What the spec leaves to the Python side: buffers (``bytearray``,
+``memoryview``, numpy arrays) travel as their bytes in C order and come back
+as ``bytes`` (or as the ``memoryview`` part handed to :func:`decode`); tuples
 come back as lists; ``int``/``float``/``str`` subclasses (``IntEnum``,
-``numpy.float64``) travel as the plain type. Zero-dimensional buffers (numpy
-scalars) are refused: they would arrive as raw bytes, which is never what
-was meant.
-
-Strictness
-----------
-
-The decoder accepts exactly what this docstring describes and raises
-:class:`RemoteProtocolError` for everything else, before any frame object is
-built. ``reason`` is one of:
-
-``too-large``     message, header, part count, batch, list, id or detail
-                  over its limit (checked before the CBOR is parsed when the
-                  size alone tells);
-``truncated``     the CBOR item ends early, or there is no header part;
-``too-deep``      nesting over ``Limits.max_depth``;
-``malformed``     not well-formed CBOR, indefinite lengths, duplicate map
-                  keys, invalid UTF-8, bytes after the item;
-``bad-tag``       any CBOR tag other than ours: no tag ever builds an object
-                  (datetime, bignum, decimal, set, shared references, ...);
-``bad-part``      an out-of-band reference out of range or out of order, or
-                  an extra part that no reference names;
-``unknown-kind``  the first element is not a known :class:`FrameKind`;
-``nested-batch``  a batch inside a batch;
-``bad-field``     wrong field count, wrong type (``bool`` is never an
-                  ``int``), value out of range, undefined or simple values,
-                  non-``str`` map keys, an out-of-band reference outside a
-                  payload.
+``numpy.float64``) travel as the plain type; zero-dimensional buffers (numpy
+scalars) are refused, since they would arrive as raw bytes.
 """
 
 from __future__ import annotations
