@@ -86,6 +86,10 @@ from ._security import SecurityState, watch_handshakes
 
 _RECV_BUDGET = 256
 
+#: Out-of-band bytes cost this many times less than header bytes to take in
+#: (a copy, against a CBOR decode: ~0.1 against ~500 ns per byte here).
+_OOB_DISCOUNT_SHIFT = 6
+
 #: Stands for "timers may be due" in a sequencer's mailbox.
 _TICK: Any = object()
 
@@ -390,6 +394,11 @@ class Receiver(Actor[Any, Any]):
         faults = st.faults
         inject = faults.active
         secure = st.security.secure
+        # A wake-up also stops taking messages after about one largest header's
+        # worth of decoding (~50 ms at worst, Limits.max_header_bytes), so the
+        # answers of other peers and the compute actors are never held up
+        # behind a run of costly messages: they go out at the flush below.
+        wake_bytes = limits.max_header_bytes
         while True:
             # One cancel scope serves every wait until its timer fires: moving
             # its deadline (only when it changed) costs less than a fresh
@@ -398,7 +407,10 @@ class Receiver(Actor[Any, Any]):
                 st.timer = timer
                 while True:
                     now = trio.current_time()
+                    spent = 0
                     for _ in range(_RECV_BUDGET):
+                        if spent >= wake_bytes:
+                            break
                         try:
                             if secure:
                                 user, parts = sock.recv_authenticated_nowait()
@@ -418,6 +430,12 @@ class Receiver(Actor[Any, Any]):
                             else:
                                 st.rejected["unknown-peer"] += 1
                             continue
+                        size = len(parts[1]) if len(parts) > 1 else 0
+                        spent += size
+                        if len(parts) > 2:
+                            oob = sum(map(len, parts[2:]))
+                            size += oob
+                            spent += oob >> _OOB_DISCOUNT_SHIFT
                         try:
                             frame = decode(parts[1:], limits)
                         except RemoteProtocolError as exc:
@@ -435,7 +453,7 @@ class Receiver(Actor[Any, Any]):
                                 continue
                             st.reply_routes[peer] = parts[0]
                         # The core unpacks a Batch itself (and refuses nested ones).
-                        core.receive_frame(peer, frame, now)
+                        core.receive_frame(peer, frame, now, size=size)
                     core.poll(now)
                     self._route(st)
                     st.flush(sock, now)
@@ -742,8 +760,13 @@ class PeerSequencer(Actor[list[Any], None]):
     def _end_session(self) -> None:
         """The peer's session ended: what its streams held is reported as a Gap."""
         self._incarnation = None
+        core = self._inbound.core
         for name, stream in self._streams.items():
             lost = stream.end()
+            for item in lost:
+                # The core has ended that session already: nothing is sent,
+                # but the bytes these messages held are given back.
+                core.refuse(item.peer, item.peer_incarnation, item.seq, RetryReason.BUFFER_FULL)
             if lost:
                 self._pending_gaps.append(
                     Gap(self._peer, name, lost[0].stream_seq, lost[-1].stream_seq, "session-ended")
