@@ -395,7 +395,7 @@ class Socket:
             return user, [frame.bytes for frame in frames]
         # list[Any]: large parts are memoryviews (see zero_copy_from).
         parts: list[Any] = [
-            frame.buffer if i > 1 and len(frame) >= big else frame.bytes
+            frame.buffer.toreadonly() if i > 1 and len(frame) >= big else frame.bytes
             for i, frame in enumerate(frames)
         ]
         return user, parts
@@ -448,7 +448,7 @@ class Socket:
                 parts.append(zsock.recv(_NOBLOCK))
                 continue
             frame = zsock.recv(_NOBLOCK, copy=False)
-            parts.append(frame.buffer if len(frame) >= big else frame.bytes)
+            parts.append(frame.buffer.toreadonly() if len(frame) >= big else frame.bytes)
         return parts
 
     def send_multipart_nowait(self, parts: Sequence[BytesLike]) -> None:
