@@ -171,7 +171,7 @@ class Limits:
             run, into Python objects up to ~70 times its size (an empty map
             is one byte), so it is kept small: decoding the worst 64 KiB
             header (65 536 empty arrays in a DATA payload) took 35-80 ms
-            here, a 16 MiB one 20 s. Large binary data goes out of band and
+            here, a 16 MiB one would take about 18 s. Large binary data goes out of band and
             does not count here.
         max_parts: ZeroMQ parts in one message, header included (default
             4097: a full batch with one out-of-band buffer per frame).
