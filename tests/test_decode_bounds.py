@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ import pytest
 import trio
 import zmq
 
-from actors import Ack
+from actors import Ack, open_node
 from actors.testing import Inbox, open_test_network
 from transport import (
     Batch,
@@ -167,6 +168,47 @@ def test_duplicates_and_refused_data_hold_nothing() -> None:
 def test_max_held_bytes_must_be_positive() -> None:
     with pytest.raises(LocalProtocolError, match="max_held_bytes"):
         ReceiverConfig(max_held_bytes=0)
+
+
+async def test_a_node_gives_back_the_bytes_of_what_an_ended_session_left_buffered() -> None:
+    # a's DATA for stream seq 2 waits in b's reorder buffer for seq 1; then a
+    # restarts. The buffered message is dropped with its session (a Gap says
+    # so), and its bytes no longer count against a.
+    inbox = Inbox()
+    ctx: zmq.Context[Any] = zmq.Context()
+    try:
+        async with (
+            open_node("b", bind="tcp://127.0.0.1:*", peers={"a": None}, compute=inbox.compute) as b,
+            dealer_socket(ctx, routing_id=b"a") as a,
+        ):
+            a.connect(b.endpoint)
+
+            def held() -> Mapping[str, int]:
+                return b.statistics().inbound.protocol.held_bytes
+
+            waiting = Data(
+                A,  # type: ignore[arg-type]
+                A_INC,
+                LinkSeq(1),
+                S,
+                StreamSeq(2),
+                StreamSeq(1),
+                None,
+                b"w",
+                LinkSeq(1),
+            )
+            with trio.fail_after(10):
+                await a.send_multipart(encode(waiting))
+                # Polled: the node's counters have no event to wait on.
+                while not held():  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+                assert held() == {A: sum(map(len, encode(waiting)))}
+                await a.send_multipart(encode(data(1, inc=A_INC + 1)))
+                while inbox.payloads(peer=A) != [b"x"] or held():  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+            assert [gap.reason for gap in inbox.gaps] == ["session-ended"]
+    finally:
+        ctx.destroy(linger=0)
 
 
 # -- headers: small by default, refused from their size --------------------------
