@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -89,6 +90,19 @@ _RECV_BUDGET = 256
 #: Out-of-band bytes cost this many times less than header bytes to take in
 #: (a copy, against a CBOR decode: ~0.1 against ~500 ns per byte here).
 _OOB_DISCOUNT_SHIFT = 6
+
+#: Each peer may keep the Receiver decoding its messages for at most this
+#: share of the time, on average, with bursts of up to _DECODE_BURST seconds.
+#: ZeroMQ's ROUTER takes one message from each peer in turn, so a peer that
+#: floods costly headers (each up to ~50 ms, Limits.max_header_bytes) would
+#: otherwise make every other peer's message wait for one of them: measured,
+#: a flood of 64 KiB worst-case headers let a good peer's DATA through at
+#: ~15/s. Past its share a peer's messages are dropped before they are
+#: decoded (counted ``decode-budget``); its sender resends them. A usual
+#: link decodes in a few percent of the time (64-byte payloads in batches
+#: of 256: ~20 ns per header byte).
+_DECODE_SHARE = 0.5
+_DECODE_BURST = 0.05
 
 #: Stands for "timers may be due" in a sequencer's mailbox.
 _TICK: Any = object()
@@ -253,6 +267,35 @@ class InboundState:
         )
 
 
+class _DecodeBudget:
+    """Per-peer token buckets of decoding time (seconds of ``time.perf_counter``)."""
+
+    __slots__ = ("_buckets",)
+
+    def __init__(self) -> None:
+        self._buckets: dict[NodeId, list[float]] = {}
+
+    def allows(self, peer: NodeId) -> bool:
+        """Whether ``peer`` has decoding time left now."""
+        bucket = self._buckets.get(peer)
+        if bucket is None:
+            return True
+        now = time.perf_counter()
+        credit = min(_DECODE_BURST, bucket[0] + (now - bucket[1]) * _DECODE_SHARE)
+        bucket[0] = credit
+        bucket[1] = now
+        return credit > 0.0
+
+    def spend(self, peer: NodeId, started: float) -> None:
+        """Charge ``peer`` the decoding that began at ``started``."""
+        now = time.perf_counter()
+        bucket = self._buckets.get(peer)
+        if bucket is None:
+            self._buckets[peer] = [_DECODE_BURST - (now - started), now]
+        else:
+            bucket[0] -= now - started
+
+
 @dataclass(slots=True)
 class _Query:
     """A status query this node sent; settled by the peer's REQ answer."""
@@ -399,6 +442,8 @@ class Receiver(Actor[Any, Any]):
         # answers of other peers and the compute actors are never held up
         # behind a run of costly messages: they go out at the flush below.
         wake_bytes = limits.max_header_bytes
+        budget = _DecodeBudget()
+        clock = time.perf_counter
         while True:
             # One cancel scope serves every wait until its timer fires: moving
             # its deadline (only when it changed) costs less than a fresh
@@ -430,17 +475,23 @@ class Receiver(Actor[Any, Any]):
                             else:
                                 st.rejected["unknown-peer"] += 1
                             continue
+                        if not budget.allows(peer):
+                            st.rejected["decode-budget"] += 1
+                            continue
                         size = len(parts[1]) if len(parts) > 1 else 0
                         spent += size
                         if len(parts) > 2:
                             oob = sum(map(len, parts[2:]))
                             size += oob
                             spent += oob >> _OOB_DISCOUNT_SHIFT
+                        started = clock()
                         try:
                             frame = decode(parts[1:], limits)
                         except RemoteProtocolError as exc:
                             st.rejected[exc.reason] += 1
                             continue
+                        finally:
+                            budget.spend(peer, started)
                         if secure:
                             claimed = _claimed_node(frame, peer)
                             if claimed is not None:

@@ -314,15 +314,15 @@ class Count(Actor):
         if isinstance(msg, Delivery):
             counts[msg.peer] += 1
 async def main():
-    async with open_node(
-        "n", bind=sys.argv[1], peers={"good": None, "bomb": None, "big": None}, compute=Count
-    ) as node:
+    peers = dict.fromkeys(["good", "bomb", "big", "worst"])
+    async with open_node("n", bind=sys.argv[1], peers=peers, compute=Count) as node:
         print("ready", flush=True)
         await trio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)
         inbound = node.statistics().inbound
         print(json.dumps({
             "counts": counts,
             "rejected": inbound.rejected,
+            "core_rejected": inbound.protocol.rejected,
             "over_budget": inbound.protocol.over_budget,
         }), flush=True)
 trio.run(main)
@@ -331,7 +331,9 @@ trio.run(main)
 #: An attacker in its own process, so that building its messages (the bomb's
 #: CBOR takes about a second of CPU) holds no lock of the measuring process.
 #: argv: endpoint, routing id, kind (bomb: the issue's 15 MB list of zeros;
-#: big: valid 60 MiB DATA, the bytes out of band), count. Says "armed", sends
+#: big: valid 60 MiB DATA, the bytes out of band; worst: headers just under
+#: 64 KiB of the costliest shape to decode, arrays nested 16 deep, in DATA
+#: claiming another node, so never delivered), count. Says "armed", sends
 #: all on a line from stdin, then waits for stdin's end.
 ATTACKER = """
 import sys, zmq, cbor2
@@ -340,7 +342,14 @@ sock = zmq.Context().socket(zmq.DEALER)
 sock.setsockopt(zmq.ROUTING_ID, rid.encode())
 sock.setsockopt(zmq.LINGER, 0)
 sock.connect(endpoint)
-if kind == "bomb":
+if kind == "worst":
+    chain = []
+    for _ in range(16):
+        chain = [chain]
+    header = cbor2.dumps([2, "zz", 1, 1, "s", 1, 1, None, [chain] * 3850, 1])
+    assert 65_000 < len(header) <= 65_536
+    messages = [[header]] * n
+elif kind == "bomb":
     bomb = cbor2.dumps([0] * 15_000_000)
     messages = [[bomb]] * n
 else:
@@ -356,6 +365,8 @@ for message in messages:
 sys.stdin.read()
 """
 
+#: Worst-case 64 KiB headers sent by the third attacker.
+WORST = 200
 #: The issue's bounds: generous on purpose.
 MAX_STALL = 0.250
 MAX_RSS_KIB = 256 * 1024
@@ -440,11 +451,20 @@ class GoodPeer:
 
 @pytest.mark.slow
 @pytest.mark.timeout(60)
-def test_decode_bombs_and_60_mib_messages_neither_stall_nor_bloat_a_node() -> None:
+@pytest.mark.parametrize(
+    "attack",
+    [
+        # The issue's attack: three bombs, 60 MiB messages queued behind them.
+        {"bomb": 3, "big": 3},
+        # A flood of the costliest headers that pass the size check.
+        {"worst": WORST},
+    ],
+    ids=["bombs-and-60-mib", "worst-headers"],
+)
+def test_attacks_neither_stall_nor_bloat_a_node(attack: dict[str, int]) -> None:
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     node = spawn(NODE, endpoint)
-    attackers = [spawn(ATTACKER, endpoint, "bomb", "bomb", "3")]
-    attackers.append(spawn(ATTACKER, endpoint, "big", "big", "3"))
+    attackers = [spawn(ATTACKER, endpoint, kind, kind, str(n)) for kind, n in attack.items()]
     ctx: zmq.Context[Any] = zmq.Context()
     try:
         expect_line(node, "ready")
@@ -481,8 +501,16 @@ def test_decode_bombs_and_60_mib_messages_neither_stall_nor_bloat_a_node() -> No
     # Every good message delivered once; no bomb ever reached the compute actor.
     assert report["counts"]["good"] == len(good.sent_at)
     assert "bomb" not in report["counts"]
-    assert report["rejected"] == {"too-large": 3}
-    assert report["counts"].get("big", 0) <= 3
+    rejected = report["rejected"]
+    # The bombs: refused from their size, before any CBOR is parsed.
+    assert rejected.pop("too-large", 0) == attack.get("bomb", 0)
+    # The costly headers: decoded within their peer's share of the time, the
+    # rest dropped before decoding; none delivered.
+    impersonations = report["core_rejected"].get("impersonation", 0)
+    assert rejected.pop("decode-budget", 0) + impersonations == attack.get("worst", 0)
+    assert rejected == {}
+    assert set(report["counts"]) <= {"good", "big"}
+    assert report["counts"].get("big", 0) <= attack.get("big", 0)
 
 
 def test_hello_is_unaffected_by_the_size_argument() -> None:
