@@ -87,9 +87,12 @@ from ._security import SecurityState, watch_handshakes
 
 _RECV_BUDGET = 256
 
-#: Out-of-band bytes cost this many times less than header bytes to take in
-#: (a copy, against a CBOR decode: ~0.1 against ~500 ns per byte here).
-_OOB_DISCOUNT_SHIFT = 6
+#: A wake-up stops taking messages once it has spent this long (seconds of
+#: time.perf_counter) and sends the answers due: a run of costly messages
+#: (a header decode takes up to ~50 ms, Limits.max_header_bytes) then holds
+#: the answers of other peers and the compute actors back by about one of
+#: them. Usual messages take a few µs each: _RECV_BUDGET ends their drain.
+_RECV_SECONDS = 0.02
 
 #: Each peer may keep the Receiver decoding its messages for at most this
 #: share of the time, on average, with bursts of up to _DECODE_BURST seconds.
@@ -437,11 +440,6 @@ class Receiver(Actor[Any, Any]):
         faults = st.faults
         inject = faults.active
         secure = st.security.secure
-        # A wake-up also stops taking messages after about one largest header's
-        # worth of decoding (~50 ms at worst, Limits.max_header_bytes), so the
-        # answers of other peers and the compute actors are never held up
-        # behind a run of costly messages: they go out at the flush below.
-        wake_bytes = limits.max_header_bytes
         budget = _DecodeBudget()
         clock = time.perf_counter
         while True:
@@ -452,9 +450,9 @@ class Receiver(Actor[Any, Any]):
                 st.timer = timer
                 while True:
                     now = trio.current_time()
-                    spent = 0
+                    drain_until = clock() + _RECV_SECONDS
                     for _ in range(_RECV_BUDGET):
-                        if spent >= wake_bytes:
+                        if clock() >= drain_until:
                             break
                         try:
                             if secure:
@@ -478,12 +476,7 @@ class Receiver(Actor[Any, Any]):
                         if not budget.allows(peer):
                             st.rejected["decode-budget"] += 1
                             continue
-                        size = len(parts[1]) if len(parts) > 1 else 0
-                        spent += size
-                        if len(parts) > 2:
-                            oob = sum(map(len, parts[2:]))
-                            size += oob
-                            spent += oob >> _OOB_DISCOUNT_SHIFT
+                        size = sum(map(len, parts)) - len(parts[0])
                         started = clock()
                         try:
                             frame = decode(parts[1:], limits)
