@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -108,6 +109,27 @@ INTERNAL_ERROR = "internal-error"
 #: At most one log line per peer and reason in this many seconds; the ones in
 #: between are counted, and the next line says how many there were.
 _LOG_EVERY = 10.0
+
+#: A wake-up stops taking messages once it has spent this long (seconds of
+#: time.perf_counter) and sends the answers due: a run of costly messages
+#: (a header decode takes up to ~50 ms, Limits.max_header_bytes) then holds
+#: the answers of other peers and the compute actors back by about one of
+#: them. Usual messages take a few µs each: _RECV_BUDGET ends their drain.
+_RECV_SECONDS = 0.02
+
+#: Each peer may keep the Receiver decoding its messages for at most this
+#: share of the time, on average, with bursts of up to _DECODE_BURST seconds.
+#: ZeroMQ's ROUTER takes one message from each peer in turn, so a peer that
+#: floods costly headers (each up to ~50 ms, Limits.max_header_bytes) would
+#: otherwise make every other peer's message wait for one of them: measured,
+#: a flood of 64 KiB worst-case headers let a good peer's DATA through at
+#: ~15/s. Past its share a peer's messages are dropped before they are
+#: decoded (counted ``decode-budget``); its sender resends them. The busiest
+#: usual link, bench/links.py's batches of 256 64-byte items at ~200 000
+#: items/s, decodes ~14 MB/s of header at ~20 ns a byte: under a third of
+#: the time, inside the share (the bench ran as fast with it as without).
+_DECODE_SHARE = 0.5
+_DECODE_BURST = 0.05
 
 #: Stands for "timers may be due" in a sequencer's mailbox.
 _TICK: Any = object()
@@ -312,6 +334,35 @@ class InboundState:
         )
 
 
+class _DecodeBudget:
+    """Per-peer token buckets of decoding time (seconds of ``time.perf_counter``)."""
+
+    __slots__ = ("_buckets",)
+
+    def __init__(self) -> None:
+        self._buckets: dict[NodeId, list[float]] = {}
+
+    def allows(self, peer: NodeId) -> bool:
+        """Whether ``peer`` has decoding time left now."""
+        bucket = self._buckets.get(peer)
+        if bucket is None:
+            return True
+        now = time.perf_counter()
+        credit = min(_DECODE_BURST, bucket[0] + (now - bucket[1]) * _DECODE_SHARE)
+        bucket[0] = credit
+        bucket[1] = now
+        return credit > 0.0
+
+    def spend(self, peer: NodeId, started: float) -> None:
+        """Charge ``peer`` the decoding that began at ``started``."""
+        now = time.perf_counter()
+        bucket = self._buckets.get(peer)
+        if bucket is None:
+            self._buckets[peer] = [_DECODE_BURST - (now - started), now]
+        else:
+            bucket[0] -= now - started
+
+
 @dataclass(slots=True)
 class _Query:
     """A status query this node sent; settled by the peer's REQ answer."""
@@ -460,6 +511,8 @@ class Receiver(Actor[Any, Any]):
         faults = st.faults
         inject = faults.active
         secure = st.security.secure
+        budget = _DecodeBudget()
+        clock = time.perf_counter
         while True:
             # One cancel scope serves every wait until its timer fires: moving
             # its deadline (only when it changed) costs less than a fresh
@@ -468,7 +521,10 @@ class Receiver(Actor[Any, Any]):
                 st.timer = timer
                 while True:
                     now = trio.current_time()
+                    drain_until = clock() + _RECV_SECONDS
                     for _ in range(_RECV_BUDGET):
+                        if clock() >= drain_until:
+                            break
                         try:
                             if secure:
                                 user, parts = sock.recv_authenticated_nowait()
@@ -488,11 +544,18 @@ class Receiver(Actor[Any, Any]):
                             else:
                                 st.rejected["unknown-peer"] += 1
                             continue
+                        if not budget.allows(peer):
+                            st.rejected["decode-budget"] += 1
+                            continue
+                        size = sum(map(len, parts)) - len(parts[0])
+                        started = clock()
                         try:
                             frame = decode(parts[1:], limits)
                         except RemoteProtocolError as exc:
                             st.rejected[exc.reason] += 1
                             continue
+                        finally:
+                            budget.spend(peer, started)
                         if secure:
                             claimed = _claimed_node(frame, peer)
                             if claimed is not None:
@@ -506,7 +569,7 @@ class Receiver(Actor[Any, Any]):
                             st.reply_routes[peer] = parts[0]
                         # The core unpacks a Batch itself (and refuses nested ones).
                         try:
-                            core.receive_frame(peer, frame, now)
+                            core.receive_frame(peer, frame, now, size=size)
                         except Exception as exc:
                             st.internal_error(peer, "handling a frame from", exc, now)
                     core.poll(now)
@@ -866,8 +929,13 @@ class PeerSequencer(Actor[list[Any], None]):
     def _end_session(self) -> None:
         """The peer's session ended: what its streams held is reported as a Gap."""
         self._incarnation = None
+        core = self._inbound.core
         for name, stream in self._streams.items():
             lost = stream.end()
+            for item in lost:
+                # The core has ended that session already: nothing is sent,
+                # but the bytes these messages held are given back.
+                core.refuse(item.peer, item.peer_incarnation, item.seq, RetryReason.BUFFER_FULL)
             if lost:
                 self._pending_gaps.append(
                     Gap(self._peer, name, lost[0].stream_seq, lost[-1].stream_seq, "session-ended")

@@ -396,13 +396,12 @@ class LinkState:
             if not frames:
                 return
             self._count_attempts(frames)
-            out: Frame = frames[0] if len(frames) == 1 else Batch(tuple(frames))
-            wire = encode(out, limits=self.limits)
-            if self._inject:
-                for message in faults.submit(wire, now):
-                    self.send(sock, message)
-            else:
-                self.send(sock, wire)
+            for wire in _encode_fitting(frames, self.limits):
+                if self._inject:
+                    for message in faults.submit(wire, now):
+                        self.send(sock, message)
+                else:
+                    self.send(sock, wire)
 
     def send(self, sock: SocketLike, parts: list[Any]) -> None:
         """Send one message, behind any the DEALER refused before."""
@@ -690,3 +689,21 @@ class PeerLink(Actor[Any, Any]):
                     if timer.deadline != target:
                         timer.deadline = target
                     await sock.wait_ready(writable=bool(pending))
+
+
+def _encode_fitting(frames: list[Frame], limits: Limits) -> list[list[Any]]:
+    """``frames`` as one message, or, when together they are over ``limits``, halves of them.
+
+    Each frame fits alone (every payload was checked at submit), but a wake-up's
+    batch of them may not fit the peer's header limit (64 KiB by default):
+    a batch of 128 DATA of 4 KiB inline payloads is 512 KiB. The order of
+    the frames is kept.
+    """
+    out: Frame = frames[0] if len(frames) == 1 else Batch(tuple(frames))
+    try:
+        return [encode(out, limits=limits)]
+    except LocalProtocolError:
+        if len(frames) == 1:
+            raise
+    half = len(frames) // 2
+    return _encode_fitting(frames[:half], limits) + _encode_fitting(frames[half:], limits)

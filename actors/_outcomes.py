@@ -118,7 +118,9 @@ class Delivery:
         peer: the node that sent it.
         stream: its stream; stream_seq: its place there (1, 2, ...).
         frame_no: the sender's own frame number, if it gave one.
-        payload: the message body (bytes or plain data).
+        payload: the message body (bytes or plain data). Binary data of
+            1 MiB or more that travelled out of band may arrive as a
+            read-only memoryview of the received buffer: it is not copied.
         seq: its link sequence number.
         item: 0 for a message sent alone; for an item of a batch
             (``Node.send_batch``), its index in the batch. The items of one

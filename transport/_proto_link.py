@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import TypeAlias
 
@@ -127,15 +127,25 @@ class ReceiverConfig:
             step is then confirmed by one ACK instead of RECEIVED + ACK. Must
             stay well below the sender's ``retry_timeout``; 0 sends RECEIVED
             at once.
+        max_held_bytes: per-peer input budget: how many bytes of one peer's
+            messages this node holds at once (delivered and not answered yet,
+            or buffered for ordering), counted as the size of the ZeroMQ
+            message each came in (all parts). A new DATA beyond it gets
+            RETRY_LATER(BUFFER_FULL), "not held: send it again" (§6.5), so
+            a flood of large valid messages cannot grow memory. A message
+            is always taken when nothing of its peer is held, so anything
+            within ``Limits.max_message_bytes`` gets through. Default 64 MiB:
+            one largest message, or hundreds of a busy link's usual ones.
     """
 
     window: int = 256
     max_entries: int = 512
     max_pending_queries: int = 1024
     received_delay: float = 0.01
+    max_held_bytes: int = 64 * 1024 * 1024
 
     def __post_init__(self) -> None:
-        for name in ("window", "max_entries", "max_pending_queries"):
+        for name in ("window", "max_entries", "max_pending_queries", "max_held_bytes"):
             _positive_int(name, getattr(self, name))
         if not 0.0 <= self.received_delay < 1.0:
             raise LocalProtocolError(
@@ -405,6 +415,10 @@ class ReceiverStatistics:
         ignored_completions: ``complete``/``fail`` for ended or pruned messages.
         queries_sent: REQs sent with ``request``.
         queries_answered: REQ_ANSWERs routed back as events.
+        held_bytes: bytes of each peer's messages held now (peers holding
+            none are left out); see ``ReceiverConfig.max_held_bytes``.
+        over_budget: DATA refused with RETRY_LATER(BUFFER_FULL) because its
+            peer's ``held_bytes`` was at the budget.
     """
 
     sessions: tuple[SessionStatistics, ...]
@@ -414,3 +428,5 @@ class ReceiverStatistics:
     ignored_completions: int
     queries_sent: int
     queries_answered: int
+    held_bytes: Mapping[NodeId, int] = field(default_factory=dict)
+    over_budget: int = 0

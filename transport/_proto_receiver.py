@@ -26,6 +26,14 @@ Rules that live here (design.md §3, §3.1):
   finished holds the sender back. DATA past the credit gets RETRY_LATER and
   is neither held nor delivered. The cap keeps every answer encodable when a
   peer's numbers reach the top of the u63 range (docs/protocol.md §6.4).
+* Per-peer input budget in bytes: a peer's messages held here (delivered,
+  not answered yet) count the size of the ZeroMQ message each came in;
+  a new DATA that would take the peer past ``max_held_bytes`` gets
+  RETRY_LATER(BUFFER_FULL) and is neither held nor delivered, unless the
+  peer holds nothing (so any message within the codec's limits gets
+  through). The bytes are given back when the compute layer answers the
+  message (or gives it back), whatever became of its session meanwhile:
+  a message forgotten by the table may still sit in a mailbox.
 * A greater incarnation of the peer ends its session (event
   :class:`SessionEnded` with what was left unfinished) and starts a fresh one;
   DATA from an older incarnation is refused with ERR ``STALE_SESSION``. The
@@ -114,6 +122,17 @@ class _Entry:
         self.items = items
 
 
+class _Charge:
+    """The bytes of one received ZeroMQ message, held while any DATA of it is."""
+
+    __slots__ = ("refs", "size")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        #: DATA frames of the message delivered and not answered yet.
+        self.refs = 0
+
+
 class _Session:
     """What the receiver knows about one incarnation of one peer."""
 
@@ -191,6 +210,13 @@ class LinkReceiver:
         self._config = cfg = config if config is not None else ReceiverConfig()
         self._window = cfg.window
         self._max_entries = cfg.max_entries
+        self._max_held = cfg.max_held_bytes
+        # The message the frames being received came in; its bytes are
+        # charged to its peer at its first delivered DATA.
+        self._charge: _Charge | None = None
+        self._held: dict[NodeId, int] = {}
+        self._charges: dict[tuple[NodeId, Incarnation, int], _Charge] = {}
+        self._over_budget = 0
         self._now = -float("inf")
         self._sessions: dict[NodeId, _Session] = {}
         # The newest incarnation seen per peer, session or not: a late DATA of
@@ -241,7 +267,7 @@ class LinkReceiver:
 
     # --- receiving -------------------------------------------------------------------
 
-    def receive_frame(self, origin: NodeId, frame: Frame, now: float) -> None:
+    def receive_frame(self, origin: NodeId, frame: Frame, now: float, *, size: int = 0) -> None:
         """Take one frame from the network.
 
         Nothing from the network raises: refusals become :class:`Rejected`
@@ -253,16 +279,21 @@ class LinkReceiver:
                 is refused as ``"impersonation"``.
             frame: a decoded frame; a :class:`Batch` is unpacked.
             now: the current time.
+            size: bytes of the message ``frame`` came in (all its parts),
+                held against ``origin``'s ``max_held_bytes`` while a DATA
+                of it is delivered and not answered.
 
         Raises:
             LocalProtocolError: ``now`` went backwards.
         """
         self._tick(now)
+        self._charge = _Charge(size) if size > 0 else None
         if isinstance(frame, Batch):
             for inner in frame.frames:
                 self._receive_one(origin, inner)
         else:
             self._receive_one(origin, frame)
+        self._charge = None
 
     def _receive_one(self, origin: NodeId, frame: Frame) -> None:
         if isinstance(frame, Batch):
@@ -375,6 +406,30 @@ class LinkReceiver:
                 )
             )
             return
+        charge = self._charge
+        if charge is not None:
+            if not charge.refs:
+                held = self._held.get(peer, 0)
+                if held and held + charge.size > self._max_held:
+                    self._over_budget += 1
+                    session.retry_later += 1
+                    self._out.append(
+                        (
+                            peer,
+                            RetryLater(
+                                self._node,
+                                self._incarnation,
+                                session.incarnation,
+                                seq,
+                                _credit(session.floor, self._window),
+                                RetryReason.BUFFER_FULL,
+                            ),
+                        )
+                    )
+                    return
+                self._held[peer] = held + charge.size
+            charge.refs += 1
+            self._charges[(peer, session.incarnation, seq)] = charge
         if type(data) is Data:
             payload = data.payload
             items = False
@@ -541,6 +596,8 @@ class LinkReceiver:
         """
         session = self._sessions.get(peer)
         if session is None or session.incarnation != peer_incarnation or seq < session.watermark:
+            # Nobody waits for the answer, but the message was held till now.
+            self._release(peer, peer_incarnation, seq)
             self._ignored_completions += 1
             return None
         entry = session.entries.get(seq)
@@ -557,7 +614,22 @@ class LinkReceiver:
         if items is not None and items != entry.items:
             raise LocalProtocolError(_misfit(seq, peer, entry.items, items))
         session.processing -= 1
+        if self._charges:
+            self._release(peer, peer_incarnation, seq)
         return entry
+
+    def _release(self, peer: NodeId, peer_incarnation: Incarnation, seq: int) -> None:
+        """Give back the bytes a delivered message held, once per message."""
+        charge = self._charges.pop((peer, peer_incarnation, seq), None)
+        if charge is None:
+            return
+        charge.refs -= 1
+        if not charge.refs:
+            left = self._held[peer] - charge.size
+            if left:
+                self._held[peer] = left
+            else:
+                del self._held[peer]
 
     def _finished(self, peer: NodeId, peer_incarnation: Incarnation, seq: int) -> None:
         session = self._sessions[peer]
@@ -843,6 +915,8 @@ class LinkReceiver:
             ignored_completions=self._ignored_completions,
             queries_sent=self._queries_sent,
             queries_answered=self._queries_answered,
+            held_bytes=dict(self._held),
+            over_budget=self._over_budget,
         )
 
 
