@@ -171,10 +171,10 @@ async def test_a_failure_handling_one_peers_frame_is_refused_counted_and_logged_
 ) -> None:
     real = LinkReceiver.receive_frame
 
-    def buggy(self: LinkReceiver, origin: NodeId, frame: Frame, now: float) -> None:
+    def buggy(self: LinkReceiver, origin: NodeId, frame: Frame, now: float, size: int = 0) -> None:
         if origin == EVIL:
             raise RuntimeError("injected bug")
-        real(self, origin, frame, now)
+        real(self, origin, frame, now, size=size)
 
     monkeypatch.setattr(LinkReceiver, "receive_frame", buggy)
     caplog.set_level(logging.ERROR, logger="cellmesh.receiver")

@@ -722,8 +722,11 @@ def test_data_items_of_4096(link: Link, node: NodeProcess, peer_id: str) -> None
 
 
 def test_batch_of_4096_frames(link: Link, node: NodeProcess, peer_id: str) -> None:
-    inc = new_incarnation()
-    link.send(batch([hello(peer_id, inc, k, False) for k in range(4096)]))
+    # The largest batch (§3.3) must also fit max_header_bytes (§3.5): HELLOs of a peer the
+    # node has not heard yet, with incarnation 1, take 12 bytes each.
+    message = batch([hello(peer_id, 1, k, False) for k in range(4096)])
+    assert len(encode(message)[0]) <= limits(node)["max_header_bytes"]
+    link.send(message)
     nonces: set[int] = set()
     deadline = time.monotonic() + 15
     while len(nonces) < 4096 and time.monotonic() < deadline:
