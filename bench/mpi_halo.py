@@ -40,9 +40,7 @@ import numpy as np
 import numpy.typing as npt
 from mpi4py import MPI
 
-from actors._demo import DeepTile, auto_depth
-from actors._grid import Decomposition, Direction, assemble
-from actors._models import LIFE, grid_digest
+from actors.grid import LIFE, Decomposition, DeepTile, Direction, assemble, auto_depth, grid_digest
 
 #: One tag per direction a halo travels in: MPI keeps messages of one
 #: (source, tag) in order, and a rank sends to each neighbour once per exchange.

@@ -60,9 +60,7 @@ import trio
 import zmq
 
 from actors import Topology
-from actors._demo import DeepTile, auto_depth
-from actors._grid import Decomposition, Direction
-from actors._models import LIFE, grid_digest
+from actors.grid import LIFE, Decomposition, DeepTile, Direction, auto_depth, grid_digest
 
 #: A message's header: the repetition and the frame (the barrier's rounds are
 #: frames -1 and -2), so a fast neighbour's next repetition never meets this one's.

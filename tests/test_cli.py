@@ -21,13 +21,14 @@ from pathlib import Path
 import pytest
 
 from actors import Topology
-from actors._cli import DEBUG_ENV
-from actors._demo import COORDINATOR, free_port, grid_topology
-from actors._grid import Decomposition
 from actors._topology import NODE_ID_ENV, RANK_ENV
+from actors.grid import COORDINATOR, Decomposition, free_port, grid_topology
 from transport import generate_key_pair, write_key_pair
 
 pytestmark = pytest.mark.slow
+
+#: The variable the docs name for --debug.
+DEBUG_ENV = "CELLMESH_DEBUG"
 
 _SCRIPT = Path(sys.executable).with_name("cellmesh")
 CELLMESH = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "actors._cli"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,3 +58,49 @@ def _private_transport_imports(path: Path) -> set[str]:
 @pytest.mark.parametrize("path", sorted((ROOT / "actors").glob("*.py")), ids=lambda p: p.name)
 def test_actors_use_only_the_public_face_of_transport(path: Path) -> None:
     assert not _private_transport_imports(path)
+
+
+#: What the runtime never loads: the grid application's packages (the extra
+#: ``grid``, pyproject.toml).
+GRID_ONLY = ("numpy", "rich", "matplotlib")
+
+
+def test_the_runtime_loads_no_grid_package() -> None:
+    # A fresh interpreter: this test process has numpy loaded already.
+    probe = (
+        "import sys, actors, transport, actors.testing, actors._cli; "
+        f"print(sorted(m for m in {GRID_ONLY!r} if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert done.stdout.strip() == "[]", done.stdout
+    # The probe would pass vacuously if the grid did not load them either.
+    probe = f"import sys, actors.grid; print(all(m in sys.modules for m in {GRID_ONLY[:1]!r}))"
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert done.stdout.strip() == "True", done.stdout
+
+
+def _module_level_imports(path: Path) -> set[str]:
+    """Modules ``path`` imports when it is imported (not inside a function)."""
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    names: set[str] = set()
+    for node in ast.parse(path.read_text(), filename=str(path)).body:
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            module = ".".join(p for p in (base, node.module or "") if p)
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+    return names
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "actors").glob("*.py")), ids=lambda p: p.name)
+def test_the_runtime_never_imports_the_grid(path: Path) -> None:
+    # The command line imports actors.grid inside the two commands that run it.
+    imported = _module_level_imports(path)
+    assert not {m for m in imported if m == "actors.grid" or m.startswith("actors.grid.")}
+    assert not {m for m in imported if m.split(".")[0] in GRID_ONLY}
