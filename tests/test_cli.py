@@ -175,6 +175,47 @@ def test_bad_input_is_one_line_and_exit_status_2(case: str, tmp_path: Path) -> N
     assert done.stdout == ""
 
 
+def _without_grid(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``cellmesh ARGS`` in a Python without the extra ``grid`` (its packages unimportable)."""
+    code = (
+        "import sys\n"
+        "for name in ('numpy', 'rich', 'matplotlib'):\n"
+        "    sys.modules[name] = None\n"
+        "from actors._cli import main\n"
+        f"sys.exit(main({args!r}))\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=cwd,
+        env=_env(),
+    )
+
+
+@pytest.mark.parametrize("command", ["demo", "node"])
+def test_a_grid_command_without_the_grid_extra_says_what_to_install(
+    command: str, tmp_path: Path
+) -> None:
+    args = ["demo"]
+    if command == "node":
+        args = ["node", "--topology", str(_two_tiles(tmp_path)), "--id", "t0-0"]
+    done = _without_grid(args, tmp_path)
+    assert done.returncode == 2, done.stderr
+    line = _one_line(done.stderr)
+    assert line.startswith(f"cellmesh {command}: error: "), line
+    assert "numpy" in line, line
+    assert "pip install 'cellmesh[grid]'" in line, line
+
+
+def test_keys_needs_no_grid_extra(tmp_path: Path) -> None:
+    done = _without_grid(["keys", "--dir", str(tmp_path / "keys"), "n1"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "keys" / "n1.key").is_file()
+
+
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     for args in (
         ["--debug", "node", "--topology", "nope.toml"],
