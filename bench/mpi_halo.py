@@ -6,7 +6,7 @@ Run under an MPI launcher, one rank per tile::
 
 Every rank takes the tile the demo's node of the same rank takes
 (``Decomposition.for_nodes``, row-major ranks) and runs the demo's own
-deep-halo algorithm on it (``actors._demo.DeepTile``, ghost-cell expansion):
+deep-halo algorithm on it (``actors.grid.DeepTile``, ghost-cell expansion):
 every ``depth`` frames it posts ``Irecv`` for the (up to 8) halos it needs and
 ``Isend`` for the edges its neighbours need, ``depth`` cells deep (numpy
 buffers, no pickling), waits for all of them (``Waitall``), fills its halo,
