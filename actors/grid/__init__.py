@@ -1,8 +1,9 @@
 """Grid simulations on cellmesh: tiles, halos, two models and the ``cellmesh demo``.
 
 An application of the runtime, not part of it: it builds on the public
-faces of :mod:`actors` and :mod:`transport` as any user program would, and
-it needs numpy (rich and matplotlib for the demo's live view and pictures):
+faces of :mod:`actors` and :mod:`transport` as any user program would (two
+named private helpers excepted, see tests/test_layering.py), and it needs
+numpy (rich and matplotlib for the demo's live view and pictures):
 ``pip install 'cellmesh[grid]'``. ``import actors`` never loads it.
 
 Three parts:
