@@ -1,7 +1,8 @@
 """cellmesh's runtime: actors, supervision, and the node that links peers.
 
 Start with :func:`open_node`; write compute logic as an :class:`Actor` that
-receives :class:`Delivery` (and :class:`Gap`) messages.
+receives :class:`Delivery` (and :class:`Gap`) messages. The grid helpers,
+models and demo built on it are :mod:`actors.grid` (the extra ``grid``).
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ from ._errors import (
     PeersNotUp,
     SupervisorGaveUp,
 )
-from ._grid import Decomposition, Direction, GridError, Tile, assemble, interior, pad, scatter
 from ._inbound import InboundStatistics
 from ._link import BatchHandle, LinkStatistics, SendHandle
 from ._node import DEFAULT_STREAM, Node, NodeConfig, NodeStatistics, open_node
@@ -78,15 +78,12 @@ __all__ = [
     "BindError",
     "ChildSpec",
     "CurveKeyPair",
-    "Decomposition",
     "Delivery",
     "DeliveryFailed",
-    "Direction",
     "ErrCode",
     "FaultPlan",
     "Gap",
     "GapPolicy",
-    "GridError",
     "InboundStatistics",
     "ItemsReplySink",
     "KeyFileError",
@@ -118,17 +115,12 @@ __all__ = [
     "SupervisorGaveUp",
     "SupervisorSpec",
     "SupervisorStatistics",
-    "Tile",
     "Topology",
     "TopologyError",
-    "assemble",
     "generate_key_pair",
-    "interior",
     "load_security",
     "node_id_from_env",
     "open_node",
     "open_supervisor",
-    "pad",
-    "scatter",
     "spawn",
 ]

@@ -1,5 +1,10 @@
 """The ``cellmesh`` command line: ``demo``, ``node`` and ``keys``.
 
+This module is the runtime's half: the parser, ``keys``, the Trio runner and
+the one-line errors. ``demo`` and ``node`` run the grid application
+(:mod:`actors.grid`, the extra ``grid``), which is imported only when one of
+them runs, so ``cellmesh keys`` works without numpy.
+
 Exit status: 0 done (for ``demo``: the result equals the serial run), 1 the
 demo's result differs, 2 a bad input or a run that cannot go on, 130 Ctrl-C,
 143 SIGTERM. Every error is one line on stderr, ``cellmesh CMD: error: ...``,
@@ -10,19 +15,17 @@ Inputs are checked before any node starts or any process is spawned.
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
+from importlib.util import find_spec
 from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 import trio
 
 if TYPE_CHECKING:
-    from ._demo import Job
     from ._topology import Topology
 
 T = TypeVar("T")
@@ -97,16 +100,6 @@ def _bind(text: str) -> str:
     return text
 
 
-def _pause(text: str) -> object:
-    """An argparse type: ``NODE@FRAME:SECONDS`` (:class:`Pause`)."""
-    from ._demo import Pause
-
-    try:
-        return Pause.parse(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc).removeprefix("--pause ")) from None
-
-
 def _job_options(parser: argparse.ArgumentParser, *, size: int, frames: int) -> None:
     parser.add_argument(
         "--model",
@@ -166,36 +159,21 @@ def _job_options(parser: argparse.ArgumentParser, *, size: int, frames: int) -> 
     )
 
 
-def _job(args: argparse.Namespace) -> Job:
-    from ._demo import Job
-
-    return Job(
-        model=args.model,
-        size=args.size,
-        frames=args.frames,
-        seed=args.seed,
-        pattern=args.pattern,
-        drop=args.drop,
-        dup=args.dup,
-        delay_ms=args.delay,
-        linger=args.linger,
-        depth=args.depth,
-        report_at=tuple(args.report_at),
-    )
-
-
-def _run_trio(fn: Callable[[], Awaitable[T]]) -> T:
-    """``trio.run(fn)``, which SIGTERM (and, in a demo's tile, the coordinator's end) cancels.
+def run_trio(fn: Callable[[], Awaitable[T]], *, parent: str | None = None) -> T:
+    """``trio.run(fn)``, which SIGTERM (and, given ``parent``, that process's end) cancels.
 
     Cancelled, not killed: every ``finally`` runs, so the demo's coordinator
     stops its node processes whichever way it ends.
 
+    Args:
+        fn: what to run.
+        parent: the pid of the process that started this one and holds our
+            stdin's pipe open while it lives (a demo's coordinator), or None.
+
     Raises:
         _Terminated: SIGTERM.
-        CliError: this is a demo's tile process and the coordinator is gone.
+        CliError: ``parent`` is gone.
     """
-    from ._demo import PARENT_ENV
-
     stopped: list[Exception] = []
     result: list[T] = []
 
@@ -218,7 +196,6 @@ def _run_trio(fn: Callable[[], Awaitable[T]]) -> T:
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(on_sigterm, nursery.cancel_scope)
-            parent = os.environ.get(PARENT_ENV)
             if parent:
                 nursery.start_soon(on_orphaned, nursery.cancel_scope, parent)
             result.append(await fn())
@@ -230,54 +207,7 @@ def _run_trio(fn: Callable[[], Awaitable[T]]) -> T:
     return result[0]
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from ._demo import outcome_json, run_demo
-
-    outcome = _run_trio(
-        functools.partial(
-            run_demo,
-            _job(args),
-            nodes=args.nodes,
-            out=Path(args.out),
-            pauses=args.pause,
-            show=not args.json,
-            timeout=args.timeout,
-            secure=args.secure,
-        )
-    )
-    if args.json:
-        print(outcome_json(outcome))
-    else:
-        verdict = "MATCH" if outcome.match else "MISMATCH"
-        cells = f", {outcome.live_cells} live cells" if outcome.live_cells is not None else ""
-        print(
-            f"\n{verdict}: {outcome.nodes} nodes computed {outcome.frames} frames of "
-            f"{outcome.model} {outcome.size}x{outcome.size} in {outcome.seconds:.2f} s "
-            f"({outcome.frames_per_second} frames/s){cells}; the serial numpy run "
-            f"{'gives the same' if outcome.match else 'DIFFERS'} (sha256 {outcome.sha256[:16]})."
-        )
-        resent = sum(n["resent"] for n in outcome.per_node.values())
-        dups = sum(n["duplicates_dropped"] for n in outcome.per_node.values())
-        print(f"wire: {resent} retransmissions, {dups} duplicates dropped, nothing lost.")
-        for pause in outcome.paused:
-            print(f"paused: {pause} (node@frame it was frozen at:seconds)")
-        for pause in outcome.pauses_missed:
-            print(
-                f"pause {pause} not carried out: the run ended before that node reported the frame"
-            )
-        if outcome.secure:
-            print(
-                f"security: CURVE on every link, {outcome.admitted} connections admitted "
-                f"by key, {outcome.refused} refused."
-            )
-        else:
-            print("security: plaintext on 127.0.0.1 (add --secure for CURVE with fresh keys).")
-        print(f"picture of the final grid: {outcome.pictures['grid']}")
-        print(f"per-frame times:           {outcome.pictures['frame_times']}")
-    return 0 if outcome.match else 1
-
-
-def _read_topology(path: str) -> Topology:
+def read_topology(path: str) -> Topology:
     """Read ``--topology``; a missing or unreadable file is a :class:`CliError`."""
     from ._topology import Topology
 
@@ -290,7 +220,7 @@ def _read_topology(path: str) -> Topology:
         ) from None
 
 
-def _check_out(out: str) -> None:
+def check_out(out: str) -> None:
     """Make the folder ``out`` now, so a bad one fails before the run, not after it."""
     try:
         os.makedirs(out, exist_ok=True)
@@ -304,71 +234,37 @@ def _check_out(out: str) -> None:
         raise CliError(f"cannot write into {out}; give --out a folder you can write")
 
 
-def _node(args: argparse.Namespace) -> int:
-    from ._demo import COORDINATOR, PARENT_ENV, run_tile, tile_decomposition
-    from ._grid import GridError
-    from ._models import get_model
-
-    topology = _read_topology(args.topology)
-    node_id = args.id or _node_id_from_env(topology)
-    if node_id not in topology:
-        raise CliError(
-            f"--id {node_id!r} is not a node of {args.topology}; "
-            f"give one of {', '.join(topology.ids)}"
-        )
-    if node_id == COORDINATOR:
-        tiles = ", ".join(n for n in topology.ids if n != COORDINATOR)
-        raise CliError(
-            f"--id {COORDINATOR} is the demo's coordinator, which cellmesh demo runs itself; "
-            f"give a tile's id: {tiles}"
-        )
-    job = _job(args)
-    job.check()
-    try:
-        decomp = tile_decomposition(topology, job.size)
-        decomp.check_halo(get_model(job.model).halo * (job.depth or 1))
-    except GridError as exc:
-        raise CliError(f"{exc} (the topology {args.topology}, --size {job.size})") from None
-    security = None
-    if args.keys is None and topology.node(node_id).public_key is not None:
-        # A keyed topology means a secure cluster: never fall back to plaintext.
-        raise CliError(
-            f"the topology lists a public key for {node_id!r}; "
-            "give --keys DIR (the folder with its .key_secret file)"
-        )
-    if args.keys is not None:
-        from ._security import load_security
-
-        try:
-            security = load_security(topology, node_id, args.keys)
-        except (ValueError, OSError) as exc:
-            raise CliError(_one_line(exc)) from None
-    if COORDINATOR not in topology:
-        _check_out(args.out)
-    if os.environ.get(PARENT_ENV):
-        # A Ctrl-C at the terminal reaches the whole process group; the
-        # coordinator answers it and stops this process.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _run_trio(functools.partial(run_tile, topology, node_id, job, args.out, args.bind, security))
-    return 0
+#: The packages of the extra ``grid`` each grid command needs: the demo draws
+#: its live view with rich and its pictures with matplotlib.
+_GRID_NEEDS = {"demo": ("numpy", "rich", "matplotlib"), "node": ("numpy",)}
 
 
-def _node_id_from_env(topology: Topology) -> str:
-    """This process's node id from its launcher's environment.
+def _need_grid(command: str) -> None:
+    """Say in one line what to install when ``command``'s packages are missing.
 
     Raises:
-        CliError: no launcher variable is set.
-        TopologyError: a variable names no node of ``topology``.
+        CliError: a package of the extra ``grid`` is not installed.
     """
-    from ._topology import node_id_from_env
-
-    node_id = node_id_from_env(topology=topology)
-    if node_id is None:
+    missing = [name for name in _GRID_NEEDS[command] if find_spec(name) is None]
+    if missing:
         raise CliError(
-            "give --id, or run under a launcher that sets a rank "
-            "(CELLMESH_NODE_ID, SLURM_PROCID, PMI_RANK, PMIX_RANK, OMPI_COMM_WORLD_RANK)"
+            f"cellmesh {command} needs {', '.join(missing)}, which this Python lacks; "
+            "pip install 'cellmesh[grid]'"
         )
-    return node_id
+
+
+def _demo(args: argparse.Namespace) -> int:
+    _need_grid("demo")
+    from .grid._cli import demo
+
+    return demo(args)
+
+
+def _node(args: argparse.Namespace) -> int:
+    _need_grid("node")
+    from .grid._cli import node
+
+    return node(args)
 
 
 def _keys(args: argparse.Namespace) -> int:
@@ -376,7 +272,7 @@ def _keys(args: argparse.Namespace) -> int:
 
     from ._topology import TopologyError
 
-    topology = _read_topology(args.topology) if args.topology else None
+    topology = read_topology(args.topology) if args.topology else None
     names: list[str] = list(args.nodes) or (list(topology.ids) if topology else [])
     if not names:
         raise CliError("name the nodes, or give --topology")
@@ -419,7 +315,6 @@ def _parser() -> argparse.ArgumentParser:
     _job_options(demo, size=1024, frames=300)
     demo.add_argument(
         "--pause",
-        type=_pause,
         action="append",
         default=[],
         metavar="NODE@FRAME:SECONDS",
@@ -484,7 +379,7 @@ def _leaves(exc: BaseException) -> Iterator[BaseException]:
         yield exc
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     """``exc`` as one line of text."""
     if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
         return f"{exc.filename}: {exc.strerror}"
@@ -495,22 +390,21 @@ def _expected() -> tuple[type[BaseException], ...]:
     """The errors that are bad input or the environment, not a bug: one line, status 2."""
     from transport import KeyFileError, LocalProtocolError
 
-    from ._demo import DemoError
     from ._errors import BindError
-    from ._grid import GridError
-    from ._models import RleError
     from ._topology import TopologyError
 
+    # The grid's own errors can only have been raised if it was imported;
+    # importing it here would need numpy for `cellmesh keys`.
+    grid = sys.modules.get("actors.grid._cli")
+    grid_errors: tuple[type[BaseException], ...] = grid.EXPECTED if grid is not None else ()
     return (
         CliError,
-        DemoError,
         BindError,
         TopologyError,
-        GridError,
-        RleError,
         KeyFileError,
         LocalProtocolError,
         OSError,
+        *grid_errors,
     )
 
 
@@ -526,11 +420,11 @@ def _report(prog: str, exc: BaseException) -> int:
     expected = _expected()
     for e in leaves:
         if isinstance(e, expected):
-            print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+            print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
             return 2
     first = leaves[0]
     print(
-        f"{prog}: error: {type(first).__name__}: {_one_line(first)} "
+        f"{prog}: error: {type(first).__name__}: {one_line(first)} "
         "(unexpected; rerun with --debug for the traceback, and report it)",
         file=sys.stderr,
     )
@@ -555,4 +449,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main, not this __main__ copy's: actors.grid's
+    # command line imports CliError from actors._cli, and a second copy of the
+    # class would make its errors "unexpected" here.
+    from actors._cli import main as _main
+
+    sys.exit(_main())

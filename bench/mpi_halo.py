@@ -6,7 +6,7 @@ Run under an MPI launcher, one rank per tile::
 
 Every rank takes the tile the demo's node of the same rank takes
 (``Decomposition.for_nodes``, row-major ranks) and runs the demo's own
-deep-halo algorithm on it (``actors._demo.DeepTile``, ghost-cell expansion):
+deep-halo algorithm on it (``actors.grid.DeepTile``, ghost-cell expansion):
 every ``depth`` frames it posts ``Irecv`` for the (up to 8) halos it needs and
 ``Isend`` for the edges its neighbours need, ``depth`` cells deep (numpy
 buffers, no pickling), waits for all of them (``Waitall``), fills its halo,
@@ -40,9 +40,7 @@ import numpy as np
 import numpy.typing as npt
 from mpi4py import MPI
 
-from actors._demo import DeepTile, auto_depth
-from actors._grid import Decomposition, Direction, assemble
-from actors._models import LIFE, grid_digest
+from actors.grid import LIFE, Decomposition, DeepTile, Direction, assemble, auto_depth, grid_digest
 
 #: One tag per direction a halo travels in: MPI keeps messages of one
 #: (source, tag) in order, and a rank sends to each neighbour once per exchange.

@@ -23,9 +23,9 @@ builds one with free ports and starts them)::
 
 The work is the demo's and ``bench/mpi_halo.py``'s: the same decomposition
 (``Decomposition.for_nodes`` over the topology's ids), the same deep-halo
-algorithm (``actors._demo.DeepTile`` with ``LIFE``) at the same depth
+algorithm (``actors.grid.DeepTile`` with ``LIFE``) at the same depth
 (``--depth``, 0 = ``auto_depth``), and the per-exchange shape of
-``actors._demo.run_tile``: send the halos (the frame number and
+``actors.grid.run_tile``: send the halos (the frame number and
 ``cells.edge(d).tobytes()``), wait for the neighbours' halos of that frame
 (ACKing each as it arrives), fill, step, then wait for the ACKs of the
 previous exchange (one exchange in flight).
@@ -60,9 +60,7 @@ import trio
 import zmq
 
 from actors import Topology
-from actors._demo import DeepTile, auto_depth
-from actors._grid import Decomposition, Direction
-from actors._models import LIFE, grid_digest
+from actors.grid import LIFE, Decomposition, DeepTile, Direction, auto_depth, grid_digest
 
 #: A message's header: the repetition and the frame (the barrier's rounds are
 #: frames -1 and -2), so a fast neighbour's next repetition never meets this one's.

@@ -37,7 +37,6 @@ import trio
 
 from actors import (
     Actor,
-    Decomposition,
     Delivery,
     DeliveryFailed,
     FaultPlan,
@@ -51,12 +50,10 @@ from actors import (
     SendHandle,
     Topology,
     TopologyError,
-    assemble,
-    interior,
     node_id_from_env,
     open_node,
-    pad,
 )
+from actors.grid import Decomposition, assemble, interior, pad
 
 Grid = npt.NDArray[np.float64]
 

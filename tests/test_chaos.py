@@ -2,7 +2,7 @@
 
 Two workloads, both over real OS processes on 127.0.0.1:
 
-1. The 4-node Life (and heat) demo of :mod:`actors._demo` under seeded drop,
+1. The 4-node Life (and heat) demo of :mod:`actors.grid` under seeded drop,
    duplicate and delay faults on every process's wire (DATA *and* answers),
    each alone and all combined, and with one tile frozen by SIGSTOP. The
    tiled result must equal the serial numpy run bit for bit: a lost halo
@@ -37,7 +37,6 @@ from test_processes import QUICK, Line, PeerProcess, free_port, read_record, rec
 from actors import (
     Ack,
     BatchHandle,
-    Decomposition,
     DeliveryFailed,
     FaultPlan,
     Node,
@@ -48,7 +47,7 @@ from actors import (
     SendHandle,
     open_node,
 )
-from actors._demo import Job, Pause, run_demo
+from actors.grid import Decomposition, Job, Pause, run_demo
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 

@@ -21,13 +21,14 @@ from pathlib import Path
 import pytest
 
 from actors import Topology
-from actors._cli import DEBUG_ENV
-from actors._demo import COORDINATOR, free_port, grid_topology
-from actors._grid import Decomposition
 from actors._topology import NODE_ID_ENV, RANK_ENV
+from actors.grid import COORDINATOR, Decomposition, free_port, grid_topology
 from transport import generate_key_pair, write_key_pair
 
 pytestmark = pytest.mark.slow
+
+#: The variable the docs name for --debug.
+DEBUG_ENV = "CELLMESH_DEBUG"
 
 _SCRIPT = Path(sys.executable).with_name("cellmesh")
 CELLMESH = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "actors._cli"]
@@ -172,6 +173,47 @@ def test_bad_input_is_one_line_and_exit_status_2(case: str, tmp_path: Path) -> N
     # Checked before anything was made or started: no demo output folder.
     assert not (tmp_path / "out").exists()
     assert done.stdout == ""
+
+
+def _without_grid(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``cellmesh ARGS`` in a Python without the extra ``grid`` (its packages unimportable)."""
+    code = (
+        "import sys\n"
+        "for name in ('numpy', 'rich', 'matplotlib'):\n"
+        "    sys.modules[name] = None\n"
+        "from actors._cli import main\n"
+        f"sys.exit(main({args!r}))\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=cwd,
+        env=_env(),
+    )
+
+
+@pytest.mark.parametrize("command", ["demo", "node"])
+def test_a_grid_command_without_the_grid_extra_says_what_to_install(
+    command: str, tmp_path: Path
+) -> None:
+    args = ["demo"]
+    if command == "node":
+        args = ["node", "--topology", str(_two_tiles(tmp_path)), "--id", "t0-0"]
+    done = _without_grid(args, tmp_path)
+    assert done.returncode == 2, done.stderr
+    line = _one_line(done.stderr)
+    assert line.startswith(f"cellmesh {command}: error: "), line
+    assert "numpy" in line, line
+    assert "pip install 'cellmesh[grid]'" in line, line
+
+
+def test_keys_needs_no_grid_extra(tmp_path: Path) -> None:
+    done = _without_grid(["keys", "--dir", str(tmp_path / "keys"), "n1"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "keys" / "n1.key").is_file()
 
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:

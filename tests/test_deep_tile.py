@@ -10,9 +10,21 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from actors._demo import DeepTile, Job, auto_depth, run_demo
-from actors._grid import Decomposition, GridError, assemble, scatter
-from actors._models import HEAT, LIFE, Model, get_model, run_serial
+from actors.grid import (
+    HEAT,
+    LIFE,
+    Decomposition,
+    DeepTile,
+    GridError,
+    Job,
+    Model,
+    assemble,
+    auto_depth,
+    get_model,
+    run_demo,
+    run_serial,
+    scatter,
+)
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from actors import NodeSpec
-from actors._demo import Job, Pause, run_demo
+from actors.grid import Job, Pause, run_demo
 
 pytestmark = pytest.mark.slow
 
@@ -113,8 +113,8 @@ def test_pause_option_is_checked() -> None:
 
 def _two_tiles(tmp_path: Path) -> tuple[Any, Path]:
     """A 32x32 grid in two tiles on two free local ports; its topology file."""
-    from actors import Decomposition, Topology
-    from actors._demo import free_port
+    from actors import Topology
+    from actors.grid import Decomposition, free_port
 
     decomp = Decomposition.for_nodes((32, 32), 2)
     names = decomp.node_ids()
@@ -136,8 +136,7 @@ def _two_tiles(tmp_path: Path) -> tuple[Any, Path]:
 def test_cellmesh_node_without_a_coordinator_saves_its_tile(tmp_path: Path) -> None:
     # What `srun -n 2 cellmesh node --topology grid.toml ...` does on two hosts,
     # here as two local processes whose ids come from the launcher's rank.
-    from actors import assemble
-    from actors._models import run_serial
+    from actors.grid import assemble, run_serial
 
     decomp, path = _two_tiles(tmp_path)
     names = decomp.node_ids()
@@ -200,8 +199,8 @@ def _node_cmd(topology: Path, job: Job, out: Path, keys: Path) -> list[str]:
 def test_cellmesh_keys_then_secure_nodes_and_an_open_secret_file_is_refused(
     tmp_path: Path,
 ) -> None:
-    from actors import Topology, assemble
-    from actors._models import run_serial
+    from actors import Topology
+    from actors.grid import assemble, run_serial
 
     decomp, path = _two_tiles(tmp_path)
     names = decomp.node_ids()

@@ -10,18 +10,18 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from actors._grid import (
+from actors import Topology
+from actors.grid import (
     Decomposition,
     Direction,
     GridError,
-    Tile,
+    TilePos,
     assemble,
     fill_halos,
     interior,
     pad,
     scatter,
 )
-from actors._topology import Topology
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -42,7 +42,7 @@ def decompositions(draw: st.DrawFn) -> Decomposition:
 
 
 def _padded_window(
-    decomp: Decomposition, global_padded: npt.NDArray[Any], tile: Tile, width: int
+    decomp: Decomposition, global_padded: npt.NDArray[Any], tile: TilePos, width: int
 ) -> npt.NDArray[Any]:
     ys, xs = decomp.tile_slices(tile)
     return global_padded[ys.start : ys.stop + 2 * width, xs.start : xs.stop + 2 * width]
@@ -75,8 +75,8 @@ def test_tiles_cover_every_cell_exactly_once(decomp: Decomposition) -> None:
         assert w >= 1
     assert (cover == 1).all()
     # Near-equal: per axis, tile extents differ by at most one cell.
-    heights = {decomp.tile_shape(Tile(r, 0))[0] for r in range(decomp.tiles[0])}
-    widths = {decomp.tile_shape(Tile(0, c))[1] for c in range(decomp.tiles[1])}
+    heights = {decomp.tile_shape(TilePos(r, 0))[0] for r in range(decomp.tiles[0])}
+    widths = {decomp.tile_shape(TilePos(0, c))[1] for c in range(decomp.tiles[1])}
     assert max(heights) - min(heights) <= 1
     assert max(widths) - min(widths) <= 1
     assert decomp.min_tile_shape() == (min(heights), min(widths))
@@ -174,10 +174,10 @@ def test_directions() -> None:
 
 def test_neighbour_counts_3x3() -> None:
     d = Decomposition((9, 9), (3, 3))
-    assert set(d.neighbours(Tile(0, 0))) == {Direction.E, Direction.S, Direction.SE}
-    assert len(d.neighbours(Tile(0, 1))) == 5
-    assert len(d.neighbours(Tile(1, 1))) == 8
-    assert d.neighbours(Tile(1, 1))[Direction.NW] == Tile(0, 0)
+    assert set(d.neighbours(TilePos(0, 0))) == {Direction.E, Direction.S, Direction.SE}
+    assert len(d.neighbours(TilePos(0, 1))) == 5
+    assert len(d.neighbours(TilePos(1, 1))) == 8
+    assert d.neighbours(TilePos(1, 1))[Direction.NW] == TilePos(0, 0)
 
 
 def test_for_nodes_prefers_square_tiles() -> None:
@@ -197,14 +197,14 @@ def test_for_nodes_prefers_square_tiles() -> None:
 
 def test_unequal_split_spreads_the_remainder() -> None:
     d = Decomposition((10, 7), (4, 3))
-    assert [d.tile_shape(Tile(r, 0))[0] for r in range(4)] == [2, 3, 2, 3]
-    assert [d.tile_shape(Tile(0, c))[1] for c in range(3)] == [2, 2, 3]
-    assert d.tile_slices(Tile(3, 2)) == (slice(7, 10), slice(4, 7))
+    assert [d.tile_shape(TilePos(r, 0))[0] for r in range(4)] == [2, 3, 2, 3]
+    assert [d.tile_shape(TilePos(0, c))[1] for c in range(3)] == [2, 2, 3]
+    assert d.tile_slices(TilePos(3, 2)) == (slice(7, 10), slice(4, 7))
 
 
 def test_send_and_recv_slices_concrete() -> None:
     d = Decomposition((10, 10), (2, 2))  # four 5x5 tiles
-    t = Tile(0, 0)
+    t = TilePos(0, 0)
     assert d.halo_send_slices(t, Direction.S, 2) == (slice(3, 5), slice(0, 5))
     assert d.halo_send_slices(t, Direction.SE, 1) == (slice(4, 5), slice(4, 5))
     assert d.halo_recv_slices(t, Direction.E, 2) == (slice(2, 7), slice(7, 9))
@@ -217,8 +217,8 @@ def test_one_cell_wide_tiles_work_with_width_1() -> None:
     padded = {t: pad(a, 1, value=-1) for t, a in scatter(d, grid).items()}
     fill_halos(d, padded, 1)
     g = pad(grid, 1, value=-1)
-    assert (padded[Tile(1, 1)] == g[1:4, 1:4]).all()
-    assert (padded[Tile(0, 0)] == g[0:3, 0:3]).all()
+    assert (padded[TilePos(1, 1)] == g[1:4, 1:4]).all()
+    assert (padded[TilePos(0, 0)] == g[0:3, 0:3]).all()
 
 
 def test_halo_wider_than_a_tile_is_a_clear_error() -> None:
@@ -227,14 +227,14 @@ def test_halo_wider_than_a_tile_is_a_clear_error() -> None:
     d.check_halo(1)
     with pytest.raises(GridError, match="wider than the narrowest tile"):
         d.check_halo(2)
-    # Tile (0, 0) is 1 row tall: it cannot send 2 rows south...
+    # TilePos (0, 0) is 1 row tall: it cannot send 2 rows south...
     with pytest.raises(GridError, match="narrower than the halo width 2"):
-        d.halo_send_slices(Tile(0, 0), Direction.S, 2)
+        d.halo_send_slices(TilePos(0, 0), Direction.S, 2)
     # ...so its southern neighbour cannot receive them from the north.
     with pytest.raises(GridError, match="narrower than the halo width 2"):
-        d.halo_recv_slices(Tile(1, 0), Direction.N, 2)
+        d.halo_recv_slices(TilePos(1, 0), Direction.N, 2)
     # Along the other axis it is 10 wide: an east halo of 2 is fine.
-    assert d.halo_send_slices(Tile(0, 0), Direction.E, 2) == (slice(0, 1), slice(8, 10))
+    assert d.halo_send_slices(TilePos(0, 0), Direction.E, 2) == (slice(0, 1), slice(8, 10))
     with pytest.raises(GridError, match=">= 1"):
         d.check_halo(0)
 
@@ -242,17 +242,17 @@ def test_halo_wider_than_a_tile_is_a_clear_error() -> None:
 def test_edges_and_bad_tiles_are_errors() -> None:
     d = Decomposition((6, 6), (2, 2))
     with pytest.raises(GridError, match="no neighbour to the N"):
-        d.halo_send_slices(Tile(0, 1), Direction.N)
+        d.halo_send_slices(TilePos(0, 1), Direction.N)
     with pytest.raises(GridError, match="no neighbour to the W"):
-        d.halo_recv_slices(Tile(1, 0), Direction.W)
+        d.halo_recv_slices(TilePos(1, 0), Direction.W)
     with pytest.raises(GridError, match="outside the 2x2 tile grid"):
-        d.tile_slices(Tile(2, 0))
+        d.tile_slices(TilePos(2, 0))
     with pytest.raises(GridError, match="width must be >= 1"):
-        d.halo_send_slices(Tile(0, 0), Direction.E, 0)
+        d.halo_send_slices(TilePos(0, 0), Direction.E, 0)
     with pytest.raises(GridError, match="not a neighbour"):
-        d.direction_of(Tile(0, 0), Tile(0, 0))
+        d.direction_of(TilePos(0, 0), TilePos(0, 0))
     with pytest.raises(GridError, match="outside"):
-        d.direction_of(Tile(0, 0), Tile(-1, -1))
+        d.direction_of(TilePos(0, 0), TilePos(-1, -1))
 
 
 def test_constructor_validation() -> None:
@@ -270,8 +270,8 @@ def test_constructor_validation() -> None:
 
 def test_names_map_both_ways() -> None:
     d = Decomposition.for_nodes((8, 8), 4, names=["a", "b", "c", "d"])
-    assert d.node_id(Tile(1, 0)) == "c"
-    assert d.tile_of("b") == Tile(0, 1)
+    assert d.node_id(TilePos(1, 0)) == "c"
+    assert d.tile_of("b") == TilePos(0, 1)
     default = Decomposition((8, 8), (2, 2))
     assert default.node_ids() == ("t0-0", "t0-1", "t1-0", "t1-1")
     with pytest.raises(GridError, match="no tile is owned by node 'zz'"):
@@ -288,9 +288,9 @@ def test_pad_interior_and_assemble_errors() -> None:
     parts = scatter(d, np.zeros((4, 4)))
     with pytest.raises(GridError, match="expects"):
         scatter(d, np.zeros((4, 5)))
-    del parts[Tile(1, 1)]
+    del parts[TilePos(1, 1)]
     with pytest.raises(GridError, match="missing tiles"):
         assemble(d, parts)
-    parts[Tile(1, 1)] = np.zeros((3, 2))
+    parts[TilePos(1, 1)] = np.zeros((3, 2))
     with pytest.raises(GridError, match="expected"):
         assemble(d, parts)

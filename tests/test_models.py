@@ -10,11 +10,12 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from actors._grid import Decomposition, GridError, pad
-from actors._models import (
+from actors.grid import (
     HEAT,
     LIFE,
     MODELS,
+    Decomposition,
+    GridError,
     RleError,
     get_model,
     grid_digest,
@@ -22,6 +23,7 @@ from actors._models import (
     heat_step,
     life_step,
     load_rle,
+    pad,
     parse_rle,
     place_center,
     random_soup,

@@ -30,9 +30,8 @@ import numpy as np
 import pytest
 import trio
 
-from actors import Decomposition, Topology, assemble
-from actors._demo import Job
-from actors._models import run_serial
+from actors import Topology
+from actors.grid import Decomposition, Job, assemble, run_serial
 
 pytestmark = pytest.mark.slow
 

@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ._topology import tile_node_id
+# The default tile ids are Topology.from_grid's: one rule, kept in the runtime.
+from .._topology import tile_node_id
 
 Slices = tuple[slice, slice]
 
@@ -71,8 +72,14 @@ _BY_OFFSET = {offset: d for d, offset in _OFFSETS.items()}
 
 
 @dataclass(frozen=True, slots=True, order=True)
-class Tile:
-    """A tile's position in the tile grid (row, column), from the top left."""
+class TilePos:
+    """A tile's position in the tile grid (row, column), from the top left.
+
+    Only a position, no cells: the arrays are the caller's. Not ``Tile``,
+    the name a program gives its tile's compute actor (README's
+    ``class Tile(Actor)``); not ``GridTile`` or ``TileSpec``, which promise
+    cells or a shape that this does not hold.
+    """
 
     row: int
     col: int
@@ -107,7 +114,7 @@ class Decomposition:
     shape: tuple[int, int]
     tiles: tuple[int, int]
     names: tuple[str, ...] | None = None
-    _tile_by_name: Mapping[str, Tile] = field(init=False, repr=False, compare=False)
+    _tile_by_name: Mapping[str, TilePos] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         (h, w), (ty, tx) = self.shape, self.tiles
@@ -125,7 +132,7 @@ class Decomposition:
             names = tuple(tile_node_id(r, c) for r in range(ty) for c in range(tx))
         elif len(names) != ty * tx:
             raise GridError(f"{len(names)} names for {ty * tx} tiles")
-        by_name = {name: Tile(i // tx, i % tx) for i, name in enumerate(names)}
+        by_name = {name: TilePos(i // tx, i % tx) for i, name in enumerate(names)}
         if len(by_name) != len(names):
             raise GridError("tile names must be unique")
         object.__setattr__(self, "_tile_by_name", by_name)
@@ -178,16 +185,16 @@ class Decomposition:
         """Number of tiles (= nodes)."""
         return self.tiles[0] * self.tiles[1]
 
-    def tile_ids(self) -> tuple[Tile, ...]:
+    def tile_ids(self) -> tuple[TilePos, ...]:
         """All tiles in row-major (rank) order."""
         ty, tx = self.tiles
-        return tuple(Tile(r, c) for r in range(ty) for c in range(tx))
+        return tuple(TilePos(r, c) for r in range(ty) for c in range(tx))
 
     def node_ids(self) -> tuple[str, ...]:
         """Node id of every tile, in row-major (rank) order."""
         return tuple(self._tile_by_name)
 
-    def node_id(self, tile: Tile) -> str:
+    def node_id(self, tile: TilePos) -> str:
         """The node id that owns ``tile``.
 
         Raises:
@@ -196,7 +203,7 @@ class Decomposition:
         self._check(tile)
         return self.node_ids()[tile.row * self.tiles[1] + tile.col]
 
-    def tile_of(self, node_id: str) -> Tile:
+    def tile_of(self, node_id: str) -> TilePos:
         """The tile owned by ``node_id``.
 
         Raises:
@@ -207,7 +214,7 @@ class Decomposition:
         except KeyError:
             raise GridError(f"no tile is owned by node {node_id!r}") from None
 
-    def tile_slices(self, tile: Tile) -> Slices:
+    def tile_slices(self, tile: TilePos) -> Slices:
         """``(rows, cols)`` slices of ``tile`` in the global grid.
 
         Raises:
@@ -221,7 +228,7 @@ class Decomposition:
             slice(_start(w, tx, c), _start(w, tx, c + 1)),
         )
 
-    def tile_shape(self, tile: Tile) -> tuple[int, int]:
+    def tile_shape(self, tile: TilePos) -> tuple[int, int]:
         """``(rows, cols)`` of ``tile``'s local array.
 
         Raises:
@@ -253,7 +260,7 @@ class Decomposition:
                 "use fewer tiles or a narrower halo"
             )
 
-    def owner_of(self, y: int, x: int) -> Tile:
+    def owner_of(self, y: int, x: int) -> TilePos:
         """The tile holding global cell ``(y, x)``.
 
         Raises:
@@ -262,9 +269,9 @@ class Decomposition:
         (h, w), (ty, tx) = self.shape, self.tiles
         if not (0 <= y < h and 0 <= x < w):
             raise GridError(f"cell ({y}, {x}) is outside the {h}x{w} grid")
-        return Tile(_part_of(h, ty, y), _part_of(w, tx, x))
+        return TilePos(_part_of(h, ty, y), _part_of(w, tx, x))
 
-    def neighbours(self, tile: Tile) -> dict[Direction, Tile]:
+    def neighbours(self, tile: TilePos) -> dict[Direction, TilePos]:
         """``tile``'s neighbours by direction, corners included, without wrapping.
 
         Raises:
@@ -272,15 +279,15 @@ class Decomposition:
         """
         self._check(tile)
         ty, tx = self.tiles
-        out: dict[Direction, Tile] = {}
+        out: dict[Direction, TilePos] = {}
         for d in Direction:
             dy, dx = d.offset
             r, c = tile.row + dy, tile.col + dx
             if 0 <= r < ty and 0 <= c < tx:
-                out[d] = Tile(r, c)
+                out[d] = TilePos(r, c)
         return out
 
-    def direction_of(self, tile: Tile, other: Tile) -> Direction:
+    def direction_of(self, tile: TilePos, other: TilePos) -> Direction:
         """The direction in which ``other`` lies as seen from ``tile``, its neighbour.
 
         A node uses it to file a halo received from a peer: the data of the
@@ -296,7 +303,7 @@ class Decomposition:
             raise GridError(f"{other} is not a neighbour of {tile}")
         return d
 
-    def halo_send_slices(self, tile: Tile, direction: Direction, width: int = 1) -> Slices:
+    def halo_send_slices(self, tile: TilePos, direction: Direction, width: int = 1) -> Slices:
         """The part of ``tile``'s local array that its neighbour towards ``direction`` needs.
 
         Args:
@@ -319,7 +326,7 @@ class Decomposition:
         dy, dx = direction.offset
         return (_edge(h, dy, width), _edge(w, dx, width))
 
-    def halo_recv_slices(self, tile: Tile, direction: Direction, width: int = 1) -> Slices:
+    def halo_recv_slices(self, tile: TilePos, direction: Direction, width: int = 1) -> Slices:
         """Where the data from the neighbour towards ``direction`` goes in ``tile``'s padded array.
 
         It has the shape of that neighbour's ``halo_send_slices(neighbour,
@@ -343,12 +350,12 @@ class Decomposition:
         dy, dx = direction.offset
         return (_halo(h, dy, width), _halo(w, dx, width))
 
-    def _check(self, tile: Tile) -> None:
+    def _check(self, tile: TilePos) -> None:
         ty, tx = self.tiles
         if not (0 <= tile.row < ty and 0 <= tile.col < tx):
             raise GridError(f"{tile} is outside the {ty}x{tx} tile grid")
 
-    def _neighbour(self, tile: Tile, direction: Direction, width: int) -> Tile:
+    def _neighbour(self, tile: TilePos, direction: Direction, width: int) -> TilePos:
         if width < 1:
             raise GridError(f"halo width must be >= 1, got {width}")
         other = self.neighbours(tile).get(direction)
@@ -356,7 +363,7 @@ class Decomposition:
             raise GridError(f"{tile} has no neighbour to the {direction.value}: that is the edge")
         return other
 
-    def _fits(self, sender: Tile, direction: Direction, width: int) -> None:
+    def _fits(self, sender: TilePos, direction: Direction, width: int) -> None:
         h, w = self.tile_shape(sender)
         dy, dx = direction.offset
         if (dy and h < width) or (dx and w < width):
@@ -399,7 +406,7 @@ def pad(local: npt.NDArray[Any], width: int = 1, value: float = 0) -> npt.NDArra
     return np.pad(local, width, mode="constant", constant_values=value)
 
 
-def scatter(decomp: Decomposition, grid: npt.NDArray[Any]) -> dict[Tile, npt.NDArray[Any]]:
+def scatter(decomp: Decomposition, grid: npt.NDArray[Any]) -> dict[TilePos, npt.NDArray[Any]]:
     """Cut ``grid`` into its tiles (copies, C-contiguous).
 
     Raises:
@@ -410,7 +417,7 @@ def scatter(decomp: Decomposition, grid: npt.NDArray[Any]) -> dict[Tile, npt.NDA
     return {t: np.array(grid[decomp.tile_slices(t)], order="C") for t in decomp.tile_ids()}
 
 
-def assemble(decomp: Decomposition, parts: Mapping[Tile, npt.NDArray[Any]]) -> npt.NDArray[Any]:
+def assemble(decomp: Decomposition, parts: Mapping[TilePos, npt.NDArray[Any]]) -> npt.NDArray[Any]:
     """Put every tile's local array back into one grid.
 
     Raises:
@@ -429,7 +436,7 @@ def assemble(decomp: Decomposition, parts: Mapping[Tile, npt.NDArray[Any]]) -> n
 
 
 def fill_halos(
-    decomp: Decomposition, padded: Mapping[Tile, npt.NDArray[Any]], width: int = 1
+    decomp: Decomposition, padded: Mapping[TilePos, npt.NDArray[Any]], width: int = 1
 ) -> None:
     """Copy every tile's edges into its neighbours' halos, in one process.
 

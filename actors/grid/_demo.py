@@ -33,6 +33,17 @@ import numpy as np
 import numpy.typing as npt
 import trio
 
+from actors import (
+    Actor,
+    Delivery,
+    Node,
+    NodeConfig,
+    NodeSpec,
+    SendHandle,
+    Topology,
+    load_security,
+    open_node,
+)
 from transport import (
     FaultPlan,
     LocalProtocolError,
@@ -42,14 +53,8 @@ from transport import (
     write_key_pair,
 )
 
-from ._actor import Actor
-from ._grid import Decomposition, Direction, GridError, Tile, assemble, interior, pad
-from ._link import SendHandle
+from ._decomp import Decomposition, Direction, GridError, TilePos, assemble, interior, pad
 from ._models import Model, RleError, get_model, grid_digest, load_rle, place_center, run_serial
-from ._node import Node, NodeConfig, open_node
-from ._outcomes import Delivery
-from ._security import load_security
-from ._topology import NodeSpec, Topology
 
 COORDINATOR = "coord"
 
@@ -235,7 +240,7 @@ class DeepTile:
     """
 
     def __init__(
-        self, model: Model, decomp: Decomposition, tile: Tile, local: Grid, depth: int
+        self, model: Model, decomp: Decomposition, tile: TilePos, local: Grid, depth: int
     ) -> None:
         """Pad ``local`` (the tile's cells) for halos ``depth`` frames deep.
 
@@ -835,7 +840,7 @@ async def _run_demo(
                     await proc.stdin.aclose()
     seconds = time.perf_counter() - started
 
-    parts: dict[Tile, Grid] = {}
+    parts: dict[TilePos, Grid] = {}
     for name, data in board.results.items():
         tile = decomp.tile_of(name)
         parts[tile] = np.frombuffer(data, dtype=model.dtype).reshape(decomp.tile_shape(tile))

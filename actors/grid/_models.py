@@ -22,7 +22,7 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from ._grid import Decomposition, assemble, fill_halos, pad, scatter
+from ._decomp import Decomposition, assemble, fill_halos, pad, scatter
 
 Grid = npt.NDArray[Any]
 

@@ -1,0 +1,171 @@
+"""The grid half of the ``cellmesh`` command line: ``demo`` and ``node``.
+
+``actors._cli`` parses the arguments and imports this module only to run one
+of these two commands (it needs numpy); errors are its one-line
+:class:`CliError`, and :func:`run_trio` runs the Trio part under its signal
+handling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import signal
+from pathlib import Path
+
+from actors import Topology, load_security, node_id_from_env
+
+from .._cli import CliError, check_out, one_line, read_topology, run_trio
+from ._decomp import GridError
+from ._demo import (
+    COORDINATOR,
+    PARENT_ENV,
+    DemoError,
+    Job,
+    Pause,
+    outcome_json,
+    run_demo,
+    run_tile,
+    tile_decomposition,
+)
+from ._models import RleError, get_model
+
+#: The grid's errors that are bad input, not a bug: ``cellmesh`` says them in
+#: one line, exit status 2.
+EXPECTED: tuple[type[Exception], ...] = (DemoError, GridError, RleError)
+
+
+def _pause(text: str) -> Pause:
+    """``--pause NODE@FRAME:SECONDS``, checked before anything starts."""
+    try:
+        return Pause.parse(text)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _job(args: argparse.Namespace) -> Job:
+    return Job(
+        model=args.model,
+        size=args.size,
+        frames=args.frames,
+        seed=args.seed,
+        pattern=args.pattern,
+        drop=args.drop,
+        dup=args.dup,
+        delay_ms=args.delay,
+        linger=args.linger,
+        depth=args.depth,
+        report_at=tuple(args.report_at),
+    )
+
+
+def demo(args: argparse.Namespace) -> int:
+    """``cellmesh demo``: run the demo, print its outcome; the exit status."""
+    pauses = [_pause(text) for text in args.pause]
+    outcome = run_trio(
+        functools.partial(
+            run_demo,
+            _job(args),
+            nodes=args.nodes,
+            out=Path(args.out),
+            pauses=pauses,
+            show=not args.json,
+            timeout=args.timeout,
+            secure=args.secure,
+        )
+    )
+    if args.json:
+        print(outcome_json(outcome))
+    else:
+        verdict = "MATCH" if outcome.match else "MISMATCH"
+        cells = f", {outcome.live_cells} live cells" if outcome.live_cells is not None else ""
+        print(
+            f"\n{verdict}: {outcome.nodes} nodes computed {outcome.frames} frames of "
+            f"{outcome.model} {outcome.size}x{outcome.size} in {outcome.seconds:.2f} s "
+            f"({outcome.frames_per_second} frames/s){cells}; the serial numpy run "
+            f"{'gives the same' if outcome.match else 'DIFFERS'} (sha256 {outcome.sha256[:16]})."
+        )
+        resent = sum(n["resent"] for n in outcome.per_node.values())
+        dups = sum(n["duplicates_dropped"] for n in outcome.per_node.values())
+        print(f"wire: {resent} retransmissions, {dups} duplicates dropped, nothing lost.")
+        for pause in outcome.paused:
+            print(f"paused: {pause} (node@frame it was frozen at:seconds)")
+        for pause in outcome.pauses_missed:
+            print(
+                f"pause {pause} not carried out: the run ended before that node reported the frame"
+            )
+        if outcome.secure:
+            print(
+                f"security: CURVE on every link, {outcome.admitted} connections admitted "
+                f"by key, {outcome.refused} refused."
+            )
+        else:
+            print("security: plaintext on 127.0.0.1 (add --secure for CURVE with fresh keys).")
+        print(f"picture of the final grid: {outcome.pictures['grid']}")
+        print(f"per-frame times:           {outcome.pictures['frame_times']}")
+    return 0 if outcome.match else 1
+
+
+def node(args: argparse.Namespace) -> int:
+    """``cellmesh node``: run one tile node until its last frame is confirmed."""
+    topology = read_topology(args.topology)
+    node_id = args.id or _node_id_from_env(topology)
+    if node_id not in topology:
+        raise CliError(
+            f"--id {node_id!r} is not a node of {args.topology}; "
+            f"give one of {', '.join(topology.ids)}"
+        )
+    if node_id == COORDINATOR:
+        tiles = ", ".join(n for n in topology.ids if n != COORDINATOR)
+        raise CliError(
+            f"--id {COORDINATOR} is the demo's coordinator, which cellmesh demo runs itself; "
+            f"give a tile's id: {tiles}"
+        )
+    job = _job(args)
+    job.check()
+    try:
+        decomp = tile_decomposition(topology, job.size)
+        decomp.check_halo(get_model(job.model).halo * (job.depth or 1))
+    except GridError as exc:
+        raise CliError(f"{exc} (the topology {args.topology}, --size {job.size})") from None
+    security = None
+    if args.keys is None and topology.node(node_id).public_key is not None:
+        # A keyed topology means a secure cluster: never fall back to plaintext.
+        raise CliError(
+            f"the topology lists a public key for {node_id!r}; "
+            "give --keys DIR (the folder with its .key_secret file)"
+        )
+    if args.keys is not None:
+        try:
+            security = load_security(topology, node_id, args.keys)
+        except (ValueError, OSError) as exc:
+            raise CliError(one_line(exc)) from None
+    if COORDINATOR not in topology:
+        check_out(args.out)
+    parent = os.environ.get(PARENT_ENV)
+    if parent:
+        # A Ctrl-C at the terminal reaches the whole process group; the
+        # coordinator answers it and stops this process.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    run_trio(
+        functools.partial(run_tile, topology, node_id, job, args.out, args.bind, security),
+        parent=parent,
+    )
+    return 0
+
+
+def _node_id_from_env(topology: Topology) -> str:
+    """This process's node id from its launcher's environment.
+
+    Raises:
+        CliError: no launcher variable is set.
+        TopologyError: a variable names no node of ``topology``.
+    """
+    node_id = node_id_from_env(topology=topology)
+    if node_id is None:
+        raise CliError(
+            "give --id, or run under a launcher that sets a rank "
+            "(CELLMESH_NODE_ID, SLURM_PROCID, PMI_RANK, PMIX_RANK, OMPI_COMM_WORLD_RANK)"
+        )
+    return node_id
