@@ -602,6 +602,10 @@ class _ActorCell(_Child, Generic[M, R]):
         if self._final:
             return
         self._final = True
+        # In the order they would have been taken: carried-over items come
+        # ahead of the mailbox.
+        while self._carried:
+            self._carried.popleft().fail_rest(self._stopped_error())
         # Draining also takes the items of senders blocked on a full mailbox,
         # so after this loop nobody waits on the mailbox any more.
         while True:
@@ -610,11 +614,9 @@ class _ActorCell(_Child, Generic[M, R]):
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 break
             if isinstance(envelope, _Items):
-                self._carried.append(envelope)
+                envelope.fail_rest(self._stopped_error())
             elif envelope.reply is not None:
                 envelope.reply.fail(self._stopped_error())
-        while self._carried:
-            self._carried.popleft().fail_rest(self._stopped_error())
         self._send_chan.close()
         self._recv_chan.close()
         self.status.value = status
