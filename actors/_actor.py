@@ -515,6 +515,7 @@ class _ActorCell(_Child, Generic[M, R]):
         # The shared entry this task is taking messages from, if any.
         items: _Items[M] | None = None
         items_sink: _Items[M] | None = None
+        items_end = 0
         run = 0
         try:
             while True:
@@ -531,8 +532,11 @@ class _ActorCell(_Child, Generic[M, R]):
                 sink: ReplySink | None
                 if items is not None:
                     i = items.next
-                    if i == len(items.msgs):
+                    if i == items_end:
+                        # A shared entry counts as a run of its own: yield
+                        # before the next take.
                         items = None
+                        run = _DRAIN_RUN
                         continue
                     items.next = i + 1
                     items.current = i
@@ -549,10 +553,14 @@ class _ActorCell(_Child, Generic[M, R]):
                             run += 1
                         except trio.WouldBlock:
                             entry = await receive()
-                            run = 1
+                            run = 0
                     if type(entry) is _Items:
                         items = entry
+                        items_end = len(entry.msgs)
                         items_sink = entry if entry.reply is not None else None
+                        # Its messages are counted from its start: the first
+                        # _DRAIN_RUN go back to back.
+                        run = 0
                         continue
                     msg = entry.msg
                     sink = entry.reply
