@@ -502,101 +502,93 @@ class _ActorCell(_Child, Generic[M, R]):
                 self._fail_in_hand(in_hand, failure)
 
     async def _work(self, actor: Actor[M, R], in_hand: set[ReplySink]) -> None:
+        """Take messages and handle them until the instance ends.
+
+        One rule for every message, whether it came alone (an ``_Envelope``)
+        or as an item of a shared entry (``_Items``): the entry only decides
+        which message comes next and where its outcome goes.
+        """
         receive = self._recv_chan.receive
         receive_nowait = self._recv_chan.receive_nowait
         handle = actor.receive
         carried = self._carried
+        # The shared entry this task is taking messages from, if any.
+        items: _Items[M] | None = None
+        items_sink: _Items[M] | None = None
+        items_end = 0
         run = 0
-        while True:
-            # Take what is already queued without a checkpoint, up to a run of
-            # _DRAIN_RUN: a burst is then handled back to back, so whoever
-            # waits on the results (the node's answer flusher) wakes once per
-            # burst instead of once per message. The checkpoint after a run
-            # keeps the actor cancellable and fair to other tasks.
-            envelope: Any
-            if carried:
-                envelope = carried.popleft()
-            elif run < _DRAIN_RUN:
-                try:
-                    envelope = receive_nowait()
-                    run += 1
-                except trio.WouldBlock:
-                    envelope = await receive()
-                    run = 0
-            else:
-                await trio.lowlevel.checkpoint()
-                envelope = await receive()
-                run = 0
-            if type(envelope) is _Items:
-                if not await self._work_items(handle, envelope, in_hand):
-                    return
-                run = _DRAIN_RUN
-                continue
-            reply = envelope.reply
-            self._busy += 1
-            if reply is None:
-                # A Reject is an answer, not a crash: nobody asked, so it goes nowhere.
-                with contextlib.suppress(Reject):
-                    await handle(envelope.msg)
-            else:
-                in_hand.add(reply)
-                try:
-                    result = await handle(envelope.msg)
-                except Reject as reject:
-                    in_hand.discard(reply)
-                    reply.fail(reject)
-                else:
-                    in_hand.discard(reply)
-                    reply.set_result(result)
-            self._busy -= 1
-            self._processed += 1
-            if self._exit_requested:
-                self._request_exit()
-                return
-
-    async def _work_items(
-        self, handle: Callable[[M], Any], items: _Items[M], in_hand: set[ReplySink]
-    ) -> bool:
-        """Handle the messages of one shared entry in order; False if exit() ended the loop."""
-        msgs = items.msgs
-        reply = items.reply
-        n = len(msgs)
-        in_hand.add(items)
         try:
-            i = items.next
-            while i < n:
-                if i and not i % _DRAIN_RUN:
-                    # Before taking the next one: cancelled here, it is carried over.
+            while True:
+                # Take what is already queued without a checkpoint, up to a run
+                # of _DRAIN_RUN messages: a burst is then handled back to back,
+                # so whoever waits on the results (the node's answer flusher)
+                # wakes once per burst instead of once per message. The
+                # checkpoint after a run keeps the actor cancellable and fair to
+                # other tasks; a shared entry cancelled there is carried over
+                # before its next message is taken.
+                if run >= _DRAIN_RUN:
                     await trio.lowlevel.checkpoint()
-                items.next = i + 1
-                self._busy += 1
-                if reply is None:
-                    with contextlib.suppress(Reject):
-                        await handle(msgs[i])
-                else:
+                    run = 0
+                sink: ReplySink | None
+                if items is not None:
+                    i = items.next
+                    if i == items_end:
+                        # A shared entry counts as a run of its own: yield
+                        # before the next take.
+                        items = None
+                        run = _DRAIN_RUN
+                        continue
+                    items.next = i + 1
                     items.current = i
-                    try:
-                        result = await handle(msgs[i])
-                    except Reject as reject:
-                        items.current = None
-                        reply.fail_item(i, reject)
+                    msg = items.msgs[i]
+                    sink = items_sink
+                    run += 1
+                else:
+                    entry: Any
+                    if carried:
+                        entry = carried.popleft()
                     else:
-                        items.current = None
-                        reply.set_item_result(i, result)
+                        try:
+                            entry = receive_nowait()
+                            run += 1
+                        except trio.WouldBlock:
+                            entry = await receive()
+                            run = 0
+                    if type(entry) is _Items:
+                        items = entry
+                        items_end = len(entry.msgs)
+                        items_sink = entry if entry.reply is not None else None
+                        # Its messages are counted from its start: the first
+                        # _DRAIN_RUN go back to back.
+                        run = 0
+                        continue
+                    msg = entry.msg
+                    sink = entry.reply
+                self._busy += 1
+                if sink is None:
+                    # A Reject is an answer, not a crash: nobody asked, so it goes nowhere.
+                    with contextlib.suppress(Reject):
+                        await handle(msg)
+                else:
+                    in_hand.add(sink)
+                    try:
+                        result = await handle(msg)
+                    except Reject as reject:
+                        in_hand.discard(sink)
+                        sink.fail(reject)
+                    else:
+                        in_hand.discard(sink)
+                        sink.set_result(result)
                 self._busy -= 1
                 self._processed += 1
-                i += 1
                 if self._exit_requested:
-                    in_hand.discard(items)
                     self._request_exit()
-                    return False
-            in_hand.discard(items)
-            return True
+                    return
         finally:
-            # Left in the middle (a crash, a cancel, exit()): the rest is
-            # carried over; the one in hand, if any, is failed by _live.
-            if items.next < n:
-                self._carried.append(items)
+            # Left in the middle of a shared entry (a crash, a cancel, exit()):
+            # the rest is carried over; the one in hand, if any, is failed by _live.
+            if items is not None and items.next < len(items.msgs):
+                carried.append(items)
 
     def _fail_in_hand(self, in_hand: set[ReplySink], failure: BaseException | None) -> None:
         """Answer every ask whose handler this instance's end interrupted."""
@@ -618,6 +610,10 @@ class _ActorCell(_Child, Generic[M, R]):
         if self._final:
             return
         self._final = True
+        # In the order they would have been taken: carried-over items come
+        # ahead of the mailbox.
+        while self._carried:
+            self._carried.popleft().fail_rest(self._stopped_error())
         # Draining also takes the items of senders blocked on a full mailbox,
         # so after this loop nobody waits on the mailbox any more.
         while True:
@@ -626,11 +622,9 @@ class _ActorCell(_Child, Generic[M, R]):
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 break
             if isinstance(envelope, _Items):
-                self._carried.append(envelope)
+                envelope.fail_rest(self._stopped_error())
             elif envelope.reply is not None:
                 envelope.reply.fail(self._stopped_error())
-        while self._carried:
-            self._carried.popleft().fail_rest(self._stopped_error())
         self._send_chan.close()
         self._recv_chan.close()
         self.status.value = status

@@ -905,7 +905,7 @@ class PeerSequencer(Actor[list[Any], None]):
         stream = self._streams.get(item.stream)
         if stream is None:
             config = self._configs.get(item.stream, self._default)
-            stream = StreamSequencer(config, first=item.stream_floor)
+            stream = StreamSequencer(config=config, first=item.stream_floor)
             self._streams[item.stream] = stream
         result = stream.offer(item.stream_seq, item.stream_floor, item, now)
         if result is OfferResult.ACCEPTED:
@@ -950,7 +950,7 @@ class PeerSequencer(Actor[list[Any], None]):
             if compute is not None:
                 await compute.send(gap)
         for name, stream in list(self._streams.items()):
-            for event in stream.next_events():
+            for event in stream.take_events():
                 if type(event) is Release:
                     item = event.item
                     if compute is None:

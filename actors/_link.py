@@ -384,7 +384,7 @@ class LinkState:
             return
         self.dispatch()
         deadline = self.core.next_deadline()
-        if deadline < timer.deadline:
+        if deadline is not None and deadline < timer.deadline:
             timer.deadline = deadline
 
     def transmit(self, sock: SocketLike, now: float) -> None:
@@ -682,10 +682,10 @@ class PeerLink(Actor[Any, Any]):
                     if inject:
                         held = faults.next_deadline()
                         if held is not None:
-                            deadline = min(deadline, held)
+                            deadline = held if deadline is None else min(deadline, held)
                     # A poll can settle sends (give-ups) and free window: dispatch again.
                     st.dispatch()
-                    target = deadline if math.isfinite(deadline) else math.inf
+                    target = math.inf if deadline is None else deadline
                     if timer.deadline != target:
                         timer.deadline = target
                     await sock.wait_ready(writable=bool(pending))

@@ -88,7 +88,7 @@ def frame_three_is_late() -> None:
     delivered: list[str] = []
     for frame in (1, 2, 4, 5, 6, 3):
         seq.offer(StreamSeq(frame), StreamSeq(1), f"frame {frame}", now=0.0)
-        events = seq.next_events()
+        events = seq.take_events()
         delivered.extend(e.item for e in events if type(e) is Release)
         stats = seq.statistics()
         what = describe(events) or ["hold"]
@@ -198,10 +198,11 @@ def policies() -> None:
     """Part 4: nobody says what became of frame 3; each policy's answer (virtual time)."""
     print("part 4: frame 3 missing and the sender silent, per gap policy (gap_timeout=0.5 s)")
     for policy in GapPolicy:
-        seq: StreamSequencer[str] = StreamSequencer(StreamConfig(policy=policy, gap_timeout=0.5))
+        config = StreamConfig(policy=policy, gap_timeout=0.5)
+        seq: StreamSequencer[str] = StreamSequencer(config=config)
         for frame in (1, 2, 4, 5, 6):
             seq.offer(StreamSeq(frame), StreamSeq(1), f"{frame}", now=0.0)
-        story = describe(seq.next_events())
+        story = describe(seq.take_events())
         now = 0.0
         while now < 3.0:
             deadline = seq.next_deadline()
@@ -209,12 +210,12 @@ def policies() -> None:
                 break
             now = deadline
             seq.poll(now)
-            story += [f"t={now:g}: {e}" for e in describe(seq.next_events())]
+            story += [f"t={now:g}: {e}" for e in describe(seq.take_events())]
         if policy is GapPolicy.FAIL:
             # FAIL waits like WAIT until frame 3 is known lost; here the
             # sender finally answers that it gave frame 3 up.
             seq.on_missing_answer((MissingItem(StreamSeq(3), MissingStatus.GIVEN_UP),), now)
-            story += [f"sender says GIVEN_UP: {e}" for e in describe(seq.next_events())]
+            story += [f"sender says GIVEN_UP: {e}" for e in describe(seq.take_events())]
         if policy is GapPolicy.SKIP:
             late = seq.offer(StreamSeq(3), StreamSeq(1), "3", now)
             story.append(f"frame 3 arrives late -> {late.name} (answered ERR SKIPPED)")

@@ -415,10 +415,11 @@ class SimNet:
                 self.result.now = self.now
                 self.result.steps = step
                 return self.result
-            due = [self.sender.next_deadline()]
-            receiver_due = self.receiver.next_deadline()
-            if receiver_due is not None:
-                due.append(receiver_due)
+            due = [
+                d
+                for d in (self.sender.next_deadline(), self.receiver.next_deadline())
+                if d is not None
+            ]
             if self._wire:
                 due.append(self._wire[0][0])
             if self._work:

@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from actors import (
     Actor,
@@ -17,6 +19,7 @@ from actors import (
     ActorStopped,
     AskTimeout,
     ChildSpec,
+    Reject,
     Status,
     open_supervisor,
     spawn,
@@ -434,3 +437,102 @@ async def test_reject_answers_the_asker_without_crashing_the_actor() -> None:
         assert stats.failures == 0
         assert stats.restarts == 0
         await ref.stop()
+
+
+# -- one rule for a message, alone or as an item of a shared entry ----------------
+
+_OPS = ("return", "reject", "crash", "exit", "stop")
+
+
+class _Scripted(Actor[tuple[int, str], int]):
+    """Does to each message what its op says; ``stop`` waits to be stopped."""
+
+    def __init__(self, stopping: trio.Event) -> None:
+        self._stopping = stopping
+
+    async def receive(self, msg: tuple[int, str]) -> int:
+        index, op = msg
+        await trio.sleep(0.001)
+        if op == "reject":
+            raise Reject(400, f"no {index}")
+        if op == "crash":
+            raise RuntimeError(f"crash on {index}")
+        if op == "exit":
+            self.exit()
+        elif op == "stop":
+            self._stopping.set()
+            await trio.sleep_forever()
+        return index
+
+
+class _Log(list[tuple[int, object]]):
+    """Outcomes (index, value or error type) in settling order; ``full`` once all are in."""
+
+    def __init__(self, expect: int) -> None:
+        super().__init__()
+        self.expect = expect
+        self.full = trio.Event()
+
+    def add(self, index: int, outcome: object) -> None:
+        self.append((index, outcome))
+        if len(self) >= self.expect:
+            self.full.set()
+
+
+class _Outcomes:
+    """A reply sink for both kinds of send: message ``first + index`` settles into ``log``."""
+
+    def __init__(self, log: _Log, first: int = 0) -> None:
+        self._log = log
+        self._first = first
+
+    def set_result(self, value: object) -> None:
+        self.set_item_result(0, value)
+
+    def fail(self, error: BaseException) -> None:
+        self.fail_item(0, error)
+
+    def set_item_result(self, index: int, value: object) -> None:
+        self._log.add(self._first + index, value)
+
+    def fail_item(self, index: int, error: BaseException) -> None:
+        self._log.add(self._first + index, type(error).__name__)
+
+
+async def _settle(ops: list[str], as_items: bool) -> list[tuple[int, object]]:
+    """Send ``ops`` (then one trailing plain message) and return every outcome in order."""
+    stopping = trio.Event()
+    spec = ChildSpec("w", lambda: _Scripted(stopping), mailbox_size=len(ops) + 1)
+    log = _Log(expect=len(ops) + 1)
+    async with (
+        open_supervisor(spec, intensity=len(ops) + 1, period=1.0) as sup,
+        trio.open_nursery() as nursery,
+    ):
+        ref = sup.actor("w")
+
+        async def stop_when_asked() -> None:
+            await stopping.wait()
+            await ref.stop()
+
+        nursery.start_soon(stop_when_asked)
+        msgs = list(enumerate(ops))
+        if as_items:
+            ref.send_items_nowait(msgs, reply=_Outcomes(log))
+        else:
+            for msg in msgs:
+                ref.send_nowait(msg, reply=_Outcomes(log, msg[0]))
+        # Behind them in the mailbox: carried-over items must still come first.
+        ref.send_nowait((len(ops), "return"), reply=_Outcomes(log, len(ops)))
+        with trio.fail_after(600):
+            await log.full.wait()
+        nursery.cancel_scope.cancel()
+    return list(log)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=st.lists(st.sampled_from(_OPS), max_size=140))
+def test_items_of_a_shared_entry_settle_exactly_as_messages_sent_alone(ops: list[str]) -> None:
+    alone = trio.run(_settle, ops, False, clock=trio.testing.MockClock(autojump_threshold=0))
+    shared = trio.run(_settle, ops, True, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert shared == alone
+    assert sorted(index for index, _ in alone) == list(range(len(ops) + 1))

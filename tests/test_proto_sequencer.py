@@ -7,9 +7,11 @@ deadlines are asserted with ``==``.
 
 from __future__ import annotations
 
+import dataclasses
 import random
+import typing
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 from hypothesis import given, settings
@@ -17,12 +19,16 @@ from hypothesis import strategies as st
 
 from transport import (
     Incarnation,
+    LinkReceiver,
+    LinkSender,
     LocalProtocolError,
     MissingItem,
     MissingStatus,
     NodeId,
+    ReceiverConfig,
     RemoteProtocolError,
     Req,
+    SenderConfig,
     StreamId,
     decode,
     encode,
@@ -35,8 +41,8 @@ from transport._proto_sequencer import (
     GapReason,
     OfferResult,
     Release,
-    SeqEvent,
     SequencerConfig,
+    SequencerEvent,
     StreamFailed,
     StreamSequencer,
 )
@@ -47,14 +53,14 @@ ACCEPTED = OfferResult.ACCEPTED
 
 
 def make(**kwargs: object) -> StreamSequencer[str]:
-    return StreamSequencer(SequencerConfig(**kwargs))  # type: ignore[arg-type]
+    return StreamSequencer(config=SequencerConfig(**kwargs))  # type: ignore[arg-type]
 
 
 def offer(sq: StreamSequencer[str], seq: int, now: float = 0.0, floor: int = 1) -> OfferResult:
     return sq.offer(S(seq), S(floor), f"m{seq}", now)
 
 
-def released(events: Sequence[SeqEvent[T]]) -> list[int]:
+def released(events: Sequence[SequencerEvent[T]]) -> list[int]:
     return [e.stream_seq for e in events if isinstance(e, Release)]
 
 
@@ -69,9 +75,9 @@ def test_in_order_releases_at_once_with_items() -> None:
     sq = make()
     for seq in range(1, 6):
         assert offer(sq, seq) is ACCEPTED
-    events = sq.next_events()
+    events = sq.take_events()
     assert events == [Release(S(n), f"m{n}") for n in range(1, 6)]
-    assert sq.next_events() == []
+    assert sq.take_events() == []
     assert sq.next_deadline() is None
     stats = sq.statistics()
     assert (stats.delivered, stats.buffered, stats.reordered) == (5, 0, 0)
@@ -83,10 +89,10 @@ def test_waiting_on_3_got_4_5_6_delivers_3_to_6_when_3_arrives() -> None:
     offer(sq, 2)
     for seq in (4, 5, 6):
         assert offer(sq, seq, now=1.0) is ACCEPTED
-    assert released(sq.next_events()) == [1, 2]
+    assert released(sq.take_events()) == [1, 2]
     assert sq.statistics().buffered == 3
     assert offer(sq, 3, now=1.1) is ACCEPTED
-    assert released(sq.next_events()) == [3, 4, 5, 6]
+    assert released(sq.take_events()) == [3, 4, 5, 6]
     stats = sq.statistics()
     assert (stats.buffered, stats.max_buffered, stats.reordered) == (0, 3, 3)
     assert sq.next_deadline() is None
@@ -98,8 +104,8 @@ def test_release_at_once_moves_the_state_as_offer_does_without_an_event() -> Non
         assert fast.releases_at_once(S(seq), S(floor))
         fast.release_at_once(S(seq), S(floor))
         assert offer(slow, seq, floor=floor) is ACCEPTED
-    assert fast.next_events() == []
-    assert released(slow.next_events()) == [1, 2, 3]
+    assert fast.take_events() == []
+    assert released(slow.take_events()) == [1, 2, 3]
     assert fast.next_expected == slow.next_expected == 4
     assert fast.statistics() == slow.statistics()
     # A floor below 3 is stale for both now.
@@ -129,7 +135,7 @@ def test_duplicates_of_released_and_held_are_refused_and_counted() -> None:
     assert offer(sq, 1) is OfferResult.DUPLICATE
     assert offer(sq, 3) is OfferResult.DUPLICATE
     assert offer(sq, 2) is ACCEPTED
-    assert released(sq.next_events()) == [1, 2, 3]
+    assert released(sq.take_events()) == [1, 2, 3]
     assert sq.statistics().duplicates == 2
 
 
@@ -158,8 +164,51 @@ def test_bad_seq_or_floor_is_a_remote_error_and_changes_nothing() -> None:
     ],
 )
 def test_config_rejects_nonsense(kwargs: dict[str, float]) -> None:
-    with pytest.raises(ValueError, match="must be"):
+    with pytest.raises(LocalProtocolError, match=r"SequencerConfig\.\w+"):
         SequencerConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def _three_cores() -> list[LinkSender | LinkReceiver | StreamSequencer[str]]:
+    return [
+        LinkSender(NodeId("a"), Incarnation(1), NodeId("b"), now=0.0, rng=lambda: 0.5),
+        LinkReceiver(NodeId("b"), Incarnation(1)),
+        make(),
+    ]
+
+
+@pytest.mark.parametrize("core", _three_cores(), ids=["sender", "receiver", "sequencer"])
+def test_the_three_cores_share_one_convention(
+    core: LinkSender | LinkReceiver | StreamSequencer[str],
+) -> None:
+    # transport/_proto_link.py: take_events(), next_deadline() -> float | None,
+    # poll(now) refusing a clock that goes backwards, a frozen statistics().
+    hints = typing.get_type_hints(type(core).next_deadline)
+    assert hints["return"] == float | None
+    core.poll(1.0)
+    deadline = core.next_deadline()
+    assert deadline is None or isinstance(deadline, float)
+    assert isinstance(core.take_events(), list)
+    assert core.take_events() == []
+    with pytest.raises(LocalProtocolError, match="went backwards"):
+        core.poll(0.5)
+    stats = core.statistics()
+    assert dataclasses.is_dataclass(stats)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        stats.__setattr__(dataclasses.fields(stats)[0].name, 0)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: SenderConfig(retry_timeout=0.0),
+        lambda: ReceiverConfig(window=0),
+        lambda: SequencerConfig(buffer_limit=0),
+    ],
+    ids=["sender", "receiver", "sequencer"],
+)
+def test_every_core_refuses_bad_config_with_local_protocol_error(build: Any) -> None:
+    with pytest.raises(LocalProtocolError, match="must be"):
+        build()
 
 
 # -- REQ timing ----------------------------------------------------------------
@@ -169,14 +218,14 @@ def test_ask_at_gap_timeout_then_backoff_doubles_to_ceiling() -> None:
     sq = make(gap_timeout=0.5, req_backoff=2.0, req_ceiling=4.0)
     offer(sq, 1, now=0.0)
     offer(sq, 3, now=1.0)
-    sq.next_events()
+    sq.take_events()
     sq.poll(1.25)
-    assert sq.next_events() == []
+    assert sq.take_events() == []
     # Waits between REQs: 1, 2, 4, then the 4 s ceiling.
     for due in (1.5, 2.5, 4.5, 8.5, 12.5, 16.5):
         assert sq.next_deadline() == due
         sq.poll(due)
-        assert sq.next_events() == [AskMissing((S(2),))]
+        assert sq.take_events() == [AskMissing((S(2),))]
     assert sq.statistics().reqs_sent == 6
 
 
@@ -186,12 +235,12 @@ def test_ask_names_missing_numbers_only_capped() -> None:
     offer(sq, 7, now=0.0)
     offer(sq, 9, now=0.0)
     sq.poll(0.5)
-    assert sq.next_events() == [AskMissing((S(1), S(2), S(3)))]
+    assert sq.take_events() == [AskMissing((S(1), S(2), S(3)))]
     sq2 = make()
     for seq in (4, 7, 9):
         offer(sq2, seq)
     sq2.poll(0.5)
-    assert sq2.next_events() == [AskMissing((S(1), S(2), S(3), S(5), S(6), S(8)))]
+    assert sq2.take_events() == [AskMissing((S(1), S(2), S(3), S(5), S(6), S(8)))]
 
 
 def test_moved_head_gap_restarts_schedule_but_reqs_keep_gap_timeout_apart() -> None:
@@ -199,18 +248,18 @@ def test_moved_head_gap_restarts_schedule_but_reqs_keep_gap_timeout_apart() -> N
     offer(sq, 1, now=0.0)
     offer(sq, 5, now=1.0)
     offer(sq, 3, now=1.2)
-    sq.next_events()
+    sq.take_events()
     assert sq.next_deadline() == 1.5
     sq.poll(1.5)
-    assert sq.next_events() == [AskMissing((S(2), S(4)))]
+    assert sq.take_events() == [AskMissing((S(2), S(4)))]
     assert sq.next_deadline() == 2.5
     # Gap 2 fills; head gap 4 has been known since 5 arrived at 1.0, so it is
     # due now, but the last REQ went out at 1.5: not before 2.0.
     offer(sq, 2, now=1.7)
-    assert released(sq.next_events()) == [2, 3]
+    assert released(sq.take_events()) == [2, 3]
     assert sq.next_deadline() == 2.0
     sq.poll(2.0)
-    assert sq.next_events() == [AskMissing((S(4),))]
+    assert sq.take_events() == [AskMissing((S(4),))]
     assert sq.next_deadline() == 3.0
     assert sq.statistics().gaps_seen == 2
 
@@ -220,15 +269,15 @@ def test_in_flight_and_resent_answers_keep_backoff_running() -> None:
     offer(sq, 1, now=0.0)
     offer(sq, 3, now=1.0)
     sq.poll(1.5)
-    sq.next_events()
+    sq.take_events()
     sq.on_missing_answer(answer((2, MissingStatus.IN_FLIGHT)), now=1.6)
     assert sq.next_deadline() == 2.5
     sq.poll(2.5)
-    assert sq.next_events() == [AskMissing((S(2),))]
+    assert sq.take_events() == [AskMissing((S(2),))]
     sq.on_missing_answer(answer((2, MissingStatus.RESENT)), now=2.6)
     assert sq.next_deadline() == 4.5
     assert offer(sq, 2, now=2.7) is ACCEPTED
-    assert released(sq.next_events()) == [2, 3]
+    assert released(sq.take_events()) == [2, 3]
     assert sq.next_deadline() is None
     stats = sq.statistics()
     assert (stats.reqs_sent, stats.answers_received, stats.gap_events) == (2, 2, 0)
@@ -254,7 +303,7 @@ def test_in_flight_then_resent_delivers_under_every_policy(policy: GapPolicy) ->
     sq.poll(1.5)
     sq.on_missing_answer(answer((2, MissingStatus.RESENT)), now=1.6)
     offer(sq, 2, now=1.7)
-    events = sq.next_events()
+    events = sq.take_events()
     assert released(events) == [1, 2, 3, 4]
     assert [e for e in events if isinstance(e, AskMissing)] == [AskMissing((S(2),))] * 2
     assert not [e for e in events if isinstance(e, Gap | StreamFailed)]
@@ -269,11 +318,11 @@ def test_lost_message_becomes_gap_then_delivery_moves_on(
     offer(sq, 1)
     offer(sq, 4)
     offer(sq, 5)
-    sq.next_events()
+    sq.take_events()
     sq.poll(0.5)
-    assert sq.next_events() == [AskMissing((S(2), S(3)))]
+    assert sq.take_events() == [AskMissing((S(2), S(3)))]
     sq.on_missing_answer(answer((2, status), (3, status)), now=0.6)
-    assert sq.next_events() == [
+    assert sq.take_events() == [
         Gap(S(2), S(3), reason),
         Release(S(4), "m4"),
         Release(S(5), "m5"),
@@ -292,9 +341,9 @@ def test_fail_policy_fails_and_returns_held_items(status: MissingStatus, reason:
     offer(sq, 5)
     offer(sq, 3)
     sq.poll(0.5)
-    sq.next_events()
+    sq.take_events()
     sq.on_missing_answer(answer((2, status)), now=0.6)
-    assert sq.next_events() == [StreamFailed(S(2), reason, ("m3", "m5"))]
+    assert sq.take_events() == [StreamFailed(S(2), reason, ("m3", "m5"))]
     assert sq.statistics().failed
     assert sq.statistics().buffered == 0
     assert offer(sq, 6, now=0.7) is OfferResult.STREAM_FAILED
@@ -310,13 +359,13 @@ def test_fail_policy_delivers_up_to_first_lost_message() -> None:
     offer(sq, 3)
     offer(sq, 5)
     sq.poll(0.5)
-    sq.next_events()
+    sq.take_events()
     # 4 is known lost, 2 may still come: wait for 2, then fail at 4.
     sq.on_missing_answer(answer((2, MissingStatus.IN_FLIGHT), (4, MissingStatus.GIVEN_UP)), now=0.6)
-    assert sq.next_events() == []
+    assert sq.take_events() == []
     assert sq.next_deadline() == 1.5
     offer(sq, 2, now=0.7)
-    assert sq.next_events() == [
+    assert sq.take_events() == [
         Release(S(2), "m2"),
         Release(S(3), "m3"),
         StreamFailed(S(4), GapReason.GIVEN_UP, ("m5",)),
@@ -329,10 +378,10 @@ def test_floor_settles_missing_numbers_without_asking(policy: GapPolicy) -> None
     offer(sq, 1)
     offer(sq, 3)
     offer(sq, 6)
-    sq.next_events()
+    sq.take_events()
     # The sender holds an outcome for everything below 5: 2 and 4 can never come.
     result = offer(sq, 7, floor=5)
-    events = sq.next_events()
+    events = sq.take_events()
     if policy is GapPolicy.FAIL:
         # The DATA that revealed the loss is refused like every later one.
         assert result is OfferResult.STREAM_FAILED
@@ -348,17 +397,17 @@ def test_floor_settles_missing_numbers_without_asking(policy: GapPolicy) -> None
     assert sq.statistics().reqs_sent == 0
     assert offer(sq, 4) is OfferResult.STALE
     assert offer(sq, 5, floor=5) is ACCEPTED
-    assert released(sq.next_events()) == [5, 6, 7]
+    assert released(sq.take_events()) == [5, 6, 7]
 
 
 def test_floor_passing_a_message_that_is_then_offered_is_stale() -> None:
     sq = make()
     offer(sq, 1)
     assert offer(sq, 4, floor=3) is ACCEPTED
-    assert sq.next_events() == [Release(S(1), "m1"), Gap(S(2), S(2), GapReason.PASSED_FLOOR)]
+    assert sq.take_events() == [Release(S(1), "m1"), Gap(S(2), S(2), GapReason.PASSED_FLOOR)]
     assert offer(sq, 2) is OfferResult.STALE
     assert offer(sq, 3, floor=3) is ACCEPTED
-    assert released(sq.next_events()) == [3, 4]
+    assert released(sq.take_events()) == [3, 4]
     assert sq.statistics().stale == 1
 
 
@@ -371,12 +420,12 @@ def test_wait_never_skips_a_message_that_may_still_arrive() -> None:
         assert deadline is not None
         now = deadline
         sq.poll(now)
-        events = sq.next_events()
+        events = sq.take_events()
         assert events == [AskMissing((S(1),))]
         sq.on_missing_answer(answer((1, MissingStatus.IN_FLIGHT)), now)
     assert now == 0.5 + 1 + 2 + 4 * 47
     assert offer(sq, 1, now=now) is ACCEPTED
-    assert released(sq.next_events()) == [1, 2]
+    assert released(sq.take_events()) == [1, 2]
     assert sq.statistics().gap_events == 0
 
 
@@ -385,15 +434,15 @@ def test_skip_after_timeout_then_late_arrival_is_late_skipped() -> None:
     offer(sq, 1, now=0.0)
     offer(sq, 5, now=1.0)
     offer(sq, 3, now=1.25)
-    sq.next_events()
+    sq.take_events()
     sq.poll(1.5)
-    assert sq.next_events() == [AskMissing((S(2), S(4)))]
+    assert sq.take_events() == [AskMissing((S(2), S(4)))]
     assert sq.next_deadline() == 2.0
     sq.poll(1.999)
-    assert sq.next_events() == []
+    assert sq.take_events() == []
     sq.poll(2.0)
     # Both gaps have been known since 5 arrived at 1.0: one poll skips both.
-    assert sq.next_events() == [
+    assert sq.take_events() == [
         Gap(S(2), S(2), GapReason.SKIPPED),
         Release(S(3), "m3"),
         Gap(S(4), S(4), GapReason.SKIPPED),
@@ -413,10 +462,10 @@ def test_skip_default_is_twice_gap_timeout() -> None:
     sq = make(policy=GapPolicy.SKIP, gap_timeout=0.25)
     offer(sq, 2, now=1.0)
     sq.poll(1.25)
-    assert sq.next_events() == [AskMissing((S(1),))]
+    assert sq.take_events() == [AskMissing((S(1),))]
     assert sq.next_deadline() == 1.5
     sq.poll(1.5)
-    assert sq.next_events() == [Gap(S(1), S(1), GapReason.SKIPPED), Release(S(2), "m2")]
+    assert sq.take_events() == [Gap(S(1), S(1), GapReason.SKIPPED), Release(S(2), "m2")]
 
 
 def test_number_reported_lost_that_arrives_later_is_stale_not_delivered() -> None:
@@ -424,12 +473,12 @@ def test_number_reported_lost_that_arrives_later_is_stale_not_delivered() -> Non
     offer(sq, 1)
     offer(sq, 4)
     sq.poll(0.5)
-    sq.next_events()
+    sq.take_events()
     sq.on_missing_answer(answer((2, MissingStatus.IN_FLIGHT), (3, MissingStatus.GIVEN_UP)), now=0.6)
     # The sender told its user that 3 failed: delivering it now would contradict that.
     assert offer(sq, 3, now=0.7) is OfferResult.STALE
     assert offer(sq, 2, now=0.8) is ACCEPTED
-    assert sq.next_events() == [
+    assert sq.take_events() == [
         Release(S(2), "m2"),
         Gap(S(3), S(3), GapReason.GIVEN_UP),
         Release(S(4), "m4"),
@@ -441,13 +490,13 @@ def test_stale_answers_about_numbers_that_arrived_are_ignored() -> None:
     offer(sq, 3)
     offer(sq, 1)
     offer(sq, 2)
-    sq.next_events()
+    sq.take_events()
     sq.on_missing_answer(answer((2, MissingStatus.GIVEN_UP)), now=1.0)
     offer(sq, 5)
     sq.on_missing_answer(answer((3, MissingStatus.GIVEN_UP), (9, MissingStatus.GIVEN_UP)), 1.0)
-    assert sq.next_events() == []
+    assert sq.take_events() == []
     assert offer(sq, 4) is ACCEPTED
-    assert released(sq.next_events()) == [4, 5]
+    assert released(sq.take_events()) == [4, 5]
 
 
 # -- bounds, end of session, unordered ----------------------------------------
@@ -464,7 +513,7 @@ def test_flood_of_far_future_frames_is_refused_within_the_bound() -> None:
     assert stats.refused_buffer_full == 10_000 - limit
     # The message that unblocks the stream is never refused.
     assert offer(sq, 1) is ACCEPTED
-    assert released(sq.next_events()) == list(range(1, limit + 2))
+    assert released(sq.take_events()) == list(range(1, limit + 2))
     # The window slid: refused messages are accepted when sent again.
     assert offer(sq, limit + 2) is ACCEPTED
     assert sq.next_expected == limit + 3
@@ -479,11 +528,11 @@ def test_end_returns_held_items_in_order_and_stops_the_sequencer() -> None:
         offer(sq, seq, now=0.1)
     assert sq.next_deadline() == 0.6
     assert sq.end() == ["m3", "m5", "m7"]
-    assert released(sq.next_events()) == [1]
+    assert released(sq.take_events()) == [1]
     assert sq.next_deadline() is None
     assert sq.end() == []
     sq.poll(10.0)
-    assert sq.next_events() == []
+    assert sq.take_events() == []
     with pytest.raises(LocalProtocolError, match="end"):
         offer(sq, 2)
 
@@ -494,25 +543,25 @@ def test_sender_restart_ends_old_session_and_new_one_starts_at_1() -> None:
     offer(old, 3)
     offer(old, 4)
     old.poll(0.5)
-    assert old.next_events()[-1] == AskMissing((S(2),))
+    assert old.take_events()[-1] == AskMissing((S(2),))
     # The node sees a new incarnation: the old session's held messages are
     # reported undelivered, not dropped.
     assert old.end() == ["m3", "m4"]
     new = make()
     assert offer(new, 1, now=0.6) is ACCEPTED
     assert offer(new, 2, now=0.6) is ACCEPTED
-    assert released(new.next_events()) == [1, 2]
+    assert released(new.take_events()) == [1, 2]
 
 
 @pytest.mark.parametrize("policy", list(GapPolicy))
 def test_sequencer_started_mid_stream_resumes_without_gaps(policy: GapPolicy) -> None:
     # A receiver that restarted meets the stream at the sender's floor 50.
-    sq = StreamSequencer[str](SequencerConfig(policy=policy), first=S(50))
+    sq = StreamSequencer[str](config=SequencerConfig(policy=policy), first=S(50))
     assert offer(sq, 51, floor=50) is ACCEPTED
     assert offer(sq, 50, floor=50) is ACCEPTED
     assert offer(sq, 12) is OfferResult.STALE
-    assert sq.next_events() == [Release(S(50), "m50"), Release(S(51), "m51")]
-    with pytest.raises(ValueError, match="first"):
+    assert sq.take_events() == [Release(S(50), "m50"), Release(S(51), "m51")]
+    with pytest.raises(LocalProtocolError, match="first must be"):
         StreamSequencer[str](first=S(0))
 
 
@@ -528,11 +577,11 @@ def test_unordered_releases_as_it_arrives_and_still_dedups() -> None:
         OfferResult.REFUSED_BUFFER_FULL,
         ACCEPTED,
     ]
-    assert released(sq.next_events()) == [3, 1, 2, 6]
+    assert released(sq.take_events()) == [3, 1, 2, 6]
     assert sq.next_expected == 4
     sq.poll(100.0)
     assert sq.next_deadline() is None
-    assert sq.next_events() == []
+    assert sq.take_events() == []
     # The floor passes 4 and 5 (given up at the sender): they are stale now,
     # and 6 is still remembered as seen.
     assert offer(sq, 7, floor=5) is ACCEPTED
@@ -563,7 +612,7 @@ def test_any_permutation_duplication_and_loss_delivers_1_to_n_once_in_order(
     first = [s for s in order if s not in lost]
     arrivals = data.draw(st.permutations(first + dups))
     resends = data.draw(st.permutations(sorted(lost)))
-    sq = StreamSequencer[int](SequencerConfig(buffer_limit=limit))
+    sq = StreamSequencer[int](config=SequencerConfig(buffer_limit=limit))
     accepted: list[int] = []
     queue = list(arrivals) + list(resends)
     # Refused messages are resent later, as the sender does on RetryLater.
@@ -579,7 +628,7 @@ def test_any_permutation_duplication_and_loss_delivers_1_to_n_once_in_order(
         else:
             assert result is OfferResult.DUPLICATE
     assert not queue
-    events = sq.next_events()
+    events = sq.take_events()
     assert events == [Release(S(s), s) for s in range(1, n + 1)]
     assert sorted(accepted) == list(range(1, n + 1))
     assert sq.statistics().buffered == 0
@@ -588,7 +637,7 @@ def test_any_permutation_duplication_and_loss_delivers_1_to_n_once_in_order(
 
 def _run_terrible_network(
     rng: random.Random, n: int, policy: GapPolicy, given_up: frozenset[int], limit: int
-) -> tuple[StreamSequencer[int], list[SeqEvent[int]], dict[int, list[OfferResult]]]:
+) -> tuple[StreamSequencer[int], list[SequencerEvent[int]], dict[int, list[OfferResult]]]:
     """A seeded sender/network/receiver loop: loss, duplication, reordering, REQs.
 
     The sender retries every message without a final outcome until it has
@@ -596,13 +645,13 @@ def _run_terrible_network(
     their copies ever arrives) and stamps each DATA with its current floor.
     """
     sq = StreamSequencer[int](
-        SequencerConfig(policy=policy, buffer_limit=limit, gap_timeout=0.5, skip_after=1.5)
+        config=SequencerConfig(policy=policy, buffer_limit=limit, gap_timeout=0.5, skip_after=1.5)
     )
     final: set[int] = set()
     give_up_at = {s: rng.randrange(0, 200) for s in given_up}
     network: list[tuple[int, int]] = []
     results: dict[int, list[OfferResult]] = {s: [] for s in range(1, n + 1)}
-    events: list[SeqEvent[int]] = []
+    events: list[SequencerEvent[int]] = []
     now = 0.0
 
     def floor_for(seq: int) -> int:
@@ -641,7 +690,7 @@ def _run_terrible_network(
                 if seq not in final:
                     send(seq, lossy)
         sq.poll(now)
-        for event in sq.next_events():
+        for event in sq.take_events():
             events.append(event)
             if isinstance(event, Release):
                 final.add(event.stream_seq)
@@ -658,7 +707,7 @@ def _run_terrible_network(
                 sq.on_missing_answer(items, now)
     else:
         pytest.fail("the simulated stream did not settle")
-    events.extend(sq.next_events())
+    events.extend(sq.take_events())
     return sq, events, results
 
 
@@ -730,7 +779,7 @@ def test_unordered_delivers_each_once_in_arrival_order(data: st.DataObject, n: i
     order = data.draw(st.permutations(range(1, n + 1)))
     dups = data.draw(st.lists(st.sampled_from(order), max_size=n))
     arrivals = data.draw(st.permutations(list(order) + dups))
-    sq = StreamSequencer[int](SequencerConfig(ordered=False, buffer_limit=n))
+    sq = StreamSequencer[int](config=SequencerConfig(ordered=False, buffer_limit=n))
     first_seen: list[int] = []
     for seq in arrivals:
         result = sq.offer(S(seq), S(1), seq, 0.0)
@@ -739,7 +788,7 @@ def test_unordered_delivers_each_once_in_arrival_order(data: st.DataObject, n: i
         else:
             assert result is ACCEPTED
             first_seen.append(seq)
-    assert released(sq.next_events()) == first_seen
+    assert released(sq.take_events()) == first_seen
     assert sq.next_expected == n + 1
     assert sq.next_deadline() is None
 
@@ -760,16 +809,16 @@ def _req_of(event: AskMissing) -> Req:
 
 
 def test_the_last_number_of_the_range_is_released_and_its_copies_refused() -> None:
-    sq = StreamSequencer[str](SequencerConfig(), first=S(MAX - 3))
+    sq = StreamSequencer[str](first=S(MAX - 3))
     assert offer(sq, MAX, floor=MAX - 3) is ACCEPTED
     assert offer(sq, MAX - 2, floor=MAX - 3) is ACCEPTED
     sq.poll(0.5)
-    (ask,) = [e for e in sq.next_events() if isinstance(e, AskMissing)]
+    (ask,) = [e for e in sq.take_events() if isinstance(e, AskMissing)]
     assert ask.missing == (S(MAX - 3), S(MAX - 1))
     assert decode(encode(_req_of(ask))) == _req_of(ask)
     assert offer(sq, MAX - 3, floor=MAX - 3) is ACCEPTED
     assert offer(sq, MAX - 1, floor=MAX - 3) is ACCEPTED
-    assert released(sq.next_events()) == [MAX - 3, MAX - 2, MAX - 1, MAX]
+    assert released(sq.take_events()) == [MAX - 3, MAX - 2, MAX - 1, MAX]
     # ``next`` is now 2**63, past every number a DATA can carry: each copy is
     # a duplicate, never a new message, and no REQ is ever due.
     assert offer(sq, MAX, floor=MAX) is OfferResult.DUPLICATE
@@ -792,7 +841,7 @@ def test_every_event_at_the_top_of_the_range_stays_in_u63_and_every_req_encodes(
     first: int,
 ) -> None:
     sq = StreamSequencer[int](
-        SequencerConfig(ordered=ordered, policy=policy, buffer_limit=256), first=S(first)
+        config=SequencerConfig(ordered=ordered, policy=policy, buffer_limit=256), first=S(first)
     )
     now = 0.0
     for seq, floor in offers:
@@ -805,7 +854,7 @@ def test_every_event_at_the_top_of_the_range_stays_in_u63_and_every_req_encodes(
         if answers:
             sq.on_missing_answer(answer(*answers), now)
     sq.poll(now + 100.0)
-    for event in sq.next_events():
+    for event in sq.take_events():
         if isinstance(event, Release):
             assert 1 <= event.stream_seq <= MAX
         elif isinstance(event, Gap):

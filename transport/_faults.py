@@ -62,6 +62,55 @@ class FaultStatistics:
     held: int
 
 
+class FaultDraws:
+    """The seeded draws that decide each message's fate: the one place the rule lives.
+
+    :class:`FaultInjector` (a link's outgoing messages) and
+    :class:`~transport.MemoryNetwork` (one direction between two nodes) both
+    draw here, so the two apply a plan alike. Per message, in this order:
+    drop with probability ``drop``; otherwise a second copy with probability
+    ``duplicate``; then, if the plan delays, each copy's extra delay, uniform
+    in ``[0, delay]``. The plan is passed per message, so one generator keeps
+    its sequence when the plan in force changes.
+
+    Args:
+        seed: seeds the generator (any string; a run with the same one
+            repeats the same fates).
+    """
+
+    __slots__ = ("_rng", "delayed", "dropped", "duplicated")
+
+    def __init__(self, seed: str) -> None:
+        self._rng = random.Random(seed)
+        #: Messages dropped so far.
+        self.dropped = 0
+        #: Messages that got a second copy so far.
+        self.duplicated = 0
+        #: Copies given an extra delay so far.
+        self.delayed = 0
+
+    def copies(self, plan: FaultPlan) -> list[float]:
+        """Draw one message's fate under ``plan``.
+
+        Returns:
+            One extra delay in seconds per copy to send: none when the message
+            is dropped, two when it is duplicated, each 0.0 if the plan does
+            not delay.
+        """
+        rng = self._rng
+        if plan.drop and rng.random() < plan.drop:
+            self.dropped += 1
+            return []
+        copies = 1
+        if plan.duplicate and rng.random() < plan.duplicate:
+            self.duplicated += 1
+            copies = 2
+        if not plan.delay:
+            return [0.0] * copies
+        self.delayed += copies
+        return [rng.random() * plan.delay for _ in range(copies)]
+
+
 class FaultInjector(Generic[T]):
     """Applies a :class:`FaultPlan` to a stream of outgoing messages."""
 
@@ -69,10 +118,10 @@ class FaultInjector(Generic[T]):
         self._plan = plan
         # A salt (e.g. the link's name) gives each link of one run its own,
         # still repeatable, pattern of faults.
-        self._rng = random.Random(f"{plan.seed}:{salt}")
+        self._draws = FaultDraws(f"{plan.seed}:{salt}")
         self._held: list[tuple[float, int, T]] = []
         self._order = itertools.count()
-        self._passed = self._dropped = self._duplicated = self._delayed = 0
+        self._passed = 0
 
     @property
     def active(self) -> bool:
@@ -81,25 +130,15 @@ class FaultInjector(Generic[T]):
 
     def submit(self, message: T, now: float) -> list[T]:
         """Offer one outgoing message; returns the messages to send right now."""
-        plan = self._plan
-        rng = self._rng
-        if plan.drop and rng.random() < plan.drop:
-            self._dropped += 1
-            return []
-        copies = 1
-        if plan.duplicate and rng.random() < plan.duplicate:
-            self._duplicated += 1
-            copies = 2
-        out: list[T] = []
-        for _ in range(copies):
-            if plan.delay:
-                self._delayed += 1
-                due = now + rng.random() * plan.delay
-                heapq.heappush(self._held, (due, next(self._order), message))
-            else:
-                self._passed += 1
-                out.append(message)
-        return out
+        extras = self._draws.copies(self._plan)
+        if not self._plan.delay:
+            self._passed += len(extras)
+            return [message] * len(extras)
+        # With a delaying plan every copy goes through the held heap, a 0.0
+        # draw included, so due() hands copies out in due-time order.
+        for extra in extras:
+            heapq.heappush(self._held, (now + extra, next(self._order), message))
+        return []
 
     def due(self, now: float) -> list[T]:
         """Messages whose delay has passed, in the order they fall due."""
@@ -116,10 +155,11 @@ class FaultInjector(Generic[T]):
 
     def statistics(self) -> FaultStatistics:
         """Counts of what the plan did so far."""
+        draws = self._draws
         return FaultStatistics(
             passed=self._passed,
-            dropped=self._dropped,
-            duplicated=self._duplicated,
-            delayed=self._delayed,
+            dropped=draws.dropped,
+            duplicated=draws.duplicated,
+            delayed=draws.delayed,
             held=len(self._held),
         )

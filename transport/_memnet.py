@@ -29,7 +29,6 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Protocol, cast
@@ -38,7 +37,7 @@ import trio
 import zmq
 
 from ._errors import LocalProtocolError
-from ._faults import FaultPlan
+from ._faults import FaultDraws, FaultPlan
 from ._security import ZAP_DOMAIN, Security
 from ._socket import BytesLike, Socket, SocketStatistics, Unroutable, dealer_socket, router_socket
 
@@ -287,11 +286,11 @@ class MemoryNetwork:
         self._dealers: dict[str, list[MemorySocket]] = {}
         self._routes: dict[str, dict[bytes, MemorySocket]] = {}
         self._plans: dict[tuple[str | None, str | None], FaultPlan] = {}
-        self._rngs: dict[tuple[str, str], random.Random] = {}
+        # One generator per direction, kept when the plan in force changes.
+        self._draws: dict[tuple[str, str], FaultDraws] = {}
         self._cuts: set[tuple[str, str]] = set()
         self._order = itertools.count()
-        self._sent = self._received = self._dropped = 0
-        self._duplicated = self._delayed = self._cut = 0
+        self._sent = self._received = self._cut = 0
 
     # -- sockets ------------------------------------------------------------
 
@@ -371,12 +370,13 @@ class MemoryNetwork:
         """Counters of the whole network."""
         queued = sum(len(s._queue) for s in self._routers.values())
         queued += sum(len(s._queue) for ds in self._dealers.values() for s in ds)
+        draws = self._draws.values()
         return NetworkStatistics(
             sent=self._sent,
             received=self._received,
-            dropped=self._dropped,
-            duplicated=self._duplicated,
-            delayed=self._delayed,
+            dropped=sum(d.dropped for d in draws),
+            duplicated=sum(d.duplicated for d in draws),
+            delayed=sum(d.delayed for d in draws),
             cut=self._cut,
             queued=queued,
         )
@@ -404,22 +404,10 @@ class MemoryNetwork:
         if plan is None:
             target._enqueue(due, next(self._order), src, message)
             return
-        rng = self._rngs.get((src, dst))
-        if rng is None:
-            rng = self._rngs[(src, dst)] = random.Random(f"{self.seed}:{plan.seed}:{src}->{dst}")
-        # The same draws, in the same order, as FaultInjector.submit.
-        if plan.drop and rng.random() < plan.drop:
-            self._dropped += 1
-            return
-        copies = 1
-        if plan.duplicate and rng.random() < plan.duplicate:
-            self._duplicated += 1
-            copies = 2
-        for _ in range(copies):
-            extra = 0.0
-            if plan.delay:
-                self._delayed += 1
-                extra = rng.random() * plan.delay
+        draws = self._draws.get((src, dst))
+        if draws is None:
+            draws = self._draws[(src, dst)] = FaultDraws(f"{self.seed}:{plan.seed}:{src}->{dst}")
+        for extra in draws.copies(plan):
             target._enqueue(due + extra, next(self._order), src, message)
 
     def _bind(self, sock: MemorySocket, endpoint: str) -> str:

@@ -9,6 +9,20 @@ injected :data:`Rng`.
 
 All events are frozen values collected in one place so the whole vocabulary a
 shell has to handle is visible at a glance.
+
+The convention of the three state machines (``LinkSender``, ``LinkReceiver``,
+``StreamSequencer``), so that one shell loop drives any of them:
+
+* constructed with keyword-only ``config=`` (``None``: the defaults); a bad
+  configuration raises :class:`LocalProtocolError` saying which field and why;
+* ``take_events() -> list[...]``: the events since the last call, oldest first;
+* ``poll(now)``: run the timers due at ``now``; a ``now`` before an earlier
+  one raises :class:`LocalProtocolError` (pass a monotonic clock);
+* ``next_deadline() -> float | None``: when to call again, an absolute time on
+  the ``now`` clock (at or before the last ``now``: at once), ``None``: no timer;
+* ``statistics()``: a frozen dataclass snapshot of the counters;
+* caller misuse raises :class:`LocalProtocolError`, bad input from the network
+  :class:`~transport._errors.RemoteProtocolError` (or is counted, never a crash).
 """
 
 from __future__ import annotations

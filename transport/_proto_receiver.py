@@ -8,6 +8,8 @@ peer's incarnation. A shell (the Receiver actor, owner of the ROUTER) drives it:
     receiver.complete(peer, peer_incarnation, seq, result=...)   # compute layer finished
     for peer, frame in receiver.frames_to_send(now): ...   # answers, per peer
 
+It follows the convention of the three state machines (``transport/_proto_link.py``).
+
 Rules that live here (design.md §3, §3.1):
 
 * The first copy of a link sequence number is delivered once; RECEIVED is

@@ -7,6 +7,8 @@ A shell (the PeerLink actor) drives it::
     for event in sender.take_events(): ...        # outcomes, liveness, restarts
     sleep until sender.next_deadline()
 
+It follows the convention of the three state machines (``transport/_proto_link.py``).
+
 Rules that live here (design.md §3, §3.1):
 
 * Link sequence numbers count from 1 per sender incarnation, stream sequence
@@ -849,12 +851,14 @@ class LinkSender:
             self._events.append(PeerStateChanged(self._state, state))
             self._state = state
 
-    def next_deadline(self) -> float:
+    def next_deadline(self) -> float | None:
         """When the shell must call :meth:`frames_to_send` (or :meth:`poll`) next.
 
         Returns:
             An absolute time; one at or before the last ``now`` means "at once".
-            There is always one, because an idle link sends heartbeats.
+            ``None`` (no timer) is part of the shared convention
+            (``transport/_proto_link.py``) but never happens here: an idle
+            link sends heartbeats, so a time is always due.
         """
         cfg = self._config
         if self._control:

@@ -6,8 +6,9 @@ number and hands each new message to the node once. The node offers it to the
 to the compute layer in the sender's order, each exactly once. Like every
 ``_proto_*`` module it does no I/O and reads no clock: time comes in as
 ``now`` (seconds, any monotonic origin), events go out as values pulled with
-:meth:`StreamSequencer.next_events`, and :meth:`StreamSequencer.next_deadline`
-says when :meth:`StreamSequencer.poll` wants to be called again.
+:meth:`StreamSequencer.take_events`, and :meth:`StreamSequencer.next_deadline`
+says when :meth:`StreamSequencer.poll` wants to be called again. It follows
+the convention of the three state machines (``transport/_proto_link.py``).
 
 Terms
 -----
@@ -128,8 +129,8 @@ __all__ = [
     "GapReason",
     "OfferResult",
     "Release",
-    "SeqEvent",
     "SequencerConfig",
+    "SequencerEvent",
     "SequencerStatistics",
     "StreamFailed",
     "StreamSequencer",
@@ -197,7 +198,7 @@ class SequencerConfig:
         req_max_seqs: most missing numbers named in one REQ.
 
     Raises:
-        ValueError: a limit is not positive, or the ceiling is below the timeout.
+        LocalProtocolError: a limit is not positive, or the ceiling is below the timeout.
     """
 
     ordered: bool = True
@@ -211,19 +212,32 @@ class SequencerConfig:
 
     def __post_init__(self) -> None:
         if self.buffer_limit < 1:
-            raise ValueError(f"buffer_limit must be >= 1, got {self.buffer_limit}")
+            raise LocalProtocolError(
+                f"SequencerConfig.buffer_limit must be an integer >= 1 (messages held "
+                f"past a gap), got {self.buffer_limit!r}"
+            )
         if not self.gap_timeout > 0:
-            raise ValueError(f"gap_timeout must be > 0, got {self.gap_timeout}")
+            raise LocalProtocolError(
+                f"SequencerConfig.gap_timeout must be > 0 seconds, got {self.gap_timeout!r}"
+            )
         if self.skip_after is not None and not self.skip_after > 0:
-            raise ValueError(f"skip_after must be > 0 or None, got {self.skip_after}")
+            raise LocalProtocolError(
+                f"SequencerConfig.skip_after must be > 0 seconds, or None for "
+                f"2 * gap_timeout, got {self.skip_after!r}"
+            )
         if not self.req_backoff >= 1:
-            raise ValueError(f"req_backoff must be >= 1, got {self.req_backoff}")
+            raise LocalProtocolError(
+                f"SequencerConfig.req_backoff must be a factor >= 1, got {self.req_backoff!r}"
+            )
         if not self.req_ceiling >= self.gap_timeout:
-            raise ValueError(
-                f"req_ceiling ({self.req_ceiling}) must be >= gap_timeout ({self.gap_timeout})"
+            raise LocalProtocolError(
+                f"SequencerConfig.req_ceiling ({self.req_ceiling!r}) must be >= gap_timeout "
+                f"({self.gap_timeout!r}): raise req_ceiling or lower gap_timeout"
             )
         if self.req_max_seqs < 1:
-            raise ValueError(f"req_max_seqs must be >= 1, got {self.req_max_seqs}")
+            raise LocalProtocolError(
+                f"SequencerConfig.req_max_seqs must be an integer >= 1, got {self.req_max_seqs!r}"
+            )
 
     @property
     def effective_skip_after(self) -> float:
@@ -268,8 +282,8 @@ class AskMissing:
     missing: tuple[StreamSeq, ...]
 
 
-#: Everything :meth:`StreamSequencer.next_events` can return.
-SeqEvent: TypeAlias = Release[T] | Gap | StreamFailed[T] | AskMissing
+#: Everything :meth:`StreamSequencer.take_events` can return.
+SequencerEvent: TypeAlias = Release[T] | Gap | StreamFailed[T] | AskMissing
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,7 +354,7 @@ class StreamSequencer(Generic[T]):
             (or, under FAIL, failing on) numbers its previous life answered.
 
     Raises:
-        ValueError: ``first`` is below 1.
+        LocalProtocolError: ``first`` is below 1.
     """
 
     __slots__ = (
@@ -366,6 +380,7 @@ class StreamSequencer(Generic[T]):
         "_lost",
         "_max_buffered",
         "_next",
+        "_now",
         "_ordered",
         "_refused_failed",
         "_refused_full",
@@ -377,14 +392,18 @@ class StreamSequencer(Generic[T]):
         "_stale",
     )
 
-    def __init__(self, config: SequencerConfig | None = None, *, first: StreamSeq = _FIRST) -> None:
+    def __init__(self, *, config: SequencerConfig | None = None, first: StreamSeq = _FIRST) -> None:
         if first < 1:
-            raise ValueError(f"first must be >= 1, got {first}")
+            raise LocalProtocolError(
+                f"first must be a stream sequence number >= 1 (1 for a new session), got {first!r}"
+            )
         self._config = config if config is not None else SequencerConfig()
         self._ordered = self._config.ordered
         # Plain ints inside: arithmetic on them is the hot path.
         self._next: int = first
         self._floor: int = first
+        # The latest poll's time: a clock that goes backwards is caller misuse.
+        self._now = -_INF
         self._buffer: dict[int, T] = {}
         # (arrival time, stream seq) of held messages, in arrival order; entries
         # below ``next`` are stale and dropped lazily from the left.
@@ -396,7 +415,7 @@ class StreamSequencer(Generic[T]):
         # Disjoint ascending ranges of numbers covered by Gap events.
         self._gone_first: list[int] = []
         self._gone_last: list[int] = []
-        self._events: list[SeqEvent[T]] = []
+        self._events: list[SequencerEvent[T]] = []
         self._failed = False
         self._ended = False
         self._ask_at = _INF
@@ -562,7 +581,15 @@ class StreamSequencer(Generic[T]):
 
         Args:
             now: the current time.
+
+        Raises:
+            LocalProtocolError: ``now`` is before an earlier poll's.
         """
+        if now < self._now:
+            raise LocalProtocolError(
+                f"time went backwards ({now!r} < {self._now!r}); pass a monotonic clock"
+            )
+        self._now = now
         if not self._buffer or self._failed or self._ended:
             return
         if self._config.policy is GapPolicy.SKIP:
@@ -576,7 +603,7 @@ class StreamSequencer(Generic[T]):
     def end(self) -> list[T]:
         """End the stream: the sender started a new session or the node shuts down.
 
-        Events already queued stay available from :meth:`next_events`; every
+        Events already queued stay available from :meth:`take_events`; every
         later :meth:`offer` raises.
 
         Returns:
@@ -591,11 +618,11 @@ class StreamSequencer(Generic[T]):
 
     # -- output --------------------------------------------------------------
 
-    def next_events(self) -> list[SeqEvent[T]]:
-        """Take the events produced so far, oldest first.
+    def take_events(self) -> list[SequencerEvent[T]]:
+        """Hand over the events produced since the last call, oldest first.
 
         Returns:
-            The events (possibly none); the sequencer forgets them.
+            The events; the sequencer forgets them.
         """
         events = self._events
         self._events = []
@@ -612,7 +639,11 @@ class StreamSequencer(Generic[T]):
         return min(self._ask_at, self._skip_at)
 
     def statistics(self) -> SequencerStatistics:
-        """Return a snapshot of the counters."""
+        """A snapshot of the counters.
+
+        Returns:
+            A frozen :class:`SequencerStatistics`.
+        """
         return SequencerStatistics(
             delivered=self._delivered,
             buffered=len(self._buffer),
