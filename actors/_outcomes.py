@@ -18,11 +18,9 @@ from transport import (
     Payload,
     StreamId,
     StreamSeq,
-    fast_init,
 )
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class Ack:
     """The peer's compute layer took the message and processed it without error.
@@ -109,7 +107,6 @@ class Reject(Exception):
         self.detail = detail
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class Delivery:
     """One message handed to a compute actor, in stream order.

@@ -18,11 +18,8 @@ from hypothesis import strategies as st
 from transport import (
     Incarnation,
     LocalProtocolError,
-    MissingItem,
-    MissingStatus,
     NodeId,
     RemoteProtocolError,
-    Req,
     StreamId,
     decode,
     encode,
@@ -39,6 +36,11 @@ from transport._proto_sequencer import (
     SequencerConfig,
     StreamFailed,
     StreamSequencer,
+)
+from transport.frames import (
+    MissingItem,
+    MissingStatus,
+    Req,
 )
 
 S = StreamSeq
