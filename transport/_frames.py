@@ -348,3 +348,87 @@ Frame: TypeAlias = (
 
 #: The answers a receiver gives to DATA and DATA_ITEMS.
 Answer: TypeAlias = Received | AckFrame | AckRange | AckItems | ErrFrame | RetryLater
+
+
+# --- the per-message frames' __init__ ----------------------------------------------
+#
+# A frozen dataclass's generated __init__ sets each field with
+# ``object.__setattr__(self, name, value)``, a lookup by name per field. Data
+# and AckFrame are built for every message sent and every message decoded, so
+# they get an __init__ that calls each slot's descriptor directly instead:
+# 0.85 against 1.6 µs for Data, 0.65 against 1.1 µs for AckFrame (process time,
+# best of 9, issue 15). Written out by hand, not generated with exec;
+# tests/test_values.py pins each one equal to the dataclass's own (signature,
+# defaults, the values it builds, still frozen).
+
+
+def _data_init() -> Any:
+    v = vars(Data)
+    s0, s1, s2, s3, s4, s5, s6, s7, s8 = (
+        v[name].__set__
+        for name in (
+            "node",
+            "incarnation",
+            "seq",
+            "stream",
+            "stream_seq",
+            "stream_floor",
+            "frame_no",
+            "payload",
+            "watermark",
+        )
+    )
+
+    def __init__(
+        self: Data,
+        node: NodeId,
+        incarnation: Incarnation,
+        seq: LinkSeq,
+        stream: StreamId,
+        stream_seq: StreamSeq,
+        stream_floor: StreamSeq,
+        frame_no: int | None,
+        payload: Payload,
+        watermark: LinkSeq,
+    ) -> None:
+        s0(self, node)
+        s1(self, incarnation)
+        s2(self, seq)
+        s3(self, stream)
+        s4(self, stream_seq)
+        s5(self, stream_floor)
+        s6(self, frame_no)
+        s7(self, payload)
+        s8(self, watermark)
+
+    return __init__
+
+
+def _ack_frame_init() -> Any:
+    v = vars(AckFrame)
+    s0, s1, s2, s3, s4, s5 = (
+        v[name].__set__
+        for name in ("node", "incarnation", "peer_incarnation", "seq", "credit", "result")
+    )
+
+    def __init__(
+        self: AckFrame,
+        node: NodeId,
+        incarnation: Incarnation,
+        peer_incarnation: Incarnation,
+        seq: LinkSeq,
+        credit: LinkSeq,
+        result: Payload = None,
+    ) -> None:
+        s0(self, node)
+        s1(self, incarnation)
+        s2(self, peer_incarnation)
+        s3(self, seq)
+        s4(self, credit)
+        s5(self, result)
+
+    return __init__
+
+
+type.__setattr__(Data, "__init__", _data_init())
+type.__setattr__(AckFrame, "__init__", _ack_frame_init())
