@@ -22,7 +22,6 @@ from transport import (
     encode,
 )
 from transport._proto_link import (
-    Deliver,
     QueryAnswered,
     ReceiverConfig,
     Rejected,
@@ -32,6 +31,9 @@ from transport._proto_link import (
 )
 from transport._proto_receiver import LinkReceiver
 from transport._proto_sender import LinkSender
+from transport.events import (
+    Admitted,
+)
 from transport.frames import (
     AckFrame,
     AckRange,
@@ -102,7 +104,7 @@ def test_first_copy_is_delivered_and_received_is_queued() -> None:
     r.receive_frame(A, data(1), 0.0)
     assert r.take_events() == [
         SessionStarted(A, INC_A),
-        Deliver(A, INC_A, LinkSeq(1), HALO, StreamSeq(1), StreamSeq(1), 10, "p1"),
+        Admitted(A, INC_A, LinkSeq(1), HALO, StreamSeq(1), StreamSeq(1), 10, "p1"),
     ]
     assert r.next_deadline() == 0.0
     assert flush(r) == [Received(B, INC_B, INC_A, LinkSeq(1), LinkSeq(8))]
@@ -134,7 +136,7 @@ def test_duplicate_gets_received_then_the_same_final_answer() -> None:
     r.receive_frame(A, data(1), 0.3)
     r.receive_frame(A, data(1), 0.3)
     assert flush(r, 0.3) == first == [AckFrame(B, INC_B, INC_A, LinkSeq(1), LinkSeq(9), [1, 2])]
-    delivers = [e for e in r.take_events() if isinstance(e, Deliver)]
+    delivers = [e for e in r.take_events() if isinstance(e, Admitted)]
     assert len(delivers) == 1
     assert session(r).duplicates == 3
 
@@ -185,14 +187,14 @@ def test_beyond_credit_gets_retry_later_and_is_not_held() -> None:
     r.receive_frame(A, data(3), 0.0)
     out = flush(r)
     assert RetryLater(B, INC_B, INC_A, LinkSeq(3), LinkSeq(2), RetryReason.WINDOW_FULL) in out
-    assert [e.seq for e in r.take_events() if isinstance(e, Deliver)] == [1, 2]
+    assert [e.seq for e in r.take_events() if isinstance(e, Admitted)] == [1, 2]
     # The compute layer drains: the floor advances and the credit with it.
     r.complete(A, INC_A, LinkSeq(2))
     assert flush(r) == [AckFrame(B, INC_B, INC_A, LinkSeq(2), LinkSeq(2), None)]
     r.complete(A, INC_A, LinkSeq(1))
     assert flush(r) == [AckFrame(B, INC_B, INC_A, LinkSeq(1), LinkSeq(4), None)]
     r.receive_frame(A, data(3), 0.1)
-    assert [e.seq for e in r.take_events() if isinstance(e, Deliver)] == [3]
+    assert [e.seq for e in r.take_events() if isinstance(e, Admitted)] == [3]
     assert session(r).retry_later_sent == 1
 
 
@@ -226,7 +228,7 @@ def test_new_sender_incarnation_ends_the_old_session() -> None:
         SessionEnded(A, INC_A, (LinkSeq(1), LinkSeq(3))),
         SessionStarted(A, new),
     ]
-    assert isinstance(events[2], Deliver)
+    assert isinstance(events[2], Admitted)
     assert (events[2].peer_incarnation, events[2].payload) == (new, "fresh")
     # Nothing of the old session is answered or mixed in.
     assert flush(r, 1.0) == [Received(B, INC_B, new, LinkSeq(1), LinkSeq(8))]
@@ -271,13 +273,13 @@ def test_malformed_and_unexpected_frames_are_counted_not_raised() -> None:
     r.receive_frame(A, AckFrame(A, INC_A, INC_B, LinkSeq(1), LinkSeq(1), None), 0.0)
     r.receive_frame(A, Batch((Batch(()),)), 0.0)
     assert r.statistics().rejected == {"bad-data": 2, "unexpected-frame": 1, "nested-batch": 1}
-    assert not any(isinstance(e, Deliver) for e in r.take_events())
+    assert not any(isinstance(e, Admitted) for e in r.take_events())
 
 
 def test_batch_is_unpacked_in_order() -> None:
     r = make()
     r.receive_frame(A, Batch((data(1), data(2), Hello(A, INC_A, 3, False))), 0.0)
-    assert [e.seq for e in r.take_events() if isinstance(e, Deliver)] == [1, 2]
+    assert [e.seq for e in r.take_events() if isinstance(e, Admitted)] == [1, 2]
     out = flush(r)
     assert Hello(B, INC_B, 3, True) in out
     assert [f.seq for f in out if isinstance(f, Received)] == [1, 2]
@@ -309,7 +311,7 @@ def test_hello_of_another_version_gets_our_version_and_changes_nothing() -> None
     ]
     # The peer's other frames are handled as usual.
     r.receive_frame(A, data(2), 0.2)
-    assert [e.seq for e in r.take_events() if isinstance(e, Deliver)] == [2]
+    assert [e.seq for e in r.take_events() if isinstance(e, Admitted)] == [2]
     # A reply of another version is unexpected at a receiver, as any reply is.
     r.receive_frame(A, Hello(A, INC_A, 6, True, 2), 0.3)
     assert r.statistics().rejected == {"bad-version": 1, "unexpected-frame": 1}
@@ -449,7 +451,7 @@ def test_refuse_answers_retry_later_and_takes_the_resend_as_new() -> None:
     assert answer.reason is RetryReason.BUFFER_FULL
     r.receive_frame(A, data(1), 0.1)
     [event] = r.take_events()
-    assert isinstance(event, Deliver)
+    assert isinstance(event, Admitted)
     assert event.seq == 1
 
 
@@ -463,7 +465,7 @@ def test_late_data_of_an_incarnation_replaced_by_hello_is_refused() -> None:
     r.receive_frame(A, Hello(A, newer, 1, False), 0.1)
     r.receive_frame(A, data(2), 0.2)
     events = r.take_events()
-    assert not [e for e in events if isinstance(e, Deliver)]
+    assert not [e for e in events if isinstance(e, Admitted)]
     refusals = [f for _, f in r.frames_to_send(0.2) if isinstance(f, ErrFrame)]
     assert [f.code for f in refusals] == [ErrCode.STALE_SESSION]
     assert r.statistics().stale_refused == 1
@@ -495,7 +497,7 @@ def test_every_answer_names_both_sides_and_credit_never_falls(ops: list[tuple[An
         if op[0] == "data":
             seq = op[1]
             r.receive_frame(A, data(seq, watermark=max(1, seq - op[2])), now)
-            delivered += [e.seq for e in r.take_events() if isinstance(e, Deliver)]
+            delivered += [e.seq for e in r.take_events() if isinstance(e, Admitted)]
         elif op[0] == "flush":
             for frame in flush(r, now):
                 assert isinstance(frame, Received | AckFrame | AckRange | ErrFrame | RetryLater)
@@ -618,12 +620,12 @@ def test_every_frame_the_core_emits_encodes_with_every_field_at_its_limits(
         config=ReceiverConfig(window=window, max_entries=2 * window, received_delay=delay),
     )
     now = 0.0
-    pending: list[Deliver] = []
+    pending: list[Admitted] = []
 
     def drain() -> None:
         for _, frame in r.frames_to_send(now):
             encodes(frame)
-        pending.extend(e for e in r.take_events() if isinstance(e, Deliver))
+        pending.extend(e for e in r.take_events() if isinstance(e, Admitted))
 
     for op in ops:
         kind = op[0]
