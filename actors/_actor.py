@@ -24,8 +24,6 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import trio
 
-from transport import fast_init
-
 from ._child import _Child, _Started, collapse
 from ._errors import ActorCrashed, ActorStopped, AskTimeout
 from ._outcomes import Reject
@@ -111,7 +109,6 @@ class _Reply:
         return self._value
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class _Envelope(Generic[M]):
     """A mailbox item: the message and, for an ``ask``, where the reply goes."""

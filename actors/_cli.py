@@ -268,7 +268,11 @@ def _node(args: argparse.Namespace) -> int:
 
 
 def _keys(args: argparse.Namespace) -> int:
-    from transport import KeyFileError, generate_key_pair, write_key_pair
+    from transport.security import (
+        KeyFileError,
+        generate_key_pair,
+        write_key_pair,
+    )
 
     from ._topology import TopologyError
 
@@ -388,7 +392,12 @@ def one_line(exc: BaseException) -> str:
 
 def _expected() -> tuple[type[BaseException], ...]:
     """The errors that are bad input or the environment, not a bug: one line, status 2."""
-    from transport import KeyFileError, LocalProtocolError
+    from transport import (
+        LocalProtocolError,
+    )
+    from transport.security import (
+        KeyFileError,
+    )
 
     from ._errors import BindError
     from ._topology import TopologyError

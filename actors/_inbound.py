@@ -47,42 +47,21 @@ from typing import Any
 import trio
 import zmq
 
-from transport import Ack as AckFrame
 from transport import (
-    AckItems,
-    AskMissing,
-    Batch,
-    Deliver,
     ErrCode,
-    FaultInjector,
-    FaultPlan,
-    FaultStatistics,
-    Frame,
     Incarnation,
-    ItemAck,
-    ItemErr,
-    ItemOutcome,
     Limits,
     LinkReceiver,
     LocalProtocolError,
     Network,
     NodeId,
-    OfferResult,
-    QueryAnswered,
     ReceiverConfig,
-    ReceiverEvent,
     ReceiverStatistics,
-    Rejected,
-    Release,
     RemoteProtocolError,
-    ReqAnswer,
-    RetryReason,
     SequencerConfig,
     SequencerStatistics,
-    SessionEnded,
     Socket,
     SocketLike,
-    StreamFailed,
     StreamId,
     StreamSequencer,
     Unroutable,
@@ -90,8 +69,35 @@ from transport import (
     decode,
     encode,
 )
-from transport import Err as ErrFrame
-from transport import Gap as GapEvent
+from transport.events import (
+    Admitted,
+    AskMissing,
+    GapEvent,
+    OfferResult,
+    QueryAnswered,
+    ReceiverEvent,
+    Rejected,
+    Release,
+    SessionEnded,
+    StreamFailed,
+)
+from transport.frames import (
+    AckFrame,
+    AckItems,
+    Batch,
+    ErrFrame,
+    Frame,
+    ItemAck,
+    ItemErr,
+    ItemOutcome,
+    ReqAnswer,
+    RetryReason,
+)
+from transport.testing import (
+    FaultInjector,
+    FaultPlan,
+    FaultStatistics,
+)
 
 from ._actor import Actor, ActorRef
 from ._errors import ActorStopped, BindError
@@ -140,7 +146,7 @@ class _Tracked:
 
     __slots__ = ("_inbound", "_item", "_tracked")
 
-    def __init__(self, inbound: InboundState, item: Deliver) -> None:
+    def __init__(self, inbound: InboundState, item: Admitted) -> None:
         self._inbound = inbound
         self._item = item
         self._tracked = False
@@ -407,7 +413,7 @@ class _ItemsCompletion(_Tracked):
 
     __slots__ = ("_left", "_outcomes")
 
-    def __init__(self, inbound: InboundState, item: Deliver) -> None:
+    def __init__(self, inbound: InboundState, item: Admitted) -> None:
         super().__init__(inbound, item)
         n = len(item.payload)
         self._outcomes: list[ItemOutcome | None] = [None] * n
@@ -441,7 +447,7 @@ class _ItemsCompletion(_Tracked):
             self._inbound.answered(self._tracked)
 
 
-def _expand(inbound: InboundState, item: Deliver) -> tuple[list[Delivery], _ItemsCompletion]:
+def _expand(inbound: InboundState, item: Admitted) -> tuple[list[Delivery], _ItemsCompletion]:
     """One Delivery per item of a batch, in item order, and the batch's reply sink."""
     peer = item.peer
     stream = item.stream
@@ -594,7 +600,7 @@ class Receiver(Actor[Any, Any]):
         inline = st.inline
         for event in events:
             try:
-                if type(event) is Deliver:
+                if type(event) is Admitted:
                     peer = event.peer
                     if peer not in by_peer and not st.backlog[peer]:
                         # Nothing of this peer is queued for or inside its
@@ -627,12 +633,12 @@ class Receiver(Actor[Any, Any]):
             except (trio.WouldBlock, ActorStopped):
                 # The peer's sequencer is flooded (or gone): refuse, do not hold.
                 for item in items:
-                    if type(item) is Deliver:
+                    if type(item) is Admitted:
                         _refuse(st, item)
             except Exception as exc:
                 st.internal_error(peer, "routing messages from", exc, trio.current_time())
                 for item in items:
-                    if type(item) is Deliver:
+                    if type(item) is Admitted:
                         _refuse(st, item)
 
 
@@ -640,11 +646,11 @@ def _route_failed(st: InboundState, event: ReceiverEvent, error: Exception) -> N
     """Routing one event raised: count it at its peer's boundary, refuse its message."""
     peer = event.origin if isinstance(event, Rejected) else event.peer
     st.internal_error(peer, "routing a message from", error, trio.current_time())
-    if isinstance(event, Deliver):
+    if isinstance(event, Admitted):
         _refuse(st, event)
 
 
-def _refuse(st: InboundState, item: Deliver) -> None:
+def _refuse(st: InboundState, item: Admitted) -> None:
     """Answer RETRY_LATER for a delivered message that never reached its sequencer.
 
     The core forgets it, so the sender's resend is taken as new (§6.5). A
@@ -657,7 +663,7 @@ def _refuse(st: InboundState, item: Deliver) -> None:
         return
 
 
-def _delivery(item: Deliver) -> Delivery:
+def _delivery(item: Admitted) -> Delivery:
     """What the compute actor gets for a message the core delivered."""
     return Delivery(
         peer=item.peer,
@@ -803,7 +809,7 @@ class PeerSequencer(Actor[list[Any], None]):
         self._configs = streams
         self._default = default
         self._incarnation: Incarnation | None = None
-        self._streams: dict[StreamId, StreamSequencer[Deliver]] = {}
+        self._streams: dict[StreamId, StreamSequencer[Admitted]] = {}
         self._timer_scope: trio.CancelScope | None = None
         self._timer_at = math.inf
         self._pending_gaps: list[Gap] = []
@@ -837,7 +843,7 @@ class PeerSequencer(Actor[list[Any], None]):
             if msg[0] is not _TICK:
                 self._inbound.backlog[self._peer] -= 1
 
-    def offer_inline(self, item: Deliver) -> bool:
+    def offer_inline(self, item: Admitted) -> bool:
         """Hand ``item`` to the compute actor now, from the Receiver's task.
 
         Only when nothing can overtake it or be overtaken: this instance is
@@ -883,7 +889,7 @@ class PeerSequencer(Actor[list[Any], None]):
     async def _receive(self, msg: list[Any]) -> None:
         now = trio.current_time()
         for item in msg:
-            if type(item) is Deliver:
+            if type(item) is Admitted:
                 self._offer(item, now)
             elif type(item) is SessionEnded:
                 if item.incarnation == self._incarnation:
@@ -899,7 +905,7 @@ class PeerSequencer(Actor[list[Any], None]):
         self._inbound.wake()
         self._rearm()
 
-    def _offer(self, item: Deliver, now: float) -> None:
+    def _offer(self, item: Admitted, now: float) -> None:
         if item.peer_incarnation != self._incarnation:
             self._new_session(item.peer_incarnation)
         stream = self._streams.get(item.stream)
@@ -1016,7 +1022,7 @@ class PeerSequencer(Actor[list[Any], None]):
             # sequencer takes the stream up again from the sender's floor.
             raise failed
 
-    async def _hand_over_items(self, compute: ActorRef[Any, Any], item: Deliver) -> None:
+    async def _hand_over_items(self, compute: ActorRef[Any, Any], item: Admitted) -> None:
         """Put a batch's items in the compute mailbox as one entry, waiting for room."""
         deliveries, completion = _expand(self._inbound, item)
         completion.track()

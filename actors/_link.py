@@ -22,23 +22,8 @@ from typing import Any
 import trio
 from trio_util import AsyncValue
 
-from transport import Ack as AckFrame
 from transport import (
-    AckItems,
-    AckRange,
-    Answered,
-    Batch,
-    Data,
-    DataItems,
-    Err,
-    FaultInjector,
-    FaultPlan,
-    FaultStatistics,
-    Frame,
-    GaveUp,
-    Held,
     Incarnation,
-    ItemAck,
     Limits,
     LinkSender,
     LinkSeq,
@@ -46,9 +31,7 @@ from transport import (
     Network,
     NodeId,
     Payload,
-    PeerRestarted,
     PeerState,
-    PeerStateChanged,
     RemoteProtocolError,
     SenderConfig,
     SenderStatistics,
@@ -58,6 +41,29 @@ from transport import (
     check_payload,
     decode,
     encode,
+)
+from transport.events import (
+    Answered,
+    GaveUp,
+    Held,
+    PeerRestarted,
+    PeerStateChanged,
+)
+from transport.frames import (
+    AckFrame,
+    AckItems,
+    AckRange,
+    Batch,
+    Data,
+    DataItems,
+    ErrFrame,
+    Frame,
+    ItemAck,
+)
+from transport.testing import (
+    FaultInjector,
+    FaultPlan,
+    FaultStatistics,
 )
 
 from ._actor import Actor
@@ -244,12 +250,12 @@ class BatchHandle(_Handle):
         outcomes: list[Ack | PeerError] = await self._wait_value()
         return list(outcomes)
 
-    def _answered(self, answer: AckFrame | AckRange | AckItems | Err, now: float) -> None:
+    def _answered(self, answer: AckFrame | AckRange | AckItems | ErrFrame, now: float) -> None:
         """Settle every item from the peer's final answer to the batch."""
         peer = self.peer
         seq = self.seq
         outcomes: list[Ack | PeerError]
-        if type(answer) is Err:
+        if type(answer) is ErrFrame:
             # The whole batch was refused: the same ERR stands for each item.
             error = PeerError(peer=peer, seq=seq, code=answer.code, detail=answer.detail)
             outcomes = [error] * self.count
@@ -441,7 +447,7 @@ class LinkState:
                     # Per-item outcomes for a message sent alone: the peer
                     # broke the protocol, and no outcome can be trusted.
                     handle._give_up("the peer answered a single message with ACK_ITEMS")
-                elif type(answer) is Err:
+                elif type(answer) is ErrFrame:
                     handle._settle(
                         None,
                         PeerError(

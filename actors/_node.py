@@ -25,7 +25,6 @@ from typing import Any
 import trio
 
 from transport import (
-    FaultPlan,
     Incarnation,
     Limits,
     LocalProtocolError,
@@ -34,13 +33,20 @@ from transport import (
     Payload,
     PeerState,
     ReceiverConfig,
-    ReqAnswer,
-    Security,
     SenderConfig,
     SequencerConfig,
     SequencerStatistics,
     StreamId,
     ZmqNetwork,
+)
+from transport.frames import (
+    ReqAnswer,
+)
+from transport.security import (
+    Security,
+)
+from transport.testing import (
+    FaultPlan,
 )
 
 from ._actor import Actor, ActorRef

@@ -36,14 +36,16 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from transport import (
-    KeyFileError,
     NodeId,
-    Security,
     Socket,
     SocketLike,
+    ZmqNetwork,
+)
+from transport.security import (
+    KeyFileError,
+    Security,
     ZapDecision,
     ZapPolicy,
-    ZmqNetwork,
     read_key_pair,
     secret_key_path,
 )

@@ -20,7 +20,15 @@ from typing import Any
 
 import trio
 
-from transport import FaultPlan, LocalProtocolError, MemoryNetwork, NetworkStatistics, Payload
+from transport import (
+    LocalProtocolError,
+    Payload,
+)
+from transport.testing import (
+    FaultPlan,
+    MemoryNetwork,
+    NetworkStatistics,
+)
 
 from ._actor import Actor
 from ._node import ComputeFactory, Node, NodeConfig, open_node

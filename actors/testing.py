@@ -1,33 +1,18 @@
 """Test your cellmesh programs.
 
-Two tools: nodes on an in-memory network in virtual time
-(``open_test_network``, ``Inbox``), and a fault-injecting proxy between real
-processes on real sockets (``open_fault_proxy``). See ``docs/testing.md``.
+Nodes on an in-memory network in virtual time (``open_test_network``,
+``Inbox``). The network itself, fault plans and the fault-injecting proxy
+between real processes (``MemoryNetwork``, ``FaultPlan``,
+``open_fault_proxy``) are transport's tools: import them from
+:mod:`transport.testing`, their one public home. See ``docs/testing.md``.
 """
 
 from __future__ import annotations
 
-from transport import (
-    FaultPlan,
-    FaultProxy,
-    MemoryNetwork,
-    MemorySocket,
-    NetworkStatistics,
-    ProxyStatistics,
-    open_fault_proxy,
-)
-
 from ._testing import Inbox, TestNetwork, open_test_network
 
 __all__ = [
-    "FaultPlan",
-    "FaultProxy",
     "Inbox",
-    "MemoryNetwork",
-    "MemorySocket",
-    "NetworkStatistics",
-    "ProxyStatistics",
     "TestNetwork",
-    "open_fault_proxy",
     "open_test_network",
 ]

@@ -24,10 +24,6 @@ sys.path.insert(0, str(_HERE.parent))
 import numpy as np  # noqa: E402
 
 from transport import (  # noqa: E402
-    Ack,
-    Batch,
-    Data,
-    Frame,
     Incarnation,
     LinkSeq,
     NodeId,
@@ -35,6 +31,12 @@ from transport import (  # noqa: E402
     StreamSeq,
     decode,
     encode,
+)
+from transport.frames import (  # noqa: E402
+    AckFrame,
+    Batch,
+    Data,
+    Frame,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,8 +73,8 @@ def _data(i: int, payload: object) -> Data:
     )
 
 
-def _ack(i: int) -> Ack:
-    return Ack(
+def _ack(i: int) -> AckFrame:
+    return AckFrame(
         NodeId("tile-0-4"),
         Incarnation(0x2234_5678_9ABC),
         Incarnation(0x1234_5678_9ABC),

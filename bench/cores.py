@@ -26,10 +26,6 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 
 from transport import (  # noqa: E402
-    Answered,
-    Batch,
-    Deliver,
-    Frame,
     Incarnation,
     Limits,
     LinkReceiver,
@@ -38,6 +34,14 @@ from transport import (  # noqa: E402
     StreamId,
     decode,
     encode,
+)
+from transport.events import (  # noqa: E402
+    Admitted,
+    Answered,
+)
+from transport.frames import (  # noqa: E402
+    Batch,
+    Frame,
 )
 
 PAYLOAD = bytes(range(64))
@@ -67,7 +71,7 @@ def run(n: int) -> float:
         if frames:
             receiver.receive_frame(a, _wire(frames, limits), now)
         for event in receiver.take_events():
-            if type(event) is Deliver:
+            if type(event) is Admitted:
                 receiver.complete(event.peer, event.peer_incarnation, event.seq)
         answers = [frame for _, frame in receiver.frames_to_send(now)]
         if answers:

@@ -97,7 +97,6 @@ import zmq  # noqa: E402
 from actors import (  # noqa: E402
     NodeConfig,
     NodeSpec,
-    SenderConfig,
     SendHandle,
     Topology,
     open_node,
@@ -119,6 +118,9 @@ from actors.grid import (  # noqa: E402
 # public API, and measured here exactly as the demo runs them.
 from actors.grid._demo import _CHILD_MALLOC_ENV, _HaloActor, _Inbox, _summary  # noqa: E402
 from bench._common import machine_info, median, percentile, print_table, write_json  # noqa: E402
+from transport import (  # noqa: E402
+    SenderConfig,
+)
 
 #: Frames per run by grid side: at the auto depth (16) that is 62 and 18 halo
 #: exchanges, so one slow exchange on the shared cores moves a run by a few

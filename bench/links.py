@@ -55,16 +55,18 @@ from actors import (  # noqa: E402
     Actor,
     Delivery,
     NodeConfig,
-    ReceiverConfig,
-    Security,
-    SenderConfig,
-    generate_key_pair,
     open_node,
 )
 from bench import transport as transport_bench  # noqa: E402
 from bench._common import machine_info, median, percentile, print_table, write_json  # noqa: E402
 from transport import (  # noqa: E402
     NodeId,
+    ReceiverConfig,
+    SenderConfig,
+)
+from transport.security import (  # noqa: E402
+    Security,
+    generate_key_pair,
     read_key_pair,
     read_public_key,
     secret_key_path,

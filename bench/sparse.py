@@ -45,8 +45,16 @@ sys.path.insert(0, str(_HERE.parent))
 
 import trio  # noqa: E402
 
-from actors import Actor, Delivery, NodeConfig, SenderConfig, open_node  # noqa: E402
+from actors import (  # noqa: E402
+    Actor,
+    Delivery,
+    NodeConfig,
+    open_node,
+)
 from bench._common import machine_info, median, print_table, write_json  # noqa: E402
+from transport import (  # noqa: E402
+    SenderConfig,
+)
 
 #: Rounds before the timed ones (connections, sessions, first allocations).
 WARMUP = 20

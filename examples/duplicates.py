@@ -27,13 +27,17 @@ from actors import (
     Ack,
     Actor,
     Delivery,
-    FaultPlan,
     NodeConfig,
-    SenderConfig,
     SendHandle,
     open_node,
 )
-from transport import NodeId
+from transport import (
+    NodeId,
+    SenderConfig,
+)
+from transport.testing import (
+    FaultPlan,
+)
 
 #: Bound on the whole demo, so a broken build fails instead of hanging.
 DEADLINE = 20.0

@@ -33,15 +33,23 @@ from actors import (
     Actor,
     Delivery,
     DeliveryFailed,
-    ErrCode,
     NodeConfig,
     PeerError,
     Reject,
-    SenderConfig,
     SendError,
     open_node,
 )
-from transport import Data, Incarnation, LinkSender, NodeId, StreamId
+from transport import (
+    ErrCode,
+    Incarnation,
+    LinkSender,
+    NodeId,
+    SenderConfig,
+    StreamId,
+)
+from transport.frames import (
+    Data,
+)
 
 #: Bound on the whole demo, so a broken build fails instead of hanging.
 DEADLINE = 15.0

@@ -35,11 +35,13 @@ from actors import (
     Delivery,
     Node,
     NodeConfig,
-    SenderConfig,
     SendHandle,
     open_node,
 )
-from transport import NodeId
+from transport import (
+    NodeId,
+    SenderConfig,
+)
 
 #: Bound on the whole demo, so a broken build fails instead of hanging.
 DEADLINE = 20.0

@@ -38,28 +38,34 @@ from actors import (
     Actor,
     Delivery,
     DeliveryFailed,
-    FaultPlan,
     Gap,
-    GapPolicy,
     NodeConfig,
-    SenderConfig,
     SendHandle,
-    StreamConfig,
     open_node,
 )
 from actors.testing import open_test_network
 from transport import (
-    AskMissing,
-    MissingItem,
-    MissingStatus,
+    GapPolicy,
     NodeId,
-    Release,
-    StreamFailed,
+    SenderConfig,
+    SequencerConfig,
     StreamId,
     StreamSeq,
     StreamSequencer,
 )
-from transport import Gap as GapEvent
+from transport.events import (
+    AskMissing,
+    GapEvent,
+    Release,
+    StreamFailed,
+)
+from transport.frames import (
+    MissingItem,
+    MissingStatus,
+)
+from transport.testing import (
+    FaultPlan,
+)
 
 #: Bound on the whole demo, so a broken build fails instead of hanging.
 DEADLINE = 20.0
@@ -198,7 +204,7 @@ def policies() -> None:
     """Part 4: nobody says what became of frame 3; each policy's answer (virtual time)."""
     print("part 4: frame 3 missing and the sender silent, per gap policy (gap_timeout=0.5 s)")
     for policy in GapPolicy:
-        config = StreamConfig(policy=policy, gap_timeout=0.5)
+        config = SequencerConfig(policy=policy, gap_timeout=0.5)
         seq: StreamSequencer[str] = StreamSequencer(config=config)
         for frame in (1, 2, 4, 5, 6):
             seq.offer(StreamSeq(frame), StreamSeq(1), f"{frame}", now=0.0)

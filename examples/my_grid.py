@@ -39,13 +39,10 @@ from actors import (
     Actor,
     Delivery,
     DeliveryFailed,
-    FaultPlan,
     Gap,
     Node,
     NodeConfig,
-    NodeStatistics,
     Reject,
-    SenderConfig,
     SendError,
     SendHandle,
     Topology,
@@ -54,6 +51,15 @@ from actors import (
     open_node,
 )
 from actors.grid import Decomposition, assemble, interior, pad
+from actors.statistics import (
+    NodeStatistics,
+)
+from transport import (
+    SenderConfig,
+)
+from transport.testing import (
+    FaultPlan,
+)
 
 Grid = npt.NDArray[np.float64]
 

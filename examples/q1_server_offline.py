@@ -41,11 +41,13 @@ from actors import (
     Delivery,
     DeliveryFailed,
     NodeConfig,
-    PeerState,
-    SenderConfig,
     open_node,
 )
-from transport import NodeId
+from transport import (
+    NodeId,
+    PeerState,
+    SenderConfig,
+)
 
 #: The server's node id (statistics are keyed by NodeId).
 SERVER = NodeId("server")

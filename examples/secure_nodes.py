@@ -29,13 +29,15 @@ from actors import (
     DeliveryFailed,
     Node,
     NodeSpec,
-    Security,
     Topology,
-    generate_key_pair,
     load_security,
     open_node,
 )
-from transport import write_key_pair
+from transport.security import (
+    Security,
+    generate_key_pair,
+    write_key_pair,
+)
 
 #: Bound on the whole demo, so a broken build fails instead of hanging.
 DEADLINE = 30.0

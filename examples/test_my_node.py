@@ -16,8 +16,23 @@ from typing import Any
 import pytest
 import trio
 
-from actors import Actor, Delivery, DeliveryFailed, Gap, NodeId, PeerError, Reject
-from actors.testing import FaultPlan, open_test_network
+from actors import (
+    Actor,
+    Delivery,
+    DeliveryFailed,
+    Gap,
+    PeerError,
+    Reject,
+)
+from actors.testing import (
+    open_test_network,
+)
+from transport import (
+    NodeId,
+)
+from transport.testing import (
+    FaultPlan,
+)
 
 
 class Accumulator(Actor[Any, Any]):

@@ -27,8 +27,24 @@ from typing import IO, Any
 
 import trio
 
-from actors import Actor, Delivery, Gap, NodeConfig, ReceiverConfig, Reject, Security, open_node
-from transport import public_key_path, read_key_pair, read_public_key, secret_key_path
+from actors import (
+    Actor,
+    Delivery,
+    Gap,
+    NodeConfig,
+    Reject,
+    open_node,
+)
+from transport import (
+    ReceiverConfig,
+)
+from transport.security import (
+    Security,
+    public_key_path,
+    read_key_pair,
+    read_public_key,
+    secret_key_path,
+)
 
 
 def payload_index(payload: str) -> int:

@@ -25,25 +25,14 @@ import random
 from dataclasses import dataclass, field
 
 from transport import (
-    Ack,
-    AckItems,
-    AckRange,
-    Batch,
-    Data,
-    DataItems,
-    Err,
-    Frame,
     Incarnation,
-    ItemAck,
-    ItemErr,
-    ItemOutcome,
     LinkSeq,
     NodeId,
     StreamId,
 )
 from transport._proto_link import (
+    Admitted,
     Answered,
-    Deliver,
     GaveUp,
     ReceiverConfig,
     SenderConfig,
@@ -51,6 +40,19 @@ from transport._proto_link import (
 )
 from transport._proto_receiver import LinkReceiver
 from transport._proto_sender import LinkSender
+from transport.frames import (
+    AckFrame,
+    AckItems,
+    AckRange,
+    Batch,
+    Data,
+    DataItems,
+    ErrFrame,
+    Frame,
+    ItemAck,
+    ItemErr,
+    ItemOutcome,
+)
 
 A = NodeId("a")
 B = NodeId("b")
@@ -115,7 +117,7 @@ class SimResult:
     items_processed: set[tuple[int, int, int, int]] = field(default_factory=set)
     #: Messages that were in flight when their sender process died.
     died: int = 0
-    #: (receiver generation, sender incarnation, seq) of every Deliver.
+    #: (receiver generation, sender incarnation, seq) of every Admitted.
     deliveries: set[tuple[int, int, int]] = field(default_factory=set)
     sessions_ended: list[SessionEnded] = field(default_factory=list)
     max_sender_in_flight: int = 0
@@ -180,7 +182,7 @@ class SimNet:
         self._seq = 0
         self._next_item = 0
         self._wire: list[tuple[float, int, str, Frame]] = []
-        self._work: list[tuple[float, int, int, Deliver]] = []
+        self._work: list[tuple[float, int, int, Admitted]] = []
         self._order = 0
         self.result = SimResult()
         #: (sender generation, seq) -> (payload, deadline) of every single send.
@@ -288,7 +290,9 @@ class SimNet:
             self._record_items(seq, [outcome])
         self.result.outcomes[key] = outcome
 
-    def _batch_outcome(self, seq: LinkSeq, answer: Ack | AckRange | AckItems | Err) -> None:
+    def _batch_outcome(
+        self, seq: LinkSeq, answer: AckFrame | AckRange | AckItems | ErrFrame
+    ) -> None:
         items, _ = self.batch_sends[(self.sender_gen, seq)]
         expected = expected_items(items)
         got: list[Outcome]
@@ -299,7 +303,7 @@ class SimNet:
             got = [_item_outcome(outcome) for outcome in answer.outcomes]
             self.result.batch_ack_items += 1
             kind: Outcome = ("items", None)
-        elif isinstance(answer, Err):
+        elif isinstance(answer, ErrFrame):
             got = [("err", answer.code)] * len(items)
             self.result.batch_errs += 1
             kind = ("err", answer.code)
@@ -325,7 +329,7 @@ class SimNet:
             assert peer == A
         self._transmit("ba", [frame for _, frame in pairs])
         for event in self.receiver.take_events():
-            if isinstance(event, Deliver):
+            if isinstance(event, Admitted):
                 key = (self.receiver_gen, event.peer_incarnation, event.seq)
                 assert key not in self.result.deliveries, f"delivered twice: {key}"
                 self.result.deliveries.add(key)
@@ -340,7 +344,7 @@ class SimNet:
             elif isinstance(event, SessionEnded):
                 self.result.sessions_ended.append(event)
 
-    def _finish_work(self, gen: int, event: Deliver) -> None:
+    def _finish_work(self, gen: int, event: Admitted) -> None:
         if gen != self.receiver_gen:
             return
         if event.items:
@@ -353,7 +357,7 @@ class SimNet:
             assert value is not None
             self.receiver.fail(event.peer, event.peer_incarnation, event.seq, value, "odd")
 
-    def _finish_batch(self, event: Deliver) -> None:
+    def _finish_batch(self, event: Admitted) -> None:
         items = event.payload
         assert isinstance(items, tuple)
         outcomes: list[ItemOutcome] = []
@@ -444,8 +448,8 @@ class SimNet:
         raise AssertionError(f"not finished in {max_steps} steps")
 
 
-def _answer_outcome(answer: Ack | AckRange | Err) -> tuple[str, int | None]:
-    if isinstance(answer, Ack):
+def _answer_outcome(answer: AckFrame | AckRange | ErrFrame) -> tuple[str, int | None]:
+    if isinstance(answer, AckFrame):
         return "ack", answer.result
     if isinstance(answer, AckRange):
         assert answer.first <= answer.last

@@ -26,36 +26,38 @@ from zmq.utils.monitor import parse_monitor_message
 
 from actors import Actor, Delivery, Gap, Node, NodeConfig, SendHandle, open_node
 from transport import (
-    Ack,
-    Batch,
-    Data,
-    Err,
     ErrCode,
-    Frame,
-    Hello,
     Incarnation,
     Limits,
     LinkReceiver,
     LinkSeq,
-    MissingItem,
-    MissingStatus,
     NodeId,
-    Received,
     ReceiverConfig,
     RemoteProtocolError,
-    Req,
-    ReqAnswer,
-    RetryLater,
-    RetryReason,
     Socket,
     StreamId,
     StreamSeq,
-    StreamStatus,
     dealer_socket,
     decode,
     encode,
 )
-from transport._proto_link import Deliver
+from transport.events import Admitted
+from transport.frames import (
+    AckFrame,
+    Batch,
+    Data,
+    ErrFrame,
+    Frame,
+    Hello,
+    MissingItem,
+    MissingStatus,
+    Received,
+    Req,
+    ReqAnswer,
+    RetryLater,
+    RetryReason,
+    StreamStatus,
+)
 
 #: Small enough that an oversized message costs the test almost nothing.
 LIMITS = Limits(max_message_bytes=64 * 1024, max_header_bytes=32 * 1024)
@@ -101,8 +103,8 @@ def evil_frames(inc: Incarnation) -> list[Frame]:
         Hello(EVIL, inc, 1, False),
         Data(EVIL, inc, seq, StreamId("s"), one, one, 3, {"k": [1, 2.5, "x", b"y"]}, seq),
         Received(EVIL, inc, inc, seq, seq),
-        Ack(EVIL, inc, inc, seq, seq, [1, 2]),
-        Err(EVIL, inc, inc, seq, seq, ErrCode.COMPUTE_FAILED, "no"),
+        AckFrame(EVIL, inc, inc, seq, seq, [1, 2]),
+        ErrFrame(EVIL, inc, inc, seq, seq, ErrCode.COMPUTE_FAILED, "no"),
         RetryLater(EVIL, inc, inc, seq, seq, RetryReason.WINDOW_FULL),
         Req(EVIL, inc, 4, StreamId("s"), (one,)),
         ReqAnswer(
@@ -274,7 +276,7 @@ async def test_node_serves_peers_while_raw_clients_throw_bad_input() -> None:
                 inc = Incarnation(99)
                 refused: list[tuple[Frame, str, int]] = [
                     (ReqAnswer(EVIL, inc, 123_456, None, (), ()), "unknown-query", 1),
-                    (Ack(EVIL, inc, inc, LinkSeq(1), LinkSeq(1)), "unexpected-frame", 1),
+                    (AckFrame(EVIL, inc, inc, LinkSeq(1), LinkSeq(1)), "unexpected-frame", 1),
                     (Hello(EVIL, inc, 5, True), "unexpected-frame", 1),
                     (_data("evil", 99, 3, b"w", watermark=4), "bad-data", 1),
                     (_data("a", a.incarnation + 1, 1, b"forged"), "impersonation", 1),
@@ -322,12 +324,14 @@ async def test_node_serves_peers_while_raw_clients_throw_bad_input() -> None:
                 sock = raw(b"c")
                 await during(0.2)
                 await sock.send_multipart(encode(_data("c", 10, 1, b"c10"), limits=LIMITS))
-                got = await answers_until(sock, lambda fs: any(isinstance(f, Ack) for f in fs))
-                assert [(f.peer_incarnation, f.seq) for f in got if isinstance(f, Ack)] == [(10, 1)]
+                got = await answers_until(sock, lambda fs: any(isinstance(f, AckFrame) for f in fs))
+                assert [(f.peer_incarnation, f.seq) for f in got if isinstance(f, AckFrame)] == [
+                    (10, 1)
+                ]
                 # A late DATA of an older life of c: refused, answered, never delivered.
                 await sock.send_multipart(encode(_data("c", 5, 2, b"c5"), limits=LIMITS))
-                got = await answers_until(sock, lambda fs: any(isinstance(f, Err) for f in fs))
-                [err] = [f for f in got if isinstance(f, Err)]
+                got = await answers_until(sock, lambda fs: any(isinstance(f, ErrFrame) for f in fs))
+                [err] = [f for f in got if isinstance(f, ErrFrame)]
                 assert (err.code, err.peer_incarnation, err.seq) == (ErrCode.STALE_SESSION, 5, 2)
                 # Claiming to be "a" from c's connection: a newer incarnation of
                 # a would end a's live session if it were believed.
@@ -452,8 +456,8 @@ def single_frames() -> st.SearchStrategy[Frame]:
         st.builds(Hello, nodes, incs, u63s, st.booleans()),
         st.builds(Data, nodes, incs, seqs, streams, sseqs, sseqs, st.none() | u63s, payloads, seqs),
         st.builds(Received, *answer_head),
-        st.builds(Ack, *answer_head, payloads),
-        st.builds(Err, *answer_head, st.sampled_from(ErrCode), st.text(max_size=5)),
+        st.builds(AckFrame, *answer_head, payloads),
+        st.builds(ErrFrame, *answer_head, st.sampled_from(ErrCode), st.text(max_size=5)),
         st.builds(RetryLater, *answer_head, st.sampled_from(RetryReason)),
         st.builds(Req, nodes, incs, u63s, st.none() | streams, st.tuples(sseqs)),
         st.builds(
@@ -515,7 +519,7 @@ def test_receiver_survives_arbitrary_frames(script: list[tuple[Any, float]], del
     config = ReceiverConfig(window=8, max_entries=MAX_ENTRIES, received_delay=delay)
     receiver = LinkReceiver(ME, Incarnation(5), config=config)
     now = 0.0
-    pending: list[Deliver] = []
+    pending: list[Admitted] = []
     delivered: set[tuple[NodeId, Incarnation, int]] = set()
     for op, dt in script:
         now += dt
@@ -539,7 +543,7 @@ def test_receiver_survives_arbitrary_frames(script: list[tuple[Any, float]], del
                 # Refused means "not held": its resend is a new delivery.
                 delivered.discard(key)
         for event in receiver.take_events():
-            if isinstance(event, Deliver):
+            if isinstance(event, Admitted):
                 key = (event.peer, event.peer_incarnation, event.seq)
                 assert key not in delivered, f"{key} delivered twice"
                 delivered.add(key)

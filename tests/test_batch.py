@@ -21,38 +21,48 @@ from actors import (
     ChildSpec,
     Delivery,
     DeliveryFailed,
-    ErrCode,
     Gap,
     NodeConfig,
-    NodeId,
     PeerError,
     Reject,
     open_node,
     open_supervisor,
 )
-from actors.testing import FaultPlan, Inbox, open_test_network
-from transport import Ack as AckFrame
+from actors.testing import (
+    Inbox,
+    open_test_network,
+)
 from transport import (
-    AckItems,
-    Batch,
-    Data,
-    DataItems,
-    Deliver,
+    ErrCode,
     Incarnation,
-    ItemAck,
-    ItemErr,
     Limits,
     LinkReceiver,
     LinkSender,
     LinkSeq,
     LocalProtocolError,
+    NodeId,
     ReceiverConfig,
     StreamId,
     decode,
     encode,
     router_socket,
 )
-from transport._proto_link import Answered
+from transport.events import (
+    Admitted,
+    Answered,
+)
+from transport.frames import (
+    AckFrame,
+    AckItems,
+    Batch,
+    Data,
+    DataItems,
+    ItemAck,
+    ItemErr,
+)
+from transport.testing import (
+    FaultPlan,
+)
 
 
 class Worker(Actor[Any, Any]):
@@ -443,7 +453,7 @@ def test_cores_carry_a_batch_as_one_message_with_one_cached_answer() -> None:
     )
     receiver.receive_frame(A, frame, 0.0)
     [_, deliver] = receiver.take_events()  # SessionStarted, then the delivery
-    assert isinstance(deliver, Deliver)
+    assert isinstance(deliver, Admitted)
     assert deliver.items is True
     assert deliver.payload == (b"x", 2, "bad")
     with pytest.raises(LocalProtocolError, match="reserved"):

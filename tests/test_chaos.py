@@ -38,16 +38,20 @@ from actors import (
     Ack,
     BatchHandle,
     DeliveryFailed,
-    FaultPlan,
     Node,
     NodeConfig,
-    NodeId,
     PeerError,
     SendError,
     SendHandle,
     open_node,
 )
 from actors.grid import Decomposition, Job, Pause, run_demo
+from transport import (
+    NodeId,
+)
+from transport.testing import (
+    FaultPlan,
+)
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 

@@ -23,7 +23,10 @@ import pytest
 from actors import Topology
 from actors._topology import NODE_ID_ENV, RANK_ENV
 from actors.grid import COORDINATOR, Decomposition, free_port, grid_topology
-from transport import generate_key_pair, write_key_pair
+from transport.security import (
+    generate_key_pair,
+    write_key_pair,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -16,12 +16,15 @@ from actors import (
     NodeClosed,
     NodeConfig,
     PeersNotUp,
-    PeerState,
-    SenderConfig,
     open_node,
 )
 from actors.testing import Inbox, TestNetwork, open_test_network
-from transport import LocalProtocolError, NodeId
+from transport import (
+    LocalProtocolError,
+    NodeId,
+    PeerState,
+    SenderConfig,
+)
 
 #: Every public call of a Node, with a timeout wherever it takes one: a closed
 #: node must refuse each at once, long before any timeout.

@@ -23,33 +23,14 @@ from hypothesis import strategies as st
 
 from transport import (
     PROTOCOL_VERSION,
-    Ack,
-    AckItems,
-    AckRange,
-    Batch,
-    Data,
-    DataItems,
-    Err,
     ErrCode,
-    Frame,
-    Hello,
     Incarnation,
-    ItemAck,
-    ItemErr,
     LinkSeq,
     LocalProtocolError,
-    MissingItem,
-    MissingStatus,
     NodeId,
-    Received,
     RemoteProtocolError,
-    Req,
-    ReqAnswer,
-    RetryLater,
-    RetryReason,
     StreamId,
     StreamSeq,
-    StreamStatus,
 )
 from transport._codec import (
     OOB_THRESHOLD,
@@ -65,6 +46,27 @@ from transport._codec import (
     check_payload,
     decode,
     encode,
+)
+from transport.frames import (
+    AckFrame,
+    AckItems,
+    AckRange,
+    Batch,
+    Data,
+    DataItems,
+    ErrFrame,
+    Frame,
+    Hello,
+    ItemAck,
+    ItemErr,
+    MissingItem,
+    MissingStatus,
+    Received,
+    Req,
+    ReqAnswer,
+    RetryLater,
+    RetryReason,
+    StreamStatus,
 )
 
 U63 = 2**63 - 1
@@ -108,7 +110,7 @@ payloads = st.recursive(
 hellos = st.builds(Hello, ids, u63, u63, st.booleans(), u63)
 datas = st.builds(Data, ids, u63, u63, ids, u63, u63, st.none() | u63, payloads, u63)
 receiveds = st.builds(Received, ids, u63, u63, u63, u63)
-acks = st.builds(Ack, ids, u63, u63, u63, u63, payloads)
+acks = st.builds(AckFrame, ids, u63, u63, u63, u63, payloads)
 ack_ranges = st.builds(
     lambda node, inc, peer_inc, a, b, credit: AckRange(
         node, inc, peer_inc, min(a, b), max(a, b), credit
@@ -121,7 +123,7 @@ ack_ranges = st.builds(
     u63,
 )
 err_codes = st.sampled_from(list(ErrCode)) | st.integers(100, U63)
-errs = st.builds(Err, ids, u63, u63, u63, u63, err_codes, st.text(max_size=40))
+errs = st.builds(ErrFrame, ids, u63, u63, u63, u63, err_codes, st.text(max_size=40))
 retries = st.builds(RetryLater, ids, u63, u63, u63, u63, st.sampled_from(list(RetryReason)))
 seq_tuples = st.lists(u63, max_size=5).map(tuple)
 reqs = st.one_of(
@@ -190,8 +192,8 @@ def expected(frame: Frame) -> Frame:
         return Batch(tuple(expected(f) for f in frame.frames))
     if isinstance(frame, Data):
         return Data(**{**_fields(frame), "payload": normalise(frame.payload)})
-    if isinstance(frame, Ack):
-        return Ack(**{**_fields(frame), "result": normalise(frame.result)})
+    if isinstance(frame, AckFrame):
+        return AckFrame(**{**_fields(frame), "result": normalise(frame.result)})
     if isinstance(frame, DataItems):
         items = tuple(normalise(item) for item in frame.items)
         return DataItems(**{**_fields(frame), "items": items})
@@ -286,14 +288,16 @@ def test_round_trip_with_memoryview_parts(frame: Frame) -> None:
 
 
 def test_enums_come_back_as_enums() -> None:
-    err = Err(NodeId("a"), Incarnation(1), Incarnation(2), LinkSeq(3), LinkSeq(4), 2, "x")
+    err = ErrFrame(NodeId("a"), Incarnation(1), Incarnation(2), LinkSeq(3), LinkSeq(4), 2, "x")
     decoded = decode(encode(err))
-    assert isinstance(decoded, Err)
+    assert isinstance(decoded, ErrFrame)
     assert decoded.code is ErrCode.NO_HANDLER
     app = decode(
-        encode(Err(NodeId("a"), Incarnation(1), Incarnation(2), LinkSeq(3), LinkSeq(4), 150, ""))
+        encode(
+            ErrFrame(NodeId("a"), Incarnation(1), Incarnation(2), LinkSeq(3), LinkSeq(4), 150, "")
+        )
     )
-    assert isinstance(app, Err)
+    assert isinstance(app, ErrFrame)
     assert app.code == 150
     retry = decode(
         encode(
@@ -362,7 +366,7 @@ def test_hello_of_another_version_may_carry_more_fields() -> None:
 
 
 def test_header_is_a_compact_array() -> None:
-    ack = Ack(NodeId("n1"), Incarnation(7), Incarnation(8), LinkSeq(9), LinkSeq(10))
+    ack = AckFrame(NodeId("n1"), Incarnation(7), Incarnation(8), LinkSeq(9), LinkSeq(10))
     assert cbor2.loads(encode(ack)[0]) == [4, "n1", 7, 8, 9, 10, None]
     batch = Batch((ack, ack))
     assert cbor2.loads(encode(batch)[0]) == [9, [[4, "n1", 7, 8, 9, 10, None]] * 2]
@@ -934,8 +938,8 @@ def test_encoder_refuses_what_cbor_data_cannot_hold(payload: Any, match: str) ->
         data(node=NodeId("")),
         data(stream=None),
         data(frame_no="3"),
-        Err(NodeId("n"), Incarnation(1), Incarnation(2), LinkSeq(3), LinkSeq(4), 42, "x"),
-        Err(NodeId("n"), Incarnation(1), Incarnation(2), LinkSeq(3), LinkSeq(4), 100, b"x"),  # type: ignore[arg-type]
+        ErrFrame(NodeId("n"), Incarnation(1), Incarnation(2), LinkSeq(3), LinkSeq(4), 42, "x"),
+        ErrFrame(NodeId("n"), Incarnation(1), Incarnation(2), LinkSeq(3), LinkSeq(4), 100, b"x"),  # type: ignore[arg-type]
         RetryLater(NodeId("n"), Incarnation(1), Incarnation(2), LinkSeq(3), LinkSeq(4), 7),  # type: ignore[arg-type]
         Req(NodeId("n"), Incarnation(1), 1, None, (StreamSeq(1),)),
         Req(NodeId("n"), Incarnation(1), 1, StreamId("s"), [1]),  # type: ignore[arg-type]

@@ -15,9 +15,20 @@ import pytest
 import trio
 import zmq
 
-from actors import PROTOCOL_VERSION, open_node
-from actors.testing import MemoryNetwork
-from transport import Hello, decode, router_socket
+from actors import (
+    open_node,
+)
+from transport import (
+    PROTOCOL_VERSION,
+    decode,
+    router_socket,
+)
+from transport.frames import (
+    Hello,
+)
+from transport.testing import (
+    MemoryNetwork,
+)
 
 Ctx = zmq.Context[zmq.Socket[bytes]]
 ROOT = Path(__file__).resolve().parent.parent

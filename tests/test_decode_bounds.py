@@ -31,9 +31,6 @@ import zmq
 from actors import Ack, open_node
 from actors.testing import Inbox, open_test_network
 from transport import (
-    Batch,
-    Data,
-    Deliver,
     Incarnation,
     Limits,
     LinkReceiver,
@@ -41,8 +38,6 @@ from transport import (
     LocalProtocolError,
     ReceiverConfig,
     RemoteProtocolError,
-    RetryLater,
-    RetryReason,
     StreamId,
     StreamSeq,
     dealer_socket,
@@ -50,7 +45,16 @@ from transport import (
     encode,
     router_socket,
 )
-from transport import Hello as HelloFrame
+from transport.events import (
+    Admitted,
+)
+from transport.frames import (
+    Batch,
+    Data,
+    RetryLater,
+    RetryReason,
+)
+from transport.frames import Hello as HelloFrame
 
 A = "a"
 C = "c"
@@ -80,7 +84,7 @@ def data(seq: int, *, node: str = A, inc: int = A_INC, watermark: int = 1) -> Da
 
 
 def delivered(rx: LinkReceiver) -> list[int]:
-    return [int(e.seq) for e in rx.take_events() if type(e) is Deliver]
+    return [int(e.seq) for e in rx.take_events() if type(e) is Admitted]
 
 
 def refusals(rx: LinkReceiver) -> list[tuple[int, RetryReason]]:
@@ -124,7 +128,7 @@ def test_each_peer_has_its_own_budget() -> None:
     rx.receive_frame(A, data(1), 0.0, size=100)
     rx.receive_frame(A, data(2), 0.0, size=50)
     rx.receive_frame(C, data(1, node=C), 0.0, size=100)  # type: ignore[arg-type]
-    events = [(e.peer, int(e.seq)) for e in rx.take_events() if type(e) is Deliver]
+    events = [(e.peer, int(e.seq)) for e in rx.take_events() if type(e) is Admitted]
     assert events == [(A, 1), (C, 1)]
     assert rx.statistics().held_bytes == {A: 100, C: 100}
 
@@ -149,7 +153,7 @@ def test_held_bytes_stay_until_the_answer_even_when_the_table_forgot_the_message
     rx.receive_frame(A, data(2, watermark=2), 0.0, size=1)
     assert delivered(rx) == [1]
     rx.receive_frame(A, data(1, inc=A_INC + 1), 0.0, size=1)
-    assert [int(e.seq) for e in rx.take_events() if type(e) is Deliver] == []
+    assert [int(e.seq) for e in rx.take_events() if type(e) is Admitted] == []
     assert rx.statistics().held_bytes == {A: 100}
     assert not rx.complete(A, A_INC, LinkSeq(1))  # type: ignore[arg-type]
     assert rx.statistics().held_bytes == {}

@@ -15,19 +15,31 @@ from hypothesis import strategies as st
 
 from actors import (
     DeliveryFailed,
-    LinkStatistics,
     Node,
     NodeConfig,
-    NodeId,
     PeerError,
-    PeerState,
     Reject,
-    SenderConfig,
     SendHandle,
     open_node,
 )
-from actors.testing import FaultPlan, Inbox, MemoryNetwork, open_test_network
-from transport import LocalProtocolError, Unroutable
+from actors.statistics import (
+    LinkStatistics,
+)
+from actors.testing import (
+    Inbox,
+    open_test_network,
+)
+from transport import (
+    LocalProtocolError,
+    NodeId,
+    PeerState,
+    SenderConfig,
+    Unroutable,
+)
+from transport.testing import (
+    FaultPlan,
+    MemoryNetwork,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "test_my_node.py"

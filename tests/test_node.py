@@ -14,18 +14,22 @@ from actors import (
     Actor,
     Delivery,
     DeliveryFailed,
-    ErrCode,
-    FaultPlan,
     Gap,
     Node,
     NodeConfig,
     PeerError,
-    PeerState,
     Reject,
-    SenderConfig,
     open_node,
 )
-from transport import LocalProtocolError
+from transport import (
+    ErrCode,
+    LocalProtocolError,
+    PeerState,
+    SenderConfig,
+)
+from transport.testing import (
+    FaultPlan,
+)
 
 
 class Recorder(Actor[Any, Any]):

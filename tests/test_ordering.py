@@ -12,23 +12,34 @@ from typing import Any
 
 import trio
 
-from actors import Actor, Delivery, FaultPlan, Gap, ReceiverConfig, spawn
+from actors import (
+    Actor,
+    Delivery,
+    Gap,
+    spawn,
+)
 from actors._inbound import InboundState, PeerSequencer, Receiver
 from transport import (
-    Data,
-    Err,
     ErrCode,
     GapPolicy,
     Incarnation,
     Limits,
     LinkSeq,
     NodeId,
-    Req,
-    RetryLater,
-    RetryReason,
+    ReceiverConfig,
     SequencerConfig,
     StreamId,
     StreamSeq,
+)
+from transport.frames import (
+    Data,
+    ErrFrame,
+    Req,
+    RetryLater,
+    RetryReason,
+)
+from transport.testing import (
+    FaultPlan,
 )
 
 P, Q = NodeId("p"), NodeId("q")
@@ -222,7 +233,9 @@ async def test_fail_policy_tells_the_compute_actor_and_fails_the_sequencer(
     assert crash.__cause__.stream == "halo"
     assert [k for _, _, _, k in seen] == ["gap 1-1 stream-failed"]
     # The messages held behind the loss were answered, not dropped.
-    errs = [f for _, f in h.inbound.core.frames_to_send(trio.current_time()) if isinstance(f, Err)]
+    errs = [
+        f for _, f in h.inbound.core.frames_to_send(trio.current_time()) if isinstance(f, ErrFrame)
+    ]
     assert [e.code for e in errs] == [ErrCode.GAP_FAILED, ErrCode.GAP_FAILED]
 
 

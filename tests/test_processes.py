@@ -33,14 +33,20 @@ from actors import (
     Node,
     NodeConfig,
     PeerError,
-    PeerState,
-    Security,
-    SenderConfig,
     SendHandle,
-    generate_key_pair,
     open_node,
 )
-from transport import NodeId, SenderStatistics, write_key_pair
+from transport import (
+    NodeId,
+    PeerState,
+    SenderConfig,
+    SenderStatistics,
+)
+from transport.security import (
+    Security,
+    generate_key_pair,
+    write_key_pair,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -16,10 +16,16 @@ from _simnet import STREAMS, A, B, SimNet, decision, expected_items
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from transport import Incarnation, ItemAck, LocalProtocolError
-from transport._proto_link import Deliver, ReceiverConfig, SenderConfig
+from transport import (
+    Incarnation,
+    LocalProtocolError,
+)
+from transport._proto_link import Admitted, ReceiverConfig, SenderConfig
 from transport._proto_receiver import LinkReceiver
 from transport._proto_sender import LinkSender
+from transport.frames import (
+    ItemAck,
+)
 
 seeds = st.integers(0, 2**32 - 1)
 
@@ -412,7 +418,7 @@ def test_batch_answers_take_every_form() -> None:
 # --- what the receiver core lets the compute layer get wrong ----------------------------
 
 
-def _delivered(*sends: tuple[int, ...] | int) -> tuple[LinkReceiver, list[Deliver]]:
+def _delivered(*sends: tuple[int, ...] | int) -> tuple[LinkReceiver, list[Admitted]]:
     """A receiver that delivered ``sends`` (an int is a single DATA, a tuple a DATA_ITEMS)."""
     sender = LinkSender(A, Incarnation(100), B, now=0.0, rng=random.Random(0).random)
     receiver = LinkReceiver(B, Incarnation(1000))
@@ -423,7 +429,7 @@ def _delivered(*sends: tuple[int, ...] | int) -> tuple[LinkReceiver, list[Delive
             sender.send(STREAMS[0], sent, now=0.0)
     for frame in sender.frames_to_send(0.0):
         receiver.receive_frame(A, frame, 0.0)
-    delivered = [e for e in receiver.take_events() if isinstance(e, Deliver)]
+    delivered = [e for e in receiver.take_events() if isinstance(e, Admitted)]
     assert [e.items for e in delivered] == [isinstance(sent, tuple) for sent in sends]
     return receiver, delivered
 

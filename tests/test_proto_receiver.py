@@ -11,34 +11,17 @@ from hypothesis import strategies as st
 from transport import (
     APP_ERR_MIN,
     PROTOCOL_VERSION,
-    Ack,
-    AckRange,
-    Batch,
-    Data,
-    DataItems,
-    Err,
     ErrCode,
-    Frame,
-    Hello,
     Incarnation,
-    ItemAck,
     LinkSeq,
     LocalProtocolError,
-    MissingItem,
-    MissingStatus,
     NodeId,
-    Received,
-    Req,
-    ReqAnswer,
-    RetryLater,
-    RetryReason,
     StreamId,
     StreamSeq,
     decode,
     encode,
 )
 from transport._proto_link import (
-    Deliver,
     QueryAnswered,
     ReceiverConfig,
     Rejected,
@@ -48,6 +31,27 @@ from transport._proto_link import (
 )
 from transport._proto_receiver import LinkReceiver
 from transport._proto_sender import LinkSender
+from transport.events import (
+    Admitted,
+)
+from transport.frames import (
+    AckFrame,
+    AckRange,
+    Batch,
+    Data,
+    DataItems,
+    ErrFrame,
+    Frame,
+    Hello,
+    ItemAck,
+    MissingItem,
+    MissingStatus,
+    Received,
+    Req,
+    ReqAnswer,
+    RetryLater,
+    RetryReason,
+)
 
 A = NodeId("a")
 B = NodeId("b")
@@ -100,13 +104,13 @@ def test_first_copy_is_delivered_and_received_is_queued() -> None:
     r.receive_frame(A, data(1), 0.0)
     assert r.take_events() == [
         SessionStarted(A, INC_A),
-        Deliver(A, INC_A, LinkSeq(1), HALO, StreamSeq(1), StreamSeq(1), 10, "p1"),
+        Admitted(A, INC_A, LinkSeq(1), HALO, StreamSeq(1), StreamSeq(1), 10, "p1"),
     ]
     assert r.next_deadline() == 0.0
     assert flush(r) == [Received(B, INC_B, INC_A, LinkSeq(1), LinkSeq(8))]
     assert r.next_deadline() is None
     assert r.complete(A, INC_A, LinkSeq(1), result="r1")
-    assert flush(r) == [Ack(B, INC_B, INC_A, LinkSeq(1), LinkSeq(9), "r1")]
+    assert flush(r) == [AckFrame(B, INC_B, INC_A, LinkSeq(1), LinkSeq(9), "r1")]
 
 
 def test_final_answer_known_at_flush_replaces_received() -> None:
@@ -116,8 +120,8 @@ def test_final_answer_known_at_flush_replaces_received() -> None:
     r.complete(A, INC_A, LinkSeq(1))
     r.fail(A, INC_A, LinkSeq(2), APP_ERR_MIN + 1, "bad cell")
     assert flush(r) == [
-        Ack(B, INC_B, INC_A, LinkSeq(1), LinkSeq(10), None),
-        Err(B, INC_B, INC_A, LinkSeq(2), LinkSeq(10), APP_ERR_MIN + 1, "bad cell"),
+        AckFrame(B, INC_B, INC_A, LinkSeq(1), LinkSeq(10), None),
+        ErrFrame(B, INC_B, INC_A, LinkSeq(2), LinkSeq(10), APP_ERR_MIN + 1, "bad cell"),
     ]
 
 
@@ -131,8 +135,8 @@ def test_duplicate_gets_received_then_the_same_final_answer() -> None:
     first = flush(r, 0.2)
     r.receive_frame(A, data(1), 0.3)
     r.receive_frame(A, data(1), 0.3)
-    assert flush(r, 0.3) == first == [Ack(B, INC_B, INC_A, LinkSeq(1), LinkSeq(9), [1, 2])]
-    delivers = [e for e in r.take_events() if isinstance(e, Deliver)]
+    assert flush(r, 0.3) == first == [AckFrame(B, INC_B, INC_A, LinkSeq(1), LinkSeq(9), [1, 2])]
+    delivers = [e for e in r.take_events() if isinstance(e, Admitted)]
     assert len(delivers) == 1
     assert session(r).duplicates == 3
 
@@ -151,13 +155,13 @@ def test_plain_acks_due_together_go_as_ranges_of_consecutive_numbers() -> None:
     assert flush(r) == [
         AckRange(B, INC_B, INC_A, LinkSeq(1), LinkSeq(4), credit),
         AckRange(B, INC_B, INC_A, LinkSeq(6), LinkSeq(7), credit),
-        Ack(B, INC_B, INC_A, LinkSeq(9), credit, None),
-        Ack(B, INC_B, INC_A, LinkSeq(5), credit, "r5"),
-        Err(B, INC_B, INC_A, LinkSeq(8), credit, APP_ERR_MIN, "no"),
+        AckFrame(B, INC_B, INC_A, LinkSeq(9), credit, None),
+        AckFrame(B, INC_B, INC_A, LinkSeq(5), credit, "r5"),
+        ErrFrame(B, INC_B, INC_A, LinkSeq(8), credit, APP_ERR_MIN, "no"),
     ]
     # A duplicate of a message inside a range gets its own answer again.
     r.receive_frame(A, data(2), 0.1)
-    assert flush(r, 0.1) == [Ack(B, INC_B, INC_A, LinkSeq(2), credit, None)]
+    assert flush(r, 0.1) == [AckFrame(B, INC_B, INC_A, LinkSeq(2), credit, None)]
 
 
 def test_watermark_prunes_cached_answers_and_drops_old_copies() -> None:
@@ -183,14 +187,14 @@ def test_beyond_credit_gets_retry_later_and_is_not_held() -> None:
     r.receive_frame(A, data(3), 0.0)
     out = flush(r)
     assert RetryLater(B, INC_B, INC_A, LinkSeq(3), LinkSeq(2), RetryReason.WINDOW_FULL) in out
-    assert [e.seq for e in r.take_events() if isinstance(e, Deliver)] == [1, 2]
+    assert [e.seq for e in r.take_events() if isinstance(e, Admitted)] == [1, 2]
     # The compute layer drains: the floor advances and the credit with it.
     r.complete(A, INC_A, LinkSeq(2))
-    assert flush(r) == [Ack(B, INC_B, INC_A, LinkSeq(2), LinkSeq(2), None)]
+    assert flush(r) == [AckFrame(B, INC_B, INC_A, LinkSeq(2), LinkSeq(2), None)]
     r.complete(A, INC_A, LinkSeq(1))
-    assert flush(r) == [Ack(B, INC_B, INC_A, LinkSeq(1), LinkSeq(4), None)]
+    assert flush(r) == [AckFrame(B, INC_B, INC_A, LinkSeq(1), LinkSeq(4), None)]
     r.receive_frame(A, data(3), 0.1)
-    assert [e.seq for e in r.take_events() if isinstance(e, Deliver)] == [3]
+    assert [e.seq for e in r.take_events() if isinstance(e, Admitted)] == [3]
     assert session(r).retry_later_sent == 1
 
 
@@ -224,7 +228,7 @@ def test_new_sender_incarnation_ends_the_old_session() -> None:
         SessionEnded(A, INC_A, (LinkSeq(1), LinkSeq(3))),
         SessionStarted(A, new),
     ]
-    assert isinstance(events[2], Deliver)
+    assert isinstance(events[2], Admitted)
     assert (events[2].peer_incarnation, events[2].payload) == (new, "fresh")
     # Nothing of the old session is answered or mixed in.
     assert flush(r, 1.0) == [Received(B, INC_B, new, LinkSeq(1), LinkSeq(8))]
@@ -241,7 +245,7 @@ def test_older_sender_incarnation_is_refused_stale() -> None:
     r.receive_frame(A, data(5, inc=INC_A), 0.1)
     assert r.take_events() == []
     (answer,) = flush(r, 0.1)
-    assert isinstance(answer, Err)
+    assert isinstance(answer, ErrFrame)
     assert (answer.code, answer.peer_incarnation, answer.seq) == (
         ErrCode.STALE_SESSION,
         INC_A,
@@ -266,16 +270,16 @@ def test_malformed_and_unexpected_frames_are_counted_not_raised() -> None:
     r.receive_frame(
         A, Data(A, INC_A, LinkSeq(1), HALO, StreamSeq(1), StreamSeq(2), 0, 0, LinkSeq(1)), 0.0
     )
-    r.receive_frame(A, Ack(A, INC_A, INC_B, LinkSeq(1), LinkSeq(1), None), 0.0)
+    r.receive_frame(A, AckFrame(A, INC_A, INC_B, LinkSeq(1), LinkSeq(1), None), 0.0)
     r.receive_frame(A, Batch((Batch(()),)), 0.0)
     assert r.statistics().rejected == {"bad-data": 2, "unexpected-frame": 1, "nested-batch": 1}
-    assert not any(isinstance(e, Deliver) for e in r.take_events())
+    assert not any(isinstance(e, Admitted) for e in r.take_events())
 
 
 def test_batch_is_unpacked_in_order() -> None:
     r = make()
     r.receive_frame(A, Batch((data(1), data(2), Hello(A, INC_A, 3, False))), 0.0)
-    assert [e.seq for e in r.take_events() if isinstance(e, Deliver)] == [1, 2]
+    assert [e.seq for e in r.take_events() if isinstance(e, Admitted)] == [1, 2]
     out = flush(r)
     assert Hello(B, INC_B, 3, True) in out
     assert [f.seq for f in out if isinstance(f, Received)] == [1, 2]
@@ -307,7 +311,7 @@ def test_hello_of_another_version_gets_our_version_and_changes_nothing() -> None
     ]
     # The peer's other frames are handled as usual.
     r.receive_frame(A, data(2), 0.2)
-    assert [e.seq for e in r.take_events() if isinstance(e, Deliver)] == [2]
+    assert [e.seq for e in r.take_events() if isinstance(e, Admitted)] == [2]
     # A reply of another version is unexpected at a receiver, as any reply is.
     r.receive_frame(A, Hello(A, INC_A, 6, True, 2), 0.3)
     assert r.statistics().rejected == {"bad-version": 1, "unexpected-frame": 1}
@@ -396,7 +400,7 @@ def test_received_waits_for_the_delay_and_is_skipped_when_the_answer_is_ready() 
     r.complete(A, INC_A, LinkSeq(1), "r1")
     [(peer, ack)] = r.frames_to_send(0.006)
     assert peer == A
-    assert isinstance(ack, Ack)
+    assert isinstance(ack, AckFrame)
     assert ack.seq == 1
     assert r.next_deadline() == 0.01
     [(_, received)] = r.frames_to_send(0.01)
@@ -422,7 +426,7 @@ def test_answered_messages_leave_no_received_timer_behind() -> None:
     assert r.next_deadline() == 0.01
     r.complete(A, INC_A, LinkSeq(3))
     [(_, ack3)] = r.frames_to_send(0.002)
-    assert isinstance(ack3, Ack)
+    assert isinstance(ack3, AckFrame)
     assert r.next_deadline() is None
     assert r.frames_to_send(0.02) == []
 
@@ -447,7 +451,7 @@ def test_refuse_answers_retry_later_and_takes_the_resend_as_new() -> None:
     assert answer.reason is RetryReason.BUFFER_FULL
     r.receive_frame(A, data(1), 0.1)
     [event] = r.take_events()
-    assert isinstance(event, Deliver)
+    assert isinstance(event, Admitted)
     assert event.seq == 1
 
 
@@ -461,8 +465,8 @@ def test_late_data_of_an_incarnation_replaced_by_hello_is_refused() -> None:
     r.receive_frame(A, Hello(A, newer, 1, False), 0.1)
     r.receive_frame(A, data(2), 0.2)
     events = r.take_events()
-    assert not [e for e in events if isinstance(e, Deliver)]
-    refusals = [f for _, f in r.frames_to_send(0.2) if isinstance(f, Err)]
+    assert not [e for e in events if isinstance(e, Admitted)]
+    refusals = [f for _, f in r.frames_to_send(0.2) if isinstance(f, ErrFrame)]
     assert [f.code for f in refusals] == [ErrCode.STALE_SESSION]
     assert r.statistics().stale_refused == 1
 
@@ -493,10 +497,10 @@ def test_every_answer_names_both_sides_and_credit_never_falls(ops: list[tuple[An
         if op[0] == "data":
             seq = op[1]
             r.receive_frame(A, data(seq, watermark=max(1, seq - op[2])), now)
-            delivered += [e.seq for e in r.take_events() if isinstance(e, Deliver)]
+            delivered += [e.seq for e in r.take_events() if isinstance(e, Admitted)]
         elif op[0] == "flush":
             for frame in flush(r, now):
-                assert isinstance(frame, Received | Ack | AckRange | Err | RetryLater)
+                assert isinstance(frame, Received | AckFrame | AckRange | ErrFrame | RetryLater)
                 assert (frame.node, frame.incarnation, frame.peer_incarnation) == (B, INC_B, INC_A)
                 credits.append(frame.credit)
         elif delivered:
@@ -529,11 +533,11 @@ def test_credit_is_capped_at_the_top_of_the_u63_range() -> None:
     r.receive_frame(A, data(MAX, watermark=MAX), 0.0)
     assert flush(r) == [Received(B, INC_B, INC_A, LinkSeq(MAX), LinkSeq(MAX))]
     assert r.complete(A, INC_A, LinkSeq(MAX), result="r")
-    assert flush(r) == [Ack(B, INC_B, INC_A, LinkSeq(MAX), LinkSeq(MAX), "r")]
+    assert flush(r) == [AckFrame(B, INC_B, INC_A, LinkSeq(MAX), LinkSeq(MAX), "r")]
     assert session(r).credit == MAX
     # The duplicate gets the cached answer, with the same capped credit.
     r.receive_frame(A, data(MAX, watermark=MAX), 0.0)
-    assert flush(r) == [Ack(B, INC_B, INC_A, LinkSeq(MAX), LinkSeq(MAX), "r")]
+    assert flush(r) == [AckFrame(B, INC_B, INC_A, LinkSeq(MAX), LinkSeq(MAX), "r")]
 
 
 @pytest.mark.parametrize("finish", ["ack", "ack-range", "err", "retry-later", "window-full"])
@@ -545,14 +549,14 @@ def test_every_answer_at_the_top_of_the_range_encodes(finish: str) -> None:
     flush(r)
     if finish == "ack":
         r.complete(A, INC_A, LinkSeq(MAX))
-        want: list[Frame] = [Ack(B, INC_B, INC_A, LinkSeq(MAX), LinkSeq(MAX))]
+        want: list[Frame] = [AckFrame(B, INC_B, INC_A, LinkSeq(MAX), LinkSeq(MAX))]
     elif finish == "ack-range":
         r.complete(A, INC_A, LinkSeq(MAX))
         r.complete(A, INC_A, LinkSeq(first))
         want = [AckRange(B, INC_B, INC_A, LinkSeq(first), LinkSeq(MAX), LinkSeq(MAX))]
     elif finish == "err":
         r.fail(A, INC_A, LinkSeq(MAX), APP_ERR_MIN, "no")
-        want = [Err(B, INC_B, INC_A, LinkSeq(MAX), LinkSeq(MAX), APP_ERR_MIN, "no")]
+        want = [ErrFrame(B, INC_B, INC_A, LinkSeq(MAX), LinkSeq(MAX), APP_ERR_MIN, "no")]
     elif finish == "retry-later":
         r.refuse(A, INC_A, LinkSeq(MAX), RetryReason.BUFFER_FULL)
         want = [RetryLater(B, INC_B, INC_A, LinkSeq(MAX), LinkSeq(MAX), RetryReason.BUFFER_FULL)]
@@ -616,12 +620,12 @@ def test_every_frame_the_core_emits_encodes_with_every_field_at_its_limits(
         config=ReceiverConfig(window=window, max_entries=2 * window, received_delay=delay),
     )
     now = 0.0
-    pending: list[Deliver] = []
+    pending: list[Admitted] = []
 
     def drain() -> None:
         for _, frame in r.frames_to_send(now):
             encodes(frame)
-        pending.extend(e for e in r.take_events() if isinstance(e, Deliver))
+        pending.extend(e for e in r.take_events() if isinstance(e, Admitted))
 
     for op in ops:
         kind = op[0]

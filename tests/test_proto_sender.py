@@ -15,27 +15,12 @@ from hypothesis import strategies as st
 
 from transport import (
     PROTOCOL_VERSION,
-    Ack,
-    AckRange,
-    Batch,
-    Data,
-    Err,
-    Frame,
-    Hello,
     Incarnation,
     LinkSeq,
     LocalProtocolError,
-    MissingItem,
-    MissingStatus,
     NodeId,
-    Received,
-    Req,
-    ReqAnswer,
-    RetryLater,
-    RetryReason,
     StreamId,
     StreamSeq,
-    StreamStatus,
 )
 from transport._proto_link import (
     Answered,
@@ -48,6 +33,23 @@ from transport._proto_link import (
     jittered,
 )
 from transport._proto_sender import LinkSender
+from transport.frames import (
+    AckFrame,
+    AckRange,
+    Batch,
+    Data,
+    ErrFrame,
+    Frame,
+    Hello,
+    MissingItem,
+    MissingStatus,
+    Received,
+    Req,
+    ReqAnswer,
+    RetryLater,
+    RetryReason,
+    StreamStatus,
+)
 
 A = NodeId("a")
 B = NodeId("b")
@@ -78,16 +80,16 @@ def received(seq: int, credit: int = 1000, inc: Incarnation = INC_B) -> Received
     return Received(B, inc, INC_A, LinkSeq(seq), LinkSeq(credit))
 
 
-def ack(seq: int, credit: int = 1000, inc: Incarnation = INC_B, result: object = None) -> Ack:
-    return Ack(B, inc, INC_A, LinkSeq(seq), LinkSeq(credit), result)
+def ack(seq: int, credit: int = 1000, inc: Incarnation = INC_B, result: object = None) -> AckFrame:
+    return AckFrame(B, inc, INC_A, LinkSeq(seq), LinkSeq(credit), result)
 
 
 def ack_range(first: int, last: int, credit: int = 1000, inc: Incarnation = INC_B) -> AckRange:
     return AckRange(B, inc, INC_A, LinkSeq(first), LinkSeq(last), LinkSeq(credit))
 
 
-def err(seq: int, code: int = 100, credit: int = 1000) -> Err:
-    return Err(B, INC_B, INC_A, LinkSeq(seq), LinkSeq(credit), code, "no")
+def err(seq: int, code: int = 100, credit: int = 1000) -> ErrFrame:
+    return ErrFrame(B, INC_B, INC_A, LinkSeq(seq), LinkSeq(credit), code, "no")
 
 
 def retry_later(seq: int, credit: int = 1000) -> RetryLater:
@@ -176,10 +178,10 @@ def test_ack_and_err_are_final_answers_reported_once() -> None:
     s.receive_frame(err(2, code=123), 0.01)
     s.receive_frame(ack(1), 0.02)
     events = [e for e in s.take_events() if isinstance(e, Answered)]
-    assert [(e.seq, type(e.answer).__name__) for e in events] == [(1, "Ack"), (2, "Err")]
-    assert isinstance(events[0].answer, Ack)
+    assert [(e.seq, type(e.answer).__name__) for e in events] == [(1, "AckFrame"), (2, "ErrFrame")]
+    assert isinstance(events[0].answer, AckFrame)
     assert events[0].answer.result == b"ok"
-    assert isinstance(events[1].answer, Err)
+    assert isinstance(events[1].answer, ErrFrame)
     assert events[1].answer.code == 123
     stats = s.statistics()
     assert (stats.acked, stats.erred, stats.duplicate_answers) == (1, 1, 1)
@@ -410,7 +412,7 @@ def test_answers_for_another_sender_incarnation_are_ignored() -> None:
     s = make()
     s.send(HALO, "x", now=0.0)
     s.frames_to_send(0.0)
-    s.receive_frame(Ack(B, INC_B, Incarnation(6), LinkSeq(1), LinkSeq(1000), None), 0.01)
+    s.receive_frame(AckFrame(B, INC_B, Incarnation(6), LinkSeq(1), LinkSeq(1000), None), 0.01)
     assert s.statistics().stale_answers == 1
     assert s.statistics().in_flight == 1
 
@@ -419,7 +421,7 @@ def test_frames_from_another_node_are_refused() -> None:
     s = make()
     s.send(HALO, "x", now=0.0)
     s.frames_to_send(0.0)
-    s.receive_frame(Ack(NodeId("c"), INC_B, INC_A, LinkSeq(1), LinkSeq(9), None), 0.01)
+    s.receive_frame(AckFrame(NodeId("c"), INC_B, INC_A, LinkSeq(1), LinkSeq(9), None), 0.01)
     s.receive_frame(Batch((Batch(()),)), 0.01)
     stats = s.statistics()
     assert stats.rejected == {"wrong-peer": 1, "nested-batch": 1}

@@ -22,12 +22,9 @@ from transport import (
     LinkReceiver,
     LinkSender,
     LocalProtocolError,
-    MissingItem,
-    MissingStatus,
     NodeId,
     ReceiverConfig,
     RemoteProtocolError,
-    Req,
     SenderConfig,
     StreamId,
     decode,
@@ -36,7 +33,6 @@ from transport import (
 from transport._ids import StreamSeq
 from transport._proto_sequencer import (
     AskMissing,
-    Gap,
     GapPolicy,
     GapReason,
     OfferResult,
@@ -45,6 +41,14 @@ from transport._proto_sequencer import (
     SequencerEvent,
     StreamFailed,
     StreamSequencer,
+)
+from transport.events import (
+    GapEvent,
+)
+from transport.frames import (
+    MissingItem,
+    MissingStatus,
+    Req,
 )
 
 S = StreamSeq
@@ -306,7 +310,7 @@ def test_in_flight_then_resent_delivers_under_every_policy(policy: GapPolicy) ->
     events = sq.take_events()
     assert released(events) == [1, 2, 3, 4]
     assert [e for e in events if isinstance(e, AskMissing)] == [AskMissing((S(2),))] * 2
-    assert not [e for e in events if isinstance(e, Gap | StreamFailed)]
+    assert not [e for e in events if isinstance(e, GapEvent | StreamFailed)]
 
 
 @pytest.mark.parametrize("policy", [GapPolicy.WAIT, GapPolicy.SKIP])
@@ -323,7 +327,7 @@ def test_lost_message_becomes_gap_then_delivery_moves_on(
     assert sq.take_events() == [AskMissing((S(2), S(3)))]
     sq.on_missing_answer(answer((2, status), (3, status)), now=0.6)
     assert sq.take_events() == [
-        Gap(S(2), S(3), reason),
+        GapEvent(S(2), S(3), reason),
         Release(S(4), "m4"),
         Release(S(5), "m5"),
     ]
@@ -389,9 +393,9 @@ def test_floor_settles_missing_numbers_without_asking(policy: GapPolicy) -> None
         return
     assert result is ACCEPTED
     assert events == [
-        Gap(S(2), S(2), GapReason.PASSED_FLOOR),
+        GapEvent(S(2), S(2), GapReason.PASSED_FLOOR),
         Release(S(3), "m3"),
-        Gap(S(4), S(4), GapReason.PASSED_FLOOR),
+        GapEvent(S(4), S(4), GapReason.PASSED_FLOOR),
     ]
     assert sq.next_expected == 5
     assert sq.statistics().reqs_sent == 0
@@ -404,7 +408,7 @@ def test_floor_passing_a_message_that_is_then_offered_is_stale() -> None:
     sq = make()
     offer(sq, 1)
     assert offer(sq, 4, floor=3) is ACCEPTED
-    assert sq.take_events() == [Release(S(1), "m1"), Gap(S(2), S(2), GapReason.PASSED_FLOOR)]
+    assert sq.take_events() == [Release(S(1), "m1"), GapEvent(S(2), S(2), GapReason.PASSED_FLOOR)]
     assert offer(sq, 2) is OfferResult.STALE
     assert offer(sq, 3, floor=3) is ACCEPTED
     assert released(sq.take_events()) == [3, 4]
@@ -443,9 +447,9 @@ def test_skip_after_timeout_then_late_arrival_is_late_skipped() -> None:
     sq.poll(2.0)
     # Both gaps have been known since 5 arrived at 1.0: one poll skips both.
     assert sq.take_events() == [
-        Gap(S(2), S(2), GapReason.SKIPPED),
+        GapEvent(S(2), S(2), GapReason.SKIPPED),
         Release(S(3), "m3"),
-        Gap(S(4), S(4), GapReason.SKIPPED),
+        GapEvent(S(4), S(4), GapReason.SKIPPED),
         Release(S(5), "m5"),
     ]
     assert offer(sq, 2, now=2.1) is OfferResult.LATE_SKIPPED
@@ -465,7 +469,7 @@ def test_skip_default_is_twice_gap_timeout() -> None:
     assert sq.take_events() == [AskMissing((S(1),))]
     assert sq.next_deadline() == 1.5
     sq.poll(1.5)
-    assert sq.take_events() == [Gap(S(1), S(1), GapReason.SKIPPED), Release(S(2), "m2")]
+    assert sq.take_events() == [GapEvent(S(1), S(1), GapReason.SKIPPED), Release(S(2), "m2")]
 
 
 def test_number_reported_lost_that_arrives_later_is_stale_not_delivered() -> None:
@@ -480,7 +484,7 @@ def test_number_reported_lost_that_arrives_later_is_stale_not_delivered() -> Non
     assert offer(sq, 2, now=0.8) is ACCEPTED
     assert sq.take_events() == [
         Release(S(2), "m2"),
-        Gap(S(3), S(3), GapReason.GIVEN_UP),
+        GapEvent(S(3), S(3), GapReason.GIVEN_UP),
         Release(S(4), "m4"),
     ]
 
@@ -725,7 +729,7 @@ def test_terrible_network_each_number_delivered_or_gapped_exactly_once_in_order(
     given_up = frozenset(s for s in range(1, n + 1) if rng.random() < lost_fraction)
     sq, events, results = _run_terrible_network(rng, n, policy, given_up, limit)
 
-    # Walk the events: Release and Gap cover 1..next-1 exactly once, in order.
+    # Walk the events: Release and GapEvent cover 1..next-1 exactly once, in order.
     covered: list[int] = []
     released_seqs: set[int] = set()
     failed: StreamFailed[int] | None = None
@@ -735,7 +739,7 @@ def test_terrible_network_each_number_delivered_or_gapped_exactly_once_in_order(
             assert event.item == event.stream_seq
             covered.append(event.stream_seq)
             released_seqs.add(event.stream_seq)
-        elif isinstance(event, Gap):
+        elif isinstance(event, GapEvent):
             assert event.first <= event.last
             covered.extend(range(event.first, event.last + 1))
             if policy is GapPolicy.WAIT:
@@ -857,7 +861,7 @@ def test_every_event_at_the_top_of_the_range_stays_in_u63_and_every_req_encodes(
     for event in sq.take_events():
         if isinstance(event, Release):
             assert 1 <= event.stream_seq <= MAX
-        elif isinstance(event, Gap):
+        elif isinstance(event, GapEvent):
             assert 1 <= event.first <= event.last <= MAX
         elif isinstance(event, StreamFailed):
             assert 1 <= event.first_missing <= MAX

@@ -12,9 +12,28 @@ import pytest
 import trio
 import trio.testing
 
-from actors import PROTOCOL_VERSION, DeliveryFailed, NodeId, PeerState, open_node
-from actors.testing import Inbox, MemoryNetwork
-from transport import Hello, Incarnation, SocketLike, decode, encode
+from actors import (
+    DeliveryFailed,
+    open_node,
+)
+from actors.testing import (
+    Inbox,
+)
+from transport import (
+    PROTOCOL_VERSION,
+    Incarnation,
+    NodeId,
+    PeerState,
+    SocketLike,
+    decode,
+    encode,
+)
+from transport.frames import (
+    Hello,
+)
+from transport.testing import (
+    MemoryNetwork,
+)
 
 B_INC = Incarnation(77)
 REASON = "peer speaks protocol version 2, this node speaks 1"

@@ -19,10 +19,25 @@ import zmq
 from _peer import payload_index
 from test_processes import QUICK, free_port, read_record, receiver
 
-from actors import Ack, Actor, Delivery, Node, NodeConfig, PeerState, SendHandle, open_node
-from actors.testing import FaultPlan, open_fault_proxy
-from transport import NodeId, router_socket
+from actors import (
+    Ack,
+    Actor,
+    Delivery,
+    Node,
+    NodeConfig,
+    SendHandle,
+    open_node,
+)
+from transport import (
+    NodeId,
+    PeerState,
+    router_socket,
+)
 from transport._socket import dealer_socket
+from transport.testing import (
+    FaultPlan,
+    open_fault_proxy,
+)
 
 pytestmark = pytest.mark.slow
 

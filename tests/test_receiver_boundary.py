@@ -23,33 +23,37 @@ import trio
 
 import actors._inbound as inbound
 from actors import Actor, Delivery, Node, open_node
-from actors.testing import MemoryNetwork
 from transport import (
-    Ack,
-    AckItems,
-    Batch,
-    Data,
-    DataItems,
-    Err,
     ErrCode,
-    FaultPlan,
-    Frame,
     Incarnation,
-    ItemAck,
     Limits,
     LinkReceiver,
     LinkSeq,
     NodeId,
     ReceiverConfig,
-    RetryLater,
-    RetryReason,
     StreamId,
     StreamSeq,
     decode,
     encode,
 )
-from transport._memnet import MemorySocket
-from transport._proto_link import Deliver
+from transport.events import Admitted
+from transport.frames import (
+    AckFrame,
+    AckItems,
+    Batch,
+    Data,
+    DataItems,
+    ErrFrame,
+    Frame,
+    ItemAck,
+    RetryLater,
+    RetryReason,
+)
+from transport.testing import (
+    FaultPlan,
+    MemoryNetwork,
+    MemorySocket,
+)
 
 MAX = 2**63 - 1
 EVIL = NodeId("evil")
@@ -147,9 +151,9 @@ async def test_a_peer_at_the_top_of_the_range_is_answered_and_hurts_no_other_pee
     # final answer: the credit capped at 2**63 - 1 (§6.4).
     assert answers
     for answer in answers:
-        assert isinstance(answer, Ack | AckItems)
+        assert isinstance(answer, AckFrame | AckItems)
         assert (answer.seq, answer.credit) == (MAX, MAX)
-        if isinstance(answer, Ack):
+        if isinstance(answer, AckFrame):
             assert answer.result == MAX
         else:
             assert answer.outcomes == (ItemAck(MAX), ItemAck(MAX))
@@ -263,12 +267,12 @@ async def test_an_answer_that_fails_to_encode_is_dropped_and_the_other_peers_sti
     for peer in (GOOD, EVIL):
         st.core.receive_frame(peer, _data(1, peer), 0.0)
     for event in st.core.take_events():
-        if isinstance(event, Deliver):
+        if isinstance(event, Admitted):
             # A result the codec refuses: the ERR fallback is tried, and fails too.
             st.core.complete(event.peer, event.peer_incarnation, event.seq, result=object())
     st.flush(router, 0.0)
     got = decode(dealers[GOOD].recv_multipart_nowait())
-    assert isinstance(got, Err)
+    assert isinstance(got, ErrFrame)
     assert (got.seq, got.code) == (1, ErrCode.COMPUTE_FAILED)
     with pytest.raises(trio.WouldBlock):
         dealers[EVIL].recv_multipart_nowait()

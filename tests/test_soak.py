@@ -24,11 +24,15 @@ from actors import (
     Actor,
     Delivery,
     NodeConfig,
-    NodeId,
-    NodeStatistics,
-    ReceiverConfig,
     SendHandle,
     open_node,
+)
+from actors.statistics import (
+    NodeStatistics,
+)
+from transport import (
+    NodeId,
+    ReceiverConfig,
 )
 
 MESSAGES = 100_000

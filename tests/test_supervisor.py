@@ -18,8 +18,10 @@ from actors import (
     Strategy,
     SupervisorGaveUp,
     SupervisorSpec,
-    SupervisorStatistics,
     open_supervisor,
+)
+from actors.statistics import (
+    SupervisorStatistics,
 )
 
 

@@ -1,100 +1,37 @@
 """cellmesh's wire layer: typed frames, the CBOR codec, the sans-IO protocol
 core and the Trio-driven ZeroMQ sockets. It never imports ``actors``.
+
+This face holds what a node and its users need most: ids, errors, the codec,
+the three protocol cores with their configs and statistics, and the sockets
+and networks. The rest lives in public submodules, each with its own
+``__all__``, so that every name has exactly one public home:
+
+- :mod:`transport.frames`: the wire frames and their enums (docs/protocol.md);
+- :mod:`transport.events`: what the protocol cores report (``take_events()``);
+- :mod:`transport.security`: CURVE keys and the ZAP policy;
+- :mod:`transport.testing`: the in-memory network, fault injection and the
+  fault proxy, as ``trio.testing`` holds trio's test tools.
 """
 
 from __future__ import annotations
 
 from ._codec import Limits, check_payload, decode, encode
 from ._errors import LocalProtocolError, ProtocolError, RemoteProtocolError
-from ._faults import FaultInjector, FaultPlan, FaultStatistics
-from ._frames import (
-    APP_ERR_MIN,
-    PROTOCOL_VERSION,
-    Ack,
-    AckItems,
-    AckRange,
-    Answer,
-    Batch,
-    Data,
-    DataItems,
-    Err,
-    ErrCode,
-    Frame,
-    FrameKind,
-    Hello,
-    ItemAck,
-    ItemErr,
-    ItemOutcome,
-    MissingItem,
-    MissingStatus,
-    Payload,
-    Received,
-    Req,
-    ReqAnswer,
-    RetryLater,
-    RetryReason,
-    StreamStatus,
-)
+from ._frames import APP_ERR_MIN, PROTOCOL_VERSION, ErrCode, Payload
 from ._ids import Incarnation, LinkSeq, NodeId, StreamId, StreamSeq
-from ._memnet import (
-    MemoryNetwork,
-    MemorySocket,
-    Network,
-    NetworkStatistics,
-    SocketLike,
-    ZmqNetwork,
-)
+from ._memnet import Network, SocketLike
 from ._proto_link import (
-    Answered,
-    Deliver,
-    GaveUp,
-    Held,
-    PeerRestarted,
     PeerState,
-    PeerStateChanged,
-    QueryAnswered,
     ReceiverConfig,
-    ReceiverEvent,
     ReceiverStatistics,
-    Rejected,
     Rng,
     SenderConfig,
-    SenderEvent,
     SenderStatistics,
-    SessionEnded,
-    SessionStarted,
     SessionStatistics,
 )
 from ._proto_receiver import LinkReceiver
 from ._proto_sender import LinkSender
-from ._proto_sequencer import (
-    AskMissing,
-    Gap,
-    GapPolicy,
-    GapReason,
-    OfferResult,
-    Release,
-    SequencerConfig,
-    SequencerEvent,
-    SequencerStatistics,
-    StreamFailed,
-    StreamSequencer,
-)
-from ._proxy import FaultProxy, ProxyStatistics, open_fault_proxy
-from ._security import (
-    CurveKeyPair,
-    KeyFileError,
-    Security,
-    ZapDecision,
-    ZapPolicy,
-    ZapStatistics,
-    generate_key_pair,
-    public_key_path,
-    read_key_pair,
-    read_public_key,
-    secret_key_path,
-    write_key_pair,
-)
+from ._proto_sequencer import GapPolicy, SequencerConfig, SequencerStatistics, StreamSequencer
 from ._socket import (
     DEALER_OPTIONS,
     ROUTER_OPTIONS,
@@ -104,109 +41,47 @@ from ._socket import (
     dealer_socket,
     router_socket,
 )
-from ._values import fast_init
+from ._zmqnet import ZmqNetwork
 
 __all__ = [
     "APP_ERR_MIN",
     "DEALER_OPTIONS",
     "PROTOCOL_VERSION",
     "ROUTER_OPTIONS",
-    "Ack",
-    "AckItems",
-    "AckRange",
-    "Answer",
-    "Answered",
-    "AskMissing",
-    "Batch",
-    "CurveKeyPair",
-    "Data",
-    "DataItems",
-    "Deliver",
-    "Err",
     "ErrCode",
-    "FaultInjector",
-    "FaultPlan",
-    "FaultProxy",
-    "FaultStatistics",
-    "Frame",
-    "FrameKind",
-    "Gap",
     "GapPolicy",
-    "GapReason",
-    "GaveUp",
-    "Held",
-    "Hello",
     "Incarnation",
-    "ItemAck",
-    "ItemErr",
-    "ItemOutcome",
-    "KeyFileError",
     "Limits",
     "LinkReceiver",
     "LinkSender",
     "LinkSeq",
     "LocalProtocolError",
-    "MemoryNetwork",
-    "MemorySocket",
-    "MissingItem",
-    "MissingStatus",
     "Network",
-    "NetworkStatistics",
     "NodeId",
-    "OfferResult",
     "Payload",
-    "PeerRestarted",
     "PeerState",
-    "PeerStateChanged",
     "ProtocolError",
-    "ProxyStatistics",
-    "QueryAnswered",
-    "Received",
     "ReceiverConfig",
-    "ReceiverEvent",
     "ReceiverStatistics",
-    "Rejected",
-    "Release",
     "RemoteProtocolError",
-    "Req",
-    "ReqAnswer",
-    "RetryLater",
-    "RetryReason",
     "Rng",
-    "Security",
     "SenderConfig",
-    "SenderEvent",
     "SenderStatistics",
     "SequencerConfig",
     "SequencerEvent",
     "SequencerStatistics",
-    "SessionEnded",
-    "SessionStarted",
     "SessionStatistics",
     "Socket",
     "SocketLike",
     "SocketStatistics",
-    "StreamFailed",
     "StreamId",
     "StreamSeq",
     "StreamSequencer",
-    "StreamStatus",
     "Unroutable",
-    "ZapDecision",
-    "ZapPolicy",
-    "ZapStatistics",
     "ZmqNetwork",
     "check_payload",
     "dealer_socket",
     "decode",
     "encode",
-    "fast_init",
-    "generate_key_pair",
-    "open_fault_proxy",
-    "public_key_path",
-    "read_key_pair",
-    "read_public_key",
     "router_socket",
-    "secret_key_path",
-    "write_key_pair",
 ]

@@ -34,9 +34,8 @@ from enum import Enum
 from typing import TypeAlias
 
 from ._errors import LocalProtocolError
-from ._frames import PROTOCOL_VERSION, Ack, AckItems, AckRange, Err, Payload, ReqAnswer
+from ._frames import PROTOCOL_VERSION, AckFrame, AckItems, AckRange, ErrFrame, Payload, ReqAnswer
 from ._ids import Incarnation, LinkSeq, NodeId, StreamId, StreamSeq
-from ._values import fast_init
 
 #: A source of uniform floats in ``[0, 1)``, e.g. ``random.Random(seed).random``.
 Rng: TypeAlias = Callable[[], float]
@@ -197,7 +196,6 @@ class PeerState(Enum):
 # --- sender events -------------------------------------------------------------------
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class Answered:
     """The receiver's final answer to ``seq``: ACK or ERR. The send is over.
@@ -209,10 +207,9 @@ class Answered:
     """
 
     seq: LinkSeq
-    answer: Ack | AckRange | AckItems | Err
+    answer: AckFrame | AckRange | AckItems | ErrFrame
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class Held:
     """The receiver's current incarnation holds ``seq`` (RECEIVED); a final answer follows."""
@@ -229,7 +226,6 @@ def incompatible_reason(peer_version: int) -> str:
     return f"peer speaks protocol version {peer_version}, this node speaks {PROTOCOL_VERSION}"
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class GaveUp:
     """``seq`` ended without a final answer; it is never sent again.
@@ -245,7 +241,6 @@ class GaveUp:
     reason: str = DEADLINE_PASSED
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class PeerRestarted:
     """The peer shows a new incarnation: everything unanswered is being resent to it."""
@@ -254,7 +249,6 @@ class PeerRestarted:
     new: Incarnation
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class PeerStateChanged:
     """The peer's liveness changed."""
@@ -269,10 +263,10 @@ SenderEvent: TypeAlias = Answered | Held | GaveUp | PeerRestarted | PeerStateCha
 # --- receiver events -----------------------------------------------------------------
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
-class Deliver:
-    """The first copy of a DATA: hand it to the compute layer, which must answer it.
+class Admitted:
+    """The core admitted a new message (the first copy of a DATA): hand it to the
+    compute layer, which must answer it.
 
     Finish it with ``LinkReceiver.complete`` or ``LinkReceiver.fail`` using
     ``peer``, ``peer_incarnation`` and ``seq``.
@@ -329,7 +323,7 @@ class QueryAnswered:
     answer: ReqAnswer
 
 
-ReceiverEvent: TypeAlias = Deliver | SessionStarted | SessionEnded | Rejected | QueryAnswered
+ReceiverEvent: TypeAlias = Admitted | SessionStarted | SessionEnded | Rejected | QueryAnswered
 
 
 # --- statistics ----------------------------------------------------------------------

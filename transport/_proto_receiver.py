@@ -4,7 +4,7 @@ One :class:`LinkReceiver` per node holds one session per peer node, keyed by the
 peer's incarnation. A shell (the Receiver actor, owner of the ROUTER) drives it::
 
     receiver.receive_frame(origin, frame, now)   # origin: who the transport vouches for
-    for event in receiver.take_events(): ...    # Deliver, session changes, rejections
+    for event in receiver.take_events(): ...    # Admitted, session changes, rejections
     receiver.complete(peer, peer_incarnation, seq, result=...)   # compute layer finished
     for peer, frame in receiver.frames_to_send(now): ...   # answers, per peer
 
@@ -51,14 +51,14 @@ from ._errors import LocalProtocolError
 from ._frames import (
     APP_ERR_MIN,
     PROTOCOL_VERSION,
-    Ack,
+    AckFrame,
     AckItems,
     AckRange,
     Batch,
     Data,
     DataItems,
-    Err,
     ErrCode,
+    ErrFrame,
     Frame,
     Hello,
     ItemAck,
@@ -73,7 +73,7 @@ from ._frames import (
 )
 from ._ids import Incarnation, LinkSeq, NodeId, StreamId, StreamSeq
 from ._proto_link import (
-    Deliver,
+    Admitted,
     QueryAnswered,
     ReceiverConfig,
     ReceiverEvent,
@@ -366,7 +366,7 @@ class LinkReceiver:
             self._out.append(
                 (
                     peer,
-                    Err(
+                    ErrFrame(
                         self._node,
                         self._incarnation,
                         data.incarnation,
@@ -449,7 +449,7 @@ class LinkReceiver:
         else:
             self._answers[key] = None
         self._events.append(
-            Deliver(
+            Admitted(
                 peer,
                 session.incarnation,
                 seq,
@@ -477,7 +477,7 @@ class LinkReceiver:
         """The compute layer processed a delivered message: answer ACK.
 
         Args:
-            peer, peer_incarnation, seq: as in the :class:`Deliver` event.
+            peer, peer_incarnation, seq: as in the :class:`Admitted` event.
             result: optional payload carried back in the ACK.
 
         Returns:
@@ -512,7 +512,7 @@ class LinkReceiver:
         otherwise it is one ACK_ITEMS carrying ``outcomes``.
 
         Args:
-            peer, peer_incarnation, seq: as in the :class:`Deliver` event.
+            peer, peer_incarnation, seq: as in the :class:`Admitted` event.
             outcomes: one :class:`ItemAck` or :class:`ItemErr` per item, in
                 item order.
 
@@ -564,7 +564,7 @@ class LinkReceiver:
         """The compute layer could not process a delivered message: answer ERR.
 
         Args:
-            peer, peer_incarnation, seq: as in the :class:`Deliver` event.
+            peer, peer_incarnation, seq: as in the :class:`Admitted` event.
             code: an :class:`ErrCode` or an application code >= ``APP_ERR_MIN``.
             detail: a human-readable reason.
 
@@ -606,12 +606,12 @@ class LinkReceiver:
         if entry is None:
             raise LocalProtocolError(
                 f"link seq {seq} from {peer!r} (incarnation {peer_incarnation}) was never "
-                "delivered; answer only what a Deliver event handed out"
+                "delivered; answer only what a Admitted event handed out"
             )
         if entry.state != _PROCESSING:
             raise LocalProtocolError(
                 f"link seq {seq} from {peer!r} already has its final answer; answer each "
-                "Deliver exactly once"
+                "Admitted exactly once"
             )
         if items is not None and items != entry.items:
             raise LocalProtocolError(_misfit(seq, peer, entry.items, items))
@@ -649,7 +649,7 @@ class LinkReceiver:
         again") and treats the resend as new.
 
         Args:
-            peer, peer_incarnation, seq: as in the :class:`Deliver` event.
+            peer, peer_incarnation, seq: as in the :class:`Admitted` event.
             reason: why it is refused, for the sender's counters.
 
         Returns:
@@ -783,7 +783,9 @@ class LinkReceiver:
                         seqs.append(seq)
                     continue
                 credit = _credit(session.floor, window)
-                frame = Ack(node, incarnation, peer_incarnation, LinkSeq(seq), credit, entry.result)
+                frame = AckFrame(
+                    node, incarnation, peer_incarnation, LinkSeq(seq), credit, entry.result
+                )
             elif entry.state == _ITEMS:
                 credit = _credit(session.floor, window)
                 frame = AckItems(
@@ -791,7 +793,7 @@ class LinkReceiver:
                 )
             elif entry.state == _ERRED:
                 credit = _credit(session.floor, window)
-                frame = Err(
+                frame = ErrFrame(
                     node,
                     incarnation,
                     peer_incarnation,
@@ -833,7 +835,7 @@ class LinkReceiver:
 
     def _ack_run(self, peer_incarnation: Incarnation, first: int, last: int, credit: int) -> Frame:
         if first == last:
-            return Ack(
+            return AckFrame(
                 self._node, self._incarnation, peer_incarnation, LinkSeq(first), LinkSeq(credit)
             )
         return AckRange(

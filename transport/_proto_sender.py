@@ -43,13 +43,13 @@ from collections import deque
 from ._errors import LocalProtocolError
 from ._frames import (
     PROTOCOL_VERSION,
-    Ack,
+    AckFrame,
     AckItems,
     AckRange,
     Batch,
     Data,
     DataItems,
-    Err,
+    ErrFrame,
     Frame,
     Hello,
     MissingItem,
@@ -547,7 +547,7 @@ class LinkSender:
             return
         if isinstance(frame, AckRange):
             self._on_ack_range(frame, now)
-        elif isinstance(frame, Received | Ack | AckItems | Err | RetryLater):
+        elif isinstance(frame, Received | AckFrame | AckItems | ErrFrame | RetryLater):
             self._on_answer(frame, now)
         elif isinstance(frame, Hello):
             self._on_hello(frame, now)
@@ -560,7 +560,7 @@ class LinkSender:
         self._rejected[reason] = self._rejected.get(reason, 0) + 1
 
     def _current_answer(
-        self, answer: Received | Ack | AckRange | AckItems | Err | RetryLater, now: float
+        self, answer: Received | AckFrame | AckRange | AckItems | ErrFrame | RetryLater, now: float
     ) -> bool:
         """Whether an answer is for this session of both sides; takes its credit if so."""
         if answer.peer_incarnation != self._incarnation or not self._accept_incarnation(
@@ -601,7 +601,9 @@ class LinkSender:
                 self._schedule(msg, now)
         self._events.append(PeerRestarted(old, new))
 
-    def _on_answer(self, answer: Received | Ack | AckItems | Err | RetryLater, now: float) -> None:
+    def _on_answer(
+        self, answer: Received | AckFrame | AckItems | ErrFrame | RetryLater, now: float
+    ) -> None:
         if not self._current_answer(answer, now):
             return
         msg = self._msgs.get(answer.seq)
@@ -613,8 +615,8 @@ class LinkSender:
             # Karn's rule: a resent message's answer may belong to any copy.
             if not msg.retransmitted:
                 self._rtt_sample(now - msg.sent_at)
-        if isinstance(answer, Ack | AckItems | Err):
-            if not isinstance(answer, Err):
+        if isinstance(answer, AckFrame | AckItems | ErrFrame):
+            if not isinstance(answer, ErrFrame):
                 self._acked += 1
             else:
                 self._erred += 1

@@ -14,7 +14,7 @@ Terms
 -----
 * ``next`` -- the lowest stream sequence number not yet *settled*. Every
   number below it was either released (handed on in order) or covered by a
-  :class:`Gap` event; it starts at 1.
+  :class:`GapEvent` event; it starts at 1.
 * *held* -- messages above ``next`` that arrived early, kept in a dict keyed
   by stream sequence number (the reorder buffer).
 * *floor* -- the highest ``stream_floor`` seen on any DATA of the stream. The
@@ -28,14 +28,14 @@ Terms
 
 Offers (:meth:`StreamSequencer.offer`), checked in this order
 --------------------------------------------------------------
-1. The sequencer failed earlier: ``STREAM_FAILED`` (answer ``Err(GAP_FAILED)``).
+1. The sequencer failed earlier: ``STREAM_FAILED`` (answer ``ErrFrame(GAP_FAILED)``).
 2. ``stream_floor`` raises the floor; numbers it passes are settled.
 3. The number is below the floor, or the sender already said in a REQ answer
    that it gave it up, never sent it, or holds an answer for it: ``STALE``.
    The sender no longer waits on it; it is counted and not delivered, which
    keeps the receiver consistent with the outcome the sender already reported.
-4. Below ``next``: ``LATE_SKIPPED`` if a :class:`Gap` covered it (answer
-   ``Err(SKIPPED)``: it was not processed), else ``DUPLICATE``.
+4. Below ``next``: ``LATE_SKIPPED`` if a :class:`GapEvent` covered it (answer
+   ``ErrFrame(SKIPPED)``: it was not processed), else ``DUPLICATE``.
 5. Equal to ``next``: released with every held message that follows it
    contiguously: ``ACCEPTED``.
 6. Already held: ``DUPLICATE``.
@@ -69,12 +69,12 @@ Gaps, REQs and policies (ordered streams)
   was lost with it). A lost number is reported when ``next`` reaches it, so
   events stay in stream order.
 * ``WAIT`` (default): a lost number (REQ answer or floor) becomes a
-  :class:`Gap` and delivery moves on; a number that may still arrive is
+  :class:`GapEvent` and delivery moves on; a number that may still arrive is
   waited for indefinitely (REQs keep going at the ceiling).
   :meth:`StreamSequencer.end` reports what is still held when the session
   ends.
 * ``SKIP``: as ``WAIT``, and in addition a head gap known for ``skip_after``
-  is given up by the receiver: a :class:`Gap` with reason ``SKIPPED``, then
+  is given up by the receiver: a :class:`GapEvent` with reason ``SKIPPED``, then
   the held messages after it. If a skipped message arrives later it gets
   ``LATE_SKIPPED``.
 * ``FAIL``: delivery continues in order up to the first lost number, then
@@ -83,7 +83,7 @@ Gaps, REQs and policies (ordered streams)
   still arrive is waited for as under ``WAIT``.
 
 Every number from 1 up to ``next`` appears in exactly one :class:`Release` or
-exactly one :class:`Gap`, in increasing order, or the stream ends with
+exactly one :class:`GapEvent`, in increasing order, or the stream ends with
 :class:`StreamFailed`, or :meth:`StreamSequencer.end` returns what is held.
 Nothing is dropped silently.
 
@@ -124,7 +124,7 @@ T = TypeVar("T")
 
 __all__ = [
     "AskMissing",
-    "Gap",
+    "GapEvent",
     "GapPolicy",
     "GapReason",
     "OfferResult",
@@ -173,9 +173,9 @@ class OfferResult(Enum):
     DUPLICATE = "duplicate"
     #: Beyond ``next + buffer_limit``: not held, answer ``RetryLater(BUFFER_FULL)``.
     REFUSED_BUFFER_FULL = "refused-buffer-full"
-    #: A Gap already covered it; not processed, answer ``Err(SKIPPED)``.
+    #: A GapEvent already covered it; not processed, answer ``ErrFrame(SKIPPED)``.
     LATE_SKIPPED = "late-skipped"
-    #: The stream failed (FAIL policy); answer ``Err(GAP_FAILED)``.
+    #: The stream failed (FAIL policy); answer ``ErrFrame(GAP_FAILED)``.
     STREAM_FAILED = "stream-failed"
     #: The sender already holds a final outcome for it; not delivered, no answer needed.
     STALE = "stale"
@@ -254,7 +254,7 @@ class Release(Generic[T]):
 
 
 @dataclass(frozen=True, slots=True)
-class Gap:
+class GapEvent:
     """Stream numbers ``first..last`` (inclusive) will never be delivered."""
 
     first: StreamSeq
@@ -267,7 +267,7 @@ class StreamFailed(Generic[T]):
     """FAIL policy: ``first_missing`` is lost; nothing more will be delivered.
 
     ``undelivered`` holds every message that was held after it, in stream
-    order, so the caller answers each one (``Err(GAP_FAILED)``).
+    order, so the caller answers each one (``ErrFrame(GAP_FAILED)``).
     """
 
     first_missing: StreamSeq
@@ -283,7 +283,7 @@ class AskMissing:
 
 
 #: Everything :meth:`StreamSequencer.take_events` can return.
-SequencerEvent: TypeAlias = Release[T] | Gap | StreamFailed[T] | AskMissing
+SequencerEvent: TypeAlias = Release[T] | GapEvent | StreamFailed[T] | AskMissing
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,13 +296,13 @@ class SequencerStatistics:
         max_buffered: most messages held at once.
         reordered: messages that arrived early and were held.
         gaps_seen: head gaps the stream stalled on.
-        gap_events: Gap events emitted.
-        gap_seqs: stream numbers covered by Gap events.
-        skips: Gap events with reason SKIPPED.
+        gap_events: GapEvent events emitted.
+        gap_seqs: stream numbers covered by GapEvent events.
+        skips: GapEvent events with reason SKIPPED.
         reqs_sent: AskMissing events emitted.
         answers_received: REQ answers passed to ``on_missing_answer``.
         refused_buffer_full: offers refused because beyond the window.
-        late_skipped: offers of numbers a Gap had covered.
+        late_skipped: offers of numbers a GapEvent had covered.
         duplicates: offers of numbers already released or held.
         stale: offers the sender no longer waits on.
         refused_failed: offers refused after the stream failed.
@@ -412,7 +412,7 @@ class StreamSequencer(Generic[T]):
         self._lost: dict[int, GapReason] = {}
         # Unordered streams: numbers seen above ``next``.
         self._seen: set[int] = set()
-        # Disjoint ascending ranges of numbers covered by Gap events.
+        # Disjoint ascending ranges of numbers covered by GapEvent events.
         self._gone_first: list[int] = []
         self._gone_last: list[int] = []
         self._events: list[SequencerEvent[T]] = []
@@ -444,7 +444,7 @@ class StreamSequencer(Generic[T]):
 
     @property
     def next_expected(self) -> StreamSeq:
-        """The lowest stream number not yet released or covered by a Gap."""
+        """The lowest stream number not yet released or covered by a GapEvent."""
         return StreamSeq(self._next)
 
     # -- input ---------------------------------------------------------------
@@ -548,7 +548,7 @@ class StreamSequencer(Generic[T]):
         """Take the sender's answer to an :class:`AskMissing` REQ.
 
         Answers about numbers that are no longer missing (they arrived, or a
-        Gap covered them) are ignored, so late or repeated answers are safe.
+        GapEvent covered them) are ignored, so late or repeated answers are safe.
 
         Args:
             items: ``ReqAnswer.missing`` of the answer.
@@ -801,8 +801,8 @@ class StreamSequencer(Generic[T]):
             self._skip_at = _INF
 
     def _gap(self, first: int, last: int, reason: GapReason) -> None:
-        """Emit a Gap and remember its range for LATE_SKIPPED."""
-        self._events.append(Gap(StreamSeq(first), StreamSeq(last), reason))
+        """Emit a GapEvent and remember its range for LATE_SKIPPED."""
+        self._events.append(GapEvent(StreamSeq(first), StreamSeq(last), reason))
         self._gap_events += 1
         self._gap_seqs += last - first + 1
         if reason is GapReason.SKIPPED:
@@ -821,7 +821,7 @@ class StreamSequencer(Generic[T]):
             del lasts[1]
 
     def _was_gapped(self, seq: int) -> bool:
-        """Whether a Gap covered ``seq`` (as far as the pruned record reaches)."""
+        """Whether a GapEvent covered ``seq`` (as far as the pruned record reaches)."""
         i = bisect_right(self._gone_first, seq) - 1
         return i >= 0 and seq <= self._gone_last[i]
 
@@ -846,7 +846,7 @@ class StreamSequencer(Generic[T]):
         self._floor = floor
         lasts = self._gone_last
         if lasts and lasts[0] < floor:
-            # Below the floor the sender waits on nothing, so what a Gap
+            # Below the floor the sender waits on nothing, so what a GapEvent
             # covered there no longer matters (those offers are STALE).
             keep = bisect_right(lasts, floor - 1)
             del self._gone_first[:keep]

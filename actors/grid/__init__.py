@@ -23,9 +23,9 @@ Three parts:
 
 from __future__ import annotations
 
-from importlib.util import find_spec
+from importlib.util import find_spec as _find_spec
 
-if find_spec("numpy") is None:
+if _find_spec("numpy") is None:
     # Say what to install, not just which import failed.
     raise ModuleNotFoundError("actors.grid needs numpy: pip install 'cellmesh[grid]'", name="numpy")
 

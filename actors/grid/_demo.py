@@ -45,12 +45,16 @@ from actors import (
     open_node,
 )
 from transport import (
-    FaultPlan,
     LocalProtocolError,
-    Security,
     SenderConfig,
+)
+from transport.security import (
+    Security,
     generate_key_pair,
     write_key_pair,
+)
+from transport.testing import (
+    FaultPlan,
 )
 
 from ._decomp import Decomposition, Direction, GridError, TilePos, assemble, interior, pad
