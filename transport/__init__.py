@@ -68,7 +68,6 @@ __all__ = [
     "SenderConfig",
     "SenderStatistics",
     "SequencerConfig",
-    "SequencerEvent",
     "SequencerStatistics",
     "SessionStatistics",
     "Socket",
