@@ -41,6 +41,7 @@ from ._memnet import (
     MemorySocket,
     Network,
     NetworkStatistics,
+    Poller,
     SocketLike,
     ZmqNetwork,
 )
@@ -158,6 +159,7 @@ __all__ = [
     "PeerRestarted",
     "PeerState",
     "PeerStateChanged",
+    "Poller",
     "ProtocolError",
     "ProxyStatistics",
     "QueryAnswered",
