@@ -816,6 +816,7 @@ class MemoryPoller:
         Always a checkpoint. The caller's cancel scope bounds the sleep.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
+        slept = False
         while True:
             now = trio.current_time()
             ready = dict(self._signalled)
@@ -825,7 +826,8 @@ class MemoryPoller:
                     ready[sock] = None
             if ready or self._pending:
                 self._pending = False
-                await trio.lowlevel.cancel_shielded_checkpoint()
+                if not slept:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                 return list(ready)
             due = [sock._queue[0][0] for sock in self._socks if sock._queue]
             event = self._event = trio.Event()
@@ -835,6 +837,7 @@ class MemoryPoller:
                     await event.wait()
             finally:
                 self._event = None
+            slept = True
 
     def close(self) -> None:
         """Forget every socket. Idempotent."""
