@@ -259,29 +259,37 @@ class Dispatcher:
             while True:
                 with trio.CancelScope() as timer:
                     while True:
+                        self._awake = True
                         now = trio.current_time()
+                        if self._dirty:
+                            # What other tasks left while this one was away
+                            # (the compute actor's answers) goes out before
+                            # the next drain, which may take _RECV_SECONDS.
+                            self._flush(by_owner, touched, now)
                         again = self._drain(ready, owners, now) if ready else []
-                        deadline = self._run_timers(now)
+                        self._run_timers(now)
                         if self._dirty:
                             self._flush(by_owner, touched, now)
                         ready = again
                         for sock in touched:
-                            owner = owners[sock]
-                            if poller.ready(sock, writable=owner.wants_write):
+                            if poller.ready(sock, writable=owners[sock].wants_write):
                                 ready.append(sock)
                         touched.clear()
                         self._awake = False
                         if ready or self._dirty:
                             await trio.lowlevel.checkpoint()
-                        else:
-                            # One cancel scope serves every sleep until its
-                            # timer fires: moving its deadline costs less than
-                            # a fresh move_on_at per sleep.
-                            if timer.deadline != deadline:
-                                timer.deadline = deadline
-                            ready = await poller.wait()
-                        self._awake = True
-                ready = []
+                            continue
+                        # One cancel scope serves every sleep until its timer
+                        # fires: moving its deadline costs less than a fresh
+                        # move_on_at per sleep.
+                        deadline = self._earliest()
+                        if timer.deadline != deadline:
+                            timer.deadline = deadline
+                        ready = await poller.wait()
+                # The timer fired, in the sleep or in the checkpoint above:
+                # ``ready`` keeps the sockets found ready before it (their
+                # EVENTS read took the fd's edge; dropped, they would wait
+                # for the next message to be drained).
         finally:
             self._awake = False
 
@@ -320,20 +328,18 @@ class Dispatcher:
                 again.append(sock)
         return again
 
-    def _run_timers(self, now: float) -> float:
-        """Poll every actor whose timer is due; the earliest deadline left."""
-        earliest = float("inf")
+    def _run_timers(self, now: float) -> None:
+        """Poll every actor whose timer is due."""
         for actor in self._timers:
-            at = actor.next_deadline()
-            if at <= now:
+            if actor.next_deadline() <= now:
                 try:
                     actor.poll(now)
                 except Exception as exc:
                     self._boundary(actor.peer, "running the timers of", exc, now)
-                at = actor.next_deadline()
-            if at < earliest:
-                earliest = at
-        return earliest
+
+    def _earliest(self) -> float:
+        """The earliest deadline of any actor (after the flush: it moves them)."""
+        return min((actor.next_deadline() for actor in self._timers), default=float("inf"))
 
     def _flush(
         self, by_owner: dict[SocketOwner, SocketLike], touched: dict[SocketLike, None], now: float
