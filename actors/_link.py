@@ -343,7 +343,7 @@ LinkMessage = Submit | SubmitItems | Expire | Close | Input | Attached | Detache
 class PeerLink:
     """The actor of one outgoing link: its LinkSender core, its handles, its DEALER queue.
 
-    Synchronous (docs/architecture.md, rule 1): :meth:`handle` runs on the
+    Synchronous (actors/_dispatch.py): :meth:`handle` runs on the
     posting task and never awaits; only the node's I/O task calls
     :meth:`flush` and :meth:`poll`, with the DEALER it owns. Everything here
     is private to the actor; others read :meth:`statistics`, :attr:`state`
