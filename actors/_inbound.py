@@ -1,16 +1,21 @@
-"""The receiving side of a node: one Receiver actor, one Sequencer per peer.
+"""The receiving side of a node: the Receiver actor, one Sequencer actor per peer.
 
-The Receiver owns the node's ROUTER and the :class:`LinkReceiver` core
-(sessions, dedup, credit); it never waits on anyone else. It routes each
-peer's new messages to that peer's :class:`PeerSequencer`, which puts every
-stream back in order and hands messages to the compute actor; a slow compute
-actor or a stalled stream therefore only slows the peer that feeds it.
+Both are synchronous actors (actors/_dispatch.py): a ``handle(msg, now)``
+over typed messages that never awaits, run on the posting task. The
+Receiver owns the :class:`LinkReceiver` core (sessions, dedup, credit) and
+the answers; the node's I/O task hands it what the ROUTER receives
+(:class:`Input`) and flushes its answers to the ROUTER. It routes each peer's
+new messages to that peer's :class:`Sequencer`, which puts every stream back
+in order and hands messages to the compute actor's mailbox; a stalled stream
+therefore only holds back its own messages.
 
 The compute actor answers through a :class:`_Completion` sink that travels
-with each message: returning from ``receive`` becomes ACK, ``Reject`` becomes
-ERR with its code, a crash becomes ERR ``COMPUTE_FAILED`` (and the supervisor
-restarts the actor), a stop becomes ERR ``SHUTTING_DOWN``. Every delivered
-message gets exactly one final answer.
+with each message and posts :class:`Completed` / :class:`Failed` to the
+Receiver: returning from ``receive`` becomes ACK, ``Reject`` becomes ERR with
+its code, a crash becomes ERR ``COMPUTE_FAILED`` (and the supervisor restarts
+the actor), a stop becomes ERR ``SHUTTING_DOWN``. Every delivered message
+gets exactly one final answer, and the answers of a burst leave together
+(one ACK_RANGE) at the I/O task's next flush.
 
 A batch (a DATA_ITEMS) is one message to the core and to the sequencer: it
 takes one place in its stream and is released as a unit. Only at the hand-over
@@ -18,10 +23,15 @@ to the compute actor does it become one :class:`Delivery` per item, put in
 the mailbox as one entry (``ActorRef.send_items``: the actor's task takes them
 back to back, no task hop or channel operation per item); each item's outcome
 goes to the batch's :class:`_ItemsCompletion` (by index), which answers the
-core once the last item has its outcome
-(``LinkReceiver.complete_items``). A crash on one item is that item's ERR and
-restarts the actor, exactly as for a message sent alone; the runtime carries
-the items behind it over to the new instance.
+core once the last item has its outcome (:class:`CompletedItems`). A crash on
+one item is that item's ERR and restarts the actor, exactly as for a message
+sent alone; the runtime carries the items behind it over to the new instance.
+
+The compute mailbox never blocks the I/O task: it is sized so that the
+protocol bounds it (each peer has at most ``ReceiverConfig.window`` messages
+held, so peers x window entries, plus room for Gap notices), and a put that
+finds it full anyway is answered RETRY_LATER and counted
+(``compute-mailbox-full``).
 
 No peer can hurt another peer (issue 14): an exception while handling one
 peer's frame (the core's ``receive_frame``), routing its messages, or
@@ -29,23 +39,21 @@ encoding and sending its answers is caught at that peer's boundary, counted
 as ``internal-error`` in :attr:`InboundStatistics.rejected`, logged on the
 ``cellmesh.receiver`` logger at most once per peer in ``_LOG_EVERY`` seconds,
 and that frame or answer is refused (docs/protocol.md §3.6: no answer; the
-sender's retransmission or deadline takes care of it). The Receiver goes on
+sender's retransmission or deadline takes care of it). The node goes on
 serving every other peer, and their answers in the same flush still go out.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import trio
-import zmq
 
 from transport import (
     ErrCode,
@@ -53,19 +61,17 @@ from transport import (
     Limits,
     LinkReceiver,
     LocalProtocolError,
-    Network,
     NodeId,
     ReceiverConfig,
     ReceiverStatistics,
     RemoteProtocolError,
     SequencerConfig,
     SequencerStatistics,
-    Socket,
     SocketLike,
     StreamId,
+    StreamSeq,
     StreamSequencer,
     Unroutable,
-    ZmqNetwork,
     decode,
     encode,
 )
@@ -75,7 +81,6 @@ from transport.events import (
     GapEvent,
     OfferResult,
     QueryAnswered,
-    ReceiverEvent,
     Rejected,
     Release,
     SessionEnded,
@@ -99,12 +104,14 @@ from transport.testing import (
     FaultStatistics,
 )
 
-from ._actor import Actor, ActorRef
-from ._errors import ActorStopped, BindError
-from ._outcomes import Delivery, Gap, Reject, StreamFailedError
-from ._security import SecurityState, watch_handshakes
+from ._actor import ActorRef
+from ._dispatch import Attached, Detached, Input, InternalError
+from ._errors import ActorStopped
+from ._outcomes import Delivery, Gap, Reject
+from ._security import SecurityState
 
-_RECV_BUDGET = 256
+if TYPE_CHECKING:
+    from ._dispatch import Dispatcher
 
 log = logging.getLogger("cellmesh.receiver")
 
@@ -137,31 +144,6 @@ _RECV_SECONDS = 0.02
 _DECODE_SHARE = 0.5
 _DECODE_BURST = 0.05
 
-#: Stands for "timers may be due" in a sequencer's mailbox.
-_TICK: Any = object()
-
-
-class _Tracked:
-    """What both reply sinks share: whether the message counts in ``outstanding``."""
-
-    __slots__ = ("_inbound", "_item", "_tracked")
-
-    def __init__(self, inbound: InboundState, item: Admitted) -> None:
-        self._inbound = inbound
-        self._item = item
-        self._tracked = False
-
-    def track(self) -> None:
-        """Count the message as with the compute actor (call before putting it there)."""
-        self._tracked = True
-        self._inbound.outstanding += 1
-
-    def untrack(self) -> None:
-        """The put failed: the message never reached the compute actor."""
-        if self._tracked:
-            self._tracked = False
-            self._inbound.outstanding -= 1
-
 
 @dataclass(frozen=True, slots=True)
 class InboundStatistics:
@@ -173,171 +155,6 @@ class InboundStatistics:
     socket_full: int
     #: What this node's fault injection did to its answers.
     faults: FaultStatistics
-
-
-class InboundState:
-    """What the receiving side keeps across restarts of its actors."""
-
-    def __init__(
-        self,
-        node: NodeId,
-        incarnation: Incarnation,
-        bind: str,
-        peers: frozenset[NodeId],
-        *,
-        config: ReceiverConfig,
-        faults: FaultPlan,
-        limits: Limits,
-        security: SecurityState | None = None,
-    ) -> None:
-        self.node = node
-        self.bind = bind
-        self.endpoint: str | None = None
-        self.limits = limits
-        self.core = LinkReceiver(node, incarnation, config=config)
-        self.faults: FaultInjector[list[Any]] = FaultInjector(faults, salt=f"{node}<-")
-        # Plaintext: routing ids are the peers' node ids (design.md §5);
-        # anything else is refused before it reaches the protocol core.
-        self.routes: dict[bytes, NodeId] = {peer.encode(): peer for peer in peers}
-        self.security = security if security is not None else SecurityState(node, None, peers)
-        # Secure: the sender is the node its key proved (ZAP User-Id), and
-        # routing ids mean nothing (the ROUTER picks them; a peer cannot claim
-        # another's). Answers go to the connection each peer's key last spoke
-        # on, so a restarted peer's new connection takes over by speaking.
-        self.peer_ids: dict[str, NodeId] = {peer: peer for peer in peers}
-        self.reply_routes: dict[NodeId, bytes] = {}
-        self.sequencers: dict[NodeId, ActorRef[list[Any], None]] = {}
-        # The running PeerSequencer of each peer, for the in-order fast path,
-        # and how many batches the Receiver has sent each one that it has not
-        # finished yet: a batch already handed to a waiting actor task does not
-        # show in the mailbox depth, so the depth alone cannot say "idle".
-        self.inline: dict[NodeId, PeerSequencer] = {}
-        self.backlog: dict[NodeId, int] = dict.fromkeys(peers, 0)
-        self.sequencer_stats: dict[NodeId, Callable[[], dict[StreamId, SequencerStatistics]]] = {}
-        self.queries: dict[int, _Query] = {}
-        self.rejected: Counter[str] = Counter()
-        self.unroutable = 0
-        self.socket_full = 0
-        self.socket: SocketLike | None = None
-        #: The Receiver's timer while it serves (see :meth:`answered`).
-        self.timer: trio.CancelScope | None = None
-        #: Messages in the compute actor's mailbox or hands, not answered yet.
-        self.outstanding = 0
-        self._inject = self.faults.active
-        # Rate-limited logging of internal errors, per (peer, reason): when the
-        # next line may be written, and how many were not logged since the last.
-        self._log_after: dict[tuple[NodeId, str], float] = {}
-        self._unlogged: Counter[tuple[NodeId, str]] = Counter()
-
-    def internal_error(self, peer: NodeId, what: str, error: Exception, now: float) -> None:
-        """Count and log (rate-limited) an exception caught at ``peer``'s boundary.
-
-        Args:
-            peer: whose frame or answer was being handled.
-            what: what was being done, for the log line ("handling a frame from").
-            error: the exception; its traceback goes into the log line.
-            now: the current time, for the rate limit.
-        """
-        self.rejected[INTERNAL_ERROR] += 1
-        key = (peer, INTERNAL_ERROR)
-        if now < self._log_after.get(key, -math.inf):
-            self._unlogged[key] += 1
-            return
-        self._log_after[key] = now + _LOG_EVERY
-        unlogged = self._unlogged.pop(key, 0)
-        log.error(
-            "node %s: %s peer %r raised %s: %s; that frame or answer is refused and "
-            "counted as %r, the node goes on (%d more for this peer not logged in the "
-            "last %g s; node.statistics().inbound.rejected counts each)",
-            self.node,
-            what,
-            peer,
-            type(error).__name__,
-            error,
-            INTERNAL_ERROR,
-            unlogged,
-            _LOG_EVERY,
-            exc_info=error,
-        )
-
-    def wake(self) -> None:
-        """Ask the Receiver's owner task to flush answers and look again."""
-        if self.socket is not None:
-            self.socket.wake()
-
-    def answered(self, tracked: bool) -> None:
-        """A completion gave the core an answer: send it now, or have the Receiver send it.
-
-        When no other message is with the compute actor, no other answer is
-        coming to share a message with this one, so the completing task sends
-        it itself instead of waking the Receiver for it (the wake-up is a trip
-        through Trio's I/O manager and an eventfd write and read per sparse
-        message; docs/performance.md, Grid). In a burst the Receiver sends
-        the answers, as one ACK_RANGE where they are consecutive. Completions
-        raise no core events, so the Receiver has nothing else to do for
-        them; its timer is moved forward if the core's next deadline is sooner.
-
-        Args:
-            tracked: the message was counted in :attr:`outstanding`.
-        """
-        if tracked:
-            self.outstanding -= 1
-        # Cheapest test first: in a burst it hands every answer but the last
-        # to the Receiver, which sends them together.
-        if self.outstanding:
-            self.wake()
-            return
-        sock = self.socket
-        timer = self.timer
-        if sock is None or timer is None or self._inject:
-            self.wake()
-            return
-        self.flush(sock, trio.current_time())
-        deadline = self.core.next_deadline()
-        if deadline is not None and deadline < timer.deadline:
-            timer.deadline = deadline
-
-    def flush(self, sock: SocketLike, now: float) -> None:
-        """Send every answer the core has ready, each peer's in as few messages as fit."""
-        inject = self._inject
-        outgoing = self.core.frames_to_send(now)
-        if outgoing:
-            by_peer: dict[NodeId, list[Frame]] = {}
-            for peer, frame in outgoing:
-                by_peer.setdefault(peer, []).append(frame)
-            secure = self.security.secure
-            for peer, frames in by_peer.items():
-                found = self.reply_routes.get(peer) if secure else peer.encode()
-                if found is None:
-                    # Nothing from this peer's key yet: no connection to answer on.
-                    self.unroutable += 1
-                    continue
-                rid = found
-                # Each peer's answers behind their own boundary: one that fails
-                # here is dropped and counted, and the next peer's still go.
-                try:
-                    for parts in _encode_answers(frames, self.limits, peer, self, now):
-                        message = [rid, *parts]
-                        if inject:
-                            for copy in self.faults.submit(message, now):
-                                _send(self, sock, copy)
-                        else:
-                            _send(self, sock, message)
-                except Exception as exc:
-                    self.internal_error(peer, "sending answers to", exc, now)
-        if inject:
-            for message in self.faults.due(now):
-                _send(self, sock, message)
-
-    def statistics(self) -> InboundStatistics:
-        """A snapshot of the receiving side."""
-        return InboundStatistics(
-            protocol=self.core.statistics(),
-            rejected=dict(self.rejected),
-            unroutable=self.unroutable,
-            socket_full=self.socket_full,
-            faults=self.faults.statistics(),
-        )
 
 
 class _DecodeBudget:
@@ -369,52 +186,120 @@ class _DecodeBudget:
             bucket[0] -= now - started
 
 
-@dataclass(slots=True)
-class _Query:
-    """A status query this node sent; settled by the peer's REQ answer."""
+class QueryWaiter:
+    """Where the answer to a status query goes (``Node.query``); settled by the Receiver."""
 
-    event: trio.Event = field(default_factory=trio.Event)
-    answer: ReqAnswer | None = None
+    __slots__ = ("answer", "event")
 
-
-def _err_of(error: BaseException) -> tuple[int, str]:
-    """The ERR code and detail a compute actor's failure is answered with."""
-    if isinstance(error, Reject):
-        return error.code, error.detail
-    if isinstance(error, ActorStopped):
-        return ErrCode.SHUTTING_DOWN, "the compute actor stopped"
-    cause = error.__cause__ or error
-    return ErrCode.COMPUTE_FAILED, f"{type(cause).__name__}: {cause}"[:200]
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.answer: ReqAnswer | None = None
 
 
-class _Completion(_Tracked):
-    """The reply sink of one delivered message: turns the outcome into ACK/ERR."""
+@dataclass(frozen=True, slots=True)
+class Completed:
+    """The compute actor processed ``item``: answer ACK with ``result``."""
 
-    __slots__ = ()
+    item: Admitted
+    result: Any
+
+
+@dataclass(frozen=True, slots=True)
+class CompletedItems:
+    """Every item of the batch ``item`` has its outcome: answer the batch."""
+
+    item: Admitted
+    outcomes: tuple[ItemOutcome, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """``item`` gets the final ERR ``code`` (refused, failed, or no handler)."""
+
+    item: Admitted
+    code: int
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    """``item`` was not processed and will not be: answer RETRY_LATER (buffer full)."""
+
+    item: Admitted
+
+
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """A stream of ``peer``'s misses messages: ask the sender about them (REQ)."""
+
+    peer: NodeId
+    stream: StreamId
+    missing: tuple[StreamSeq, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """``Node.query``: ask ``peer`` for its view of its link to us; answer into ``waiter``."""
+
+    peer: NodeId
+    waiter: QueryWaiter
+
+
+@dataclass(frozen=True, slots=True)
+class ForgetQuery:
+    """``Node.query`` stopped waiting: drop ``waiter``'s outstanding queries."""
+
+    waiter: QueryWaiter
+
+
+#: Every message the Receiver takes.
+ReceiverMessage = (
+    Input
+    | Attached
+    | Detached
+    | Completed
+    | CompletedItems
+    | Failed
+    | Refuse
+    | Ask
+    | Query
+    | ForgetQuery
+    | InternalError
+)
+
+#: Every message a Sequencer takes (the Receiver core's events for one peer).
+SequencerMessage = Admitted | SessionEnded | QueryAnswered
+
+
+class _Completion:
+    """The reply sink of one delivered message: posts its outcome to the Receiver."""
+
+    __slots__ = ("_item", "_receiver")
+
+    def __init__(self, receiver: Receiver, item: Admitted) -> None:
+        self._receiver = receiver
+        self._item = item
 
     def set_result(self, value: Any) -> None:
-        item = self._item
-        self._inbound.core.complete(item.peer, item.peer_incarnation, item.seq, value)
-        self._inbound.answered(self._tracked)
+        self._receiver.handle(Completed(self._item, value), trio.current_time())
 
     def fail(self, error: BaseException) -> None:
-        item = self._item
         code, detail = _err_of(error)
-        self._inbound.core.fail(item.peer, item.peer_incarnation, item.seq, code, detail)
-        self._inbound.answered(self._tracked)
+        self._receiver.handle(Failed(self._item, code, detail), trio.current_time())
 
 
 #: The outcome of an item processed without a result: one shared value.
 _ITEM_ACK = ItemAck(None)
 
 
-class _ItemsCompletion(_Tracked):
+class _ItemsCompletion:
     """The reply sink of a batch's items: answers the batch when the last one is settled."""
 
-    __slots__ = ("_left", "_outcomes")
+    __slots__ = ("_item", "_left", "_outcomes", "_receiver")
 
-    def __init__(self, inbound: InboundState, item: Admitted) -> None:
-        super().__init__(inbound, item)
+    def __init__(self, receiver: Receiver, item: Admitted) -> None:
+        self._receiver = receiver
+        self._item = item
         n = len(item.payload)
         self._outcomes: list[ItemOutcome | None] = [None] * n
         self._left = n
@@ -441,13 +326,11 @@ class _ItemsCompletion(_Tracked):
         outcomes[index] = outcome
         self._left -= 1
         if not self._left:
-            item = self._item
             done: tuple[ItemOutcome, ...] = tuple(outcomes)  # type: ignore[arg-type]
-            self._inbound.core.complete_items(item.peer, item.peer_incarnation, item.seq, done)
-            self._inbound.answered(self._tracked)
+            self._receiver.handle(CompletedItems(self._item, done), trio.current_time())
 
 
-def _expand(inbound: InboundState, item: Admitted) -> tuple[list[Delivery], _ItemsCompletion]:
+def _expand(receiver: Receiver, item: Admitted) -> tuple[list[Delivery], _ItemsCompletion]:
     """One Delivery per item of a batch, in item order, and the batch's reply sink."""
     peer = item.peer
     stream = item.stream
@@ -458,209 +341,497 @@ def _expand(inbound: InboundState, item: Admitted) -> tuple[list[Delivery], _Ite
         Delivery(peer, stream, stream_seq, frame_no, payload, seq, index)
         for index, payload in enumerate(item.payload)
     ]
-    return deliveries, _ItemsCompletion(inbound, item)
+    return deliveries, _ItemsCompletion(receiver, item)
 
 
-class Receiver(Actor[Any, Any]):
-    """Owns the ROUTER: decodes, runs the receiving core, routes, answers."""
+class Receiver:
+    """The actor of the receiving side: decodes, runs the receiving core, routes, answers.
 
-    def __init__(self, state: InboundState, network: Network) -> None:
-        self._state = state
-        self._network = network
-        self._monitor: SocketLike | None = None
+    Synchronous (actors/_dispatch.py): :meth:`handle` never awaits. The node's
+    I/O task posts it what the ROUTER receives and calls :meth:`flush` with
+    the ROUTER it owns; the reply sinks post the compute actor's outcomes.
+    Everything here is private to the actor; others read :meth:`statistics`.
+    """
 
-    async def on_start(self) -> None:
-        st = self._state
-        sock = self._network.router()
-        # A restart binds the endpoint the peers already know, not a new
-        # wildcard port.
-        endpoint = st.endpoint or st.bind
-        try:
-            st.endpoint = sock.bind(endpoint)
-        except zmq.ZMQError as exc:
-            sock.close()
-            # The endpoint is the caller's: name it, not this actor.
-            # zmq.strerror: pyzmq's own text repeats the address.
-            reason = exc.strerror if exc.errno is None else zmq.strerror(exc.errno)
-            raise BindError(endpoint, reason) from exc
-        except BaseException:
-            sock.close()
-            raise
-        st.socket = sock
-        # A new ROUTER: the old connections' routing ids are gone with it.
-        st.reply_routes.clear()
-        if st.security.secure and isinstance(self._network, ZmqNetwork):
-            assert isinstance(sock, Socket)
-            self._monitor = self._network.monitor(sock)
-            self.nursery.start_soon(watch_handshakes, st.security, self._monitor)
-        self.nursery.start_soon(self._serve, st, sock)
+    def __init__(
+        self,
+        node: NodeId,
+        incarnation: Incarnation,
+        peers: frozenset[NodeId],
+        dispatcher: Dispatcher,
+        *,
+        config: ReceiverConfig,
+        faults: FaultPlan,
+        limits: Limits,
+        security: SecurityState | None = None,
+    ) -> None:
+        self._node = node
+        self._dispatcher = dispatcher
+        self._limits = limits
+        self._core = LinkReceiver(node, incarnation, config=config)
+        self._faults: FaultInjector[list[Any]] = FaultInjector(faults, salt=f"{node}<-")
+        self._inject = self._faults.active
+        # Plaintext: routing ids are the peers' node ids (design.md §5);
+        # anything else is refused before it reaches the protocol core.
+        self._routes: dict[bytes, NodeId] = {peer.encode(): peer for peer in peers}
+        self._security = security if security is not None else SecurityState(node, None, peers)
+        # Secure: the sender is the node its key proved (ZAP User-Id), and
+        # routing ids mean nothing (the ROUTER picks them; a peer cannot claim
+        # another's). Answers go to the connection each peer's key last spoke
+        # on, so a restarted peer's new connection takes over by speaking.
+        self._peer_ids: dict[str, NodeId] = {peer: peer for peer in peers}
+        self._reply_routes: dict[NodeId, bytes] = {}
+        self._sequencers: dict[NodeId, Sequencer] = {}
+        self._queries: dict[int, QueryWaiter] = {}
+        self._budget = _DecodeBudget()
+        self._rejected: Counter[str] = Counter()
+        self._unroutable = 0
+        self._socket_full = 0
+        # Rate-limited logging of internal errors, per (peer, reason): when the
+        # next line may be written, and how many were not logged since the last.
+        self._log_after: dict[tuple[NodeId | None, str], float] = {}
+        self._unlogged: Counter[tuple[NodeId | None, str]] = Counter()
 
-    async def on_stop(self) -> None:
-        st = self._state
-        st.timer = None
-        if st.socket is not None:
-            st.socket.close()
-            st.socket = None
-        if self._monitor is not None:
-            self._monitor.close()
-            self._monitor = None
+    # -- read-only views ----------------------------------------------------
 
-    async def receive(self, msg: Any) -> Any:
-        """The Receiver takes no messages; it is driven by its socket."""
-        raise TypeError(f"Receiver takes no messages, got {msg!r}")
+    @property
+    def peer(self) -> NodeId | None:
+        """Errors outside one frame's handling are counted at no single peer's boundary."""
+        return None
 
-    async def _serve(self, st: InboundState, sock: SocketLike) -> None:
-        core = st.core
-        limits = st.limits
-        routes = st.routes
-        peer_ids = st.peer_ids
-        faults = st.faults
-        inject = faults.active
-        secure = st.security.secure
-        budget = _DecodeBudget()
-        clock = time.perf_counter
-        while True:
-            # One cancel scope serves every wait until its timer fires: moving
-            # its deadline (only when it changed) costs less than a fresh
-            # move_on_at per wait.
-            with trio.CancelScope() as timer:
-                st.timer = timer
-                while True:
-                    now = trio.current_time()
-                    drain_until = clock() + _RECV_SECONDS
-                    for _ in range(_RECV_BUDGET):
-                        if clock() >= drain_until:
-                            break
-                        try:
-                            if secure:
-                                user, parts = sock.recv_authenticated_nowait()
-                                peer = peer_ids.get(user) if user is not None else None
-                            else:
-                                parts = sock.recv_multipart_nowait()
-                                peer = routes.get(parts[0])
-                        except trio.WouldBlock:
-                            break
-                        if peer is None:
-                            if secure:
-                                # ZAP_ENFORCE_DOMAIN admits no connection without a
-                                # peer's User-Id; counted in case libzmq ever does.
-                                st.security.refuse(
-                                    "unauthenticated", "a connection", "no peer's User-Id"
-                                )
-                            else:
-                                st.rejected["unknown-peer"] += 1
-                            continue
-                        if not budget.allows(peer):
-                            st.rejected["decode-budget"] += 1
-                            continue
-                        size = sum(map(len, parts)) - len(parts[0])
-                        started = clock()
-                        try:
-                            frame = decode(parts[1:], limits)
-                        except RemoteProtocolError as exc:
-                            st.rejected[exc.reason] += 1
-                            continue
-                        finally:
-                            budget.spend(peer, started)
-                        if secure:
-                            claimed = _claimed_node(frame, peer)
-                            if claimed is not None:
-                                st.security.refuse(
-                                    "impersonation",
-                                    f"node {peer!r} as {claimed!r}",
-                                    f"its key belongs to {peer!r} "
-                                    f"but its frames claim to be {claimed!r}",
-                                )
-                                continue
-                            st.reply_routes[peer] = parts[0]
-                        # The core unpacks a Batch itself (and refuses nested ones).
-                        try:
-                            core.receive_frame(peer, frame, now, size=size)
-                        except Exception as exc:
-                            st.internal_error(peer, "handling a frame from", exc, now)
-                    core.poll(now)
-                    self._route(st)
-                    st.flush(sock, now)
-                    deadline = core.next_deadline()
-                    if inject:
-                        held = faults.next_deadline()
-                        if held is not None:
-                            deadline = held if deadline is None else min(deadline, held)
-                    target = math.inf if deadline is None else deadline
-                    if timer.deadline != target:
-                        timer.deadline = target
-                    await sock.wait_ready()
+    @property
+    def wants_write(self) -> bool:
+        """A ROUTER refuses per peer; nothing is kept for it to become writable."""
+        return False
 
-    @staticmethod
-    def _route(st: InboundState) -> None:
-        events = st.core.take_events()
-        if not events:
+    def next_deadline(self) -> float:
+        """When :meth:`poll` must run next: the core's timers, and held fault copies."""
+        deadline = self._core.next_deadline()
+        at = math.inf if deadline is None else deadline
+        if self._inject:
+            held = self._faults.next_deadline()
+            if held is not None and held < at:
+                return held
+        return at
+
+    def statistics(self) -> InboundStatistics:
+        """A snapshot of the receiving side."""
+        return InboundStatistics(
+            protocol=self._core.statistics(),
+            rejected=dict(self._rejected),
+            unroutable=self._unroutable,
+            socket_full=self._socket_full,
+            faults=self._faults.statistics(),
+        )
+
+    def adopt(self, sequencers: dict[NodeId, Sequencer]) -> None:
+        """Set the per-peer sequencers this Receiver routes to (once, at setup)."""
+        self._sequencers = sequencers
+
+    # -- the actor ------------------------------------------------------------
+
+    def handle(self, msg: ReceiverMessage, now: float) -> None:
+        """Handle one message, synchronously."""
+        kind = type(msg)
+        core = self._core
+        if kind is Input:
+            assert isinstance(msg, Input)
+            self._on_input(msg, now)
+            self._route(now)
+        elif kind is Completed:
+            assert isinstance(msg, Completed)
+            item = msg.item
+            core.complete(item.peer, item.peer_incarnation, item.seq, msg.result)
+        elif kind is CompletedItems:
+            assert isinstance(msg, CompletedItems)
+            item = msg.item
+            core.complete_items(item.peer, item.peer_incarnation, item.seq, msg.outcomes)
+        elif kind is Failed:
+            assert isinstance(msg, Failed)
+            item = msg.item
+            core.fail(item.peer, item.peer_incarnation, item.seq, msg.code, msg.detail)
+        elif kind is Refuse:
+            assert isinstance(msg, Refuse)
+            self._refuse(msg.item)
+        elif kind is Ask:
+            assert isinstance(msg, Ask)
+            core.request(msg.peer, msg.stream, msg.missing, now)
+        elif kind is Query:
+            assert isinstance(msg, Query)
+            self._queries[core.request(msg.peer, None, (), now)] = msg.waiter
+        elif kind is ForgetQuery:
+            assert isinstance(msg, ForgetQuery)
+            waiter = msg.waiter
+            for query_id in [q for q, w in self._queries.items() if w is waiter]:
+                del self._queries[query_id]
             return
-        by_peer: dict[NodeId, list[Any]] = {}
-        inline = st.inline
+        elif kind is InternalError:
+            assert isinstance(msg, InternalError)
+            self._internal_error(msg.peer, msg.what, msg.error, now)
+            return
+        elif kind is Attached:
+            # A new ROUTER: the old connections' routing ids are gone with it.
+            self._reply_routes.clear()
+        elif kind is Detached:
+            return
+        self._dispatcher.wake(self)
+
+    def poll(self, now: float) -> None:
+        """Run the core's timers and route what they raised."""
+        self._core.poll(now)
+        self._route(now)
+        self._dispatcher.wake(self)
+
+    def flush(self, sock: SocketLike, now: float) -> None:
+        """Send every answer the core has ready, each peer's in as few messages as fit."""
+        inject = self._inject
+        outgoing = self._core.frames_to_send(now)
+        if outgoing:
+            by_peer: dict[NodeId, list[Frame]] = {}
+            for peer, frame in outgoing:
+                by_peer.setdefault(peer, []).append(frame)
+            secure = self._security.secure
+            for peer, frames in by_peer.items():
+                found = self._reply_routes.get(peer) if secure else peer.encode()
+                if found is None:
+                    # Nothing from this peer's key yet: no connection to answer on.
+                    self._unroutable += 1
+                    continue
+                rid = found
+                # Each peer's answers behind their own boundary: one that fails
+                # here is dropped and counted, and the next peer's still go.
+                try:
+                    for parts in _encode_answers(frames, self._limits, peer, self._report, now):
+                        message = [rid, *parts]
+                        if inject:
+                            for copy in self._faults.submit(message, now):
+                                self._send(sock, copy)
+                        else:
+                            self._send(sock, message)
+                except Exception as exc:
+                    self._internal_error(peer, "sending answers to", exc, now)
+        if inject:
+            for message in self._faults.due(now):
+                self._send(sock, message)
+
+    # -- behaviour --------------------------------------------------------------
+
+    def _on_input(self, msg: Input, now: float) -> None:
+        """Identify, budget, decode and take one message the ROUTER received."""
+        parts = msg.parts
+        secure = self._security.secure
+        if secure:
+            user = msg.user
+            peer = self._peer_ids.get(user) if user is not None else None
+        else:
+            peer = self._routes.get(parts[0])
+        if peer is None:
+            if secure:
+                # ZAP_ENFORCE_DOMAIN admits no connection without a peer's
+                # User-Id; counted in case libzmq ever does.
+                self._security.refuse("unauthenticated", "a connection", "no peer's User-Id")
+            else:
+                self._rejected["unknown-peer"] += 1
+            return
+        budget = self._budget
+        if not budget.allows(peer):
+            self._rejected["decode-budget"] += 1
+            return
+        size = sum(map(len, parts)) - len(parts[0])
+        started = time.perf_counter()
+        try:
+            frame = decode(parts[1:], self._limits)
+        except RemoteProtocolError as exc:
+            self._rejected[exc.reason] += 1
+            return
+        finally:
+            budget.spend(peer, started)
+        if secure:
+            claimed = _claimed_node(frame, peer)
+            if claimed is not None:
+                self._security.refuse(
+                    "impersonation",
+                    f"node {peer!r} as {claimed!r}",
+                    f"its key belongs to {peer!r} but its frames claim to be {claimed!r}",
+                )
+                return
+            self._reply_routes[peer] = parts[0]
+        # The core unpacks a Batch itself (and refuses nested ones).
+        try:
+            self._core.receive_frame(peer, frame, now, size=size)
+        except Exception as exc:
+            self._internal_error(peer, "handling a frame from", exc, now)
+
+    def _route(self, now: float) -> None:
+        """Post the core's events to the sequencers (and settle query answers)."""
+        events = self._core.take_events()
         for event in events:
             try:
-                if type(event) is Admitted:
-                    peer = event.peer
-                    if peer not in by_peer and not st.backlog[peer]:
-                        # Nothing of this peer is queued for or inside its
-                        # sequencer, so nothing can overtake: an in-order message
-                        # goes straight to the compute mailbox (one task hop less).
-                        sequencer = inline.get(peer)
-                        if sequencer is not None and sequencer.offer_inline(event):
-                            continue
-                    by_peer.setdefault(peer, []).append(event)
-                elif type(event) is SessionEnded:
-                    # The sequencer reports what the old session left buffered now,
-                    # not only when the restarted peer's first DATA arrives.
-                    by_peer.setdefault(event.peer, []).append(event)
+                if type(event) is Admitted or type(event) is SessionEnded:
+                    sequencer = self._sequencers.get(event.peer)
+                    if sequencer is not None:
+                        sequencer.handle(event, now)
+                    elif type(event) is Admitted:
+                        self._refuse(event)
                 elif type(event) is QueryAnswered:
-                    query = st.queries.pop(event.answer.query_id, None)
-                    if query is not None:
-                        query.answer = event.answer
-                        query.event.set()
+                    waiter = self._queries.pop(event.answer.query_id, None)
+                    if waiter is not None:
+                        waiter.answer = event.answer
+                        waiter.event.set()
                     else:
-                        by_peer.setdefault(event.peer, []).append(event)
+                        sequencer = self._sequencers.get(event.peer)
+                        if sequencer is not None:
+                            sequencer.handle(event, now)
             except Exception as exc:
-                _route_failed(st, event, exc)
-        for peer, items in by_peer.items():
-            ref = st.sequencers.get(peer)
-            try:
-                if ref is None:
-                    raise trio.WouldBlock
-                ref.send_nowait(items)
-                st.backlog[peer] += 1
-            except (trio.WouldBlock, ActorStopped):
-                # The peer's sequencer is flooded (or gone): refuse, do not hold.
-                for item in items:
-                    if type(item) is Admitted:
-                        _refuse(st, item)
-            except Exception as exc:
-                st.internal_error(peer, "routing messages from", exc, trio.current_time())
-                for item in items:
-                    if type(item) is Admitted:
-                        _refuse(st, item)
+                peer = event.origin if isinstance(event, Rejected) else event.peer
+                self._internal_error(peer, "routing a message from", exc, now)
+                if type(event) is Admitted:
+                    self._refuse(event)
+
+    def _refuse(self, item: Admitted) -> None:
+        """Answer RETRY_LATER for a delivered message that will not be processed.
+
+        The core forgets it, so the sender's resend is taken as new (§6.5). A
+        message already answered (the failure came after the hand-over) is left
+        to the answer it has.
+        """
+        try:
+            self._core.refuse(item.peer, item.peer_incarnation, item.seq, RetryReason.BUFFER_FULL)
+        except LocalProtocolError:
+            return
+
+    def _send(self, sock: SocketLike, message: list[Any]) -> None:
+        try:
+            sock.send_multipart_nowait(message)
+        except Unroutable:
+            # The peer's DEALER is not connected (now): it resends, and the
+            # cached answer goes out then.
+            self._unroutable += 1
+        except trio.WouldBlock:
+            self._socket_full += 1
+
+    def _report(self, peer: NodeId, what: str, error: Exception, now: float) -> None:
+        self._internal_error(peer, what, error, now)
+
+    def _internal_error(self, peer: NodeId | None, what: str, error: Exception, now: float) -> None:
+        """Count and log (rate-limited) an exception caught at ``peer``'s boundary."""
+        self._rejected[INTERNAL_ERROR] += 1
+        key = (peer, INTERNAL_ERROR)
+        if now < self._log_after.get(key, -math.inf):
+            self._unlogged[key] += 1
+            return
+        self._log_after[key] = now + _LOG_EVERY
+        unlogged = self._unlogged.pop(key, 0)
+        log.error(
+            "node %s: %s peer %r raised %s: %s; that frame or answer is refused and "
+            "counted as %r, the node goes on (%d more for this peer not logged in the "
+            "last %g s; node.statistics().inbound.rejected counts each)",
+            self._node,
+            what,
+            peer,
+            type(error).__name__,
+            error,
+            INTERNAL_ERROR,
+            unlogged,
+            _LOG_EVERY,
+            exc_info=error,
+        )
+
+    def count(self, reason: str) -> None:
+        """Count one message refused for ``reason`` (a Sequencer's, e.g. a full compute mailbox)."""
+        self._rejected[reason] += 1
 
 
-def _route_failed(st: InboundState, event: ReceiverEvent, error: Exception) -> None:
-    """Routing one event raised: count it at its peer's boundary, refuse its message."""
-    peer = event.origin if isinstance(event, Rejected) else event.peer
-    st.internal_error(peer, "routing a message from", error, trio.current_time())
-    if isinstance(event, Admitted):
-        _refuse(st, event)
+class Sequencer:
+    """The actor that puts one peer's streams in order and hands them to the compute actor.
 
-
-def _refuse(st: InboundState, item: Admitted) -> None:
-    """Answer RETRY_LATER for a delivered message that never reached its sequencer.
-
-    The core forgets it, so the sender's resend is taken as new (§6.5). A
-    message already answered (the failure came after the hand-over) is left
-    to the answer it has.
+    Synchronous (actors/_dispatch.py). It takes the Receiver core's events
+    for its peer (:data:`SequencerMessage`) and posts what they need
+    answered to the Receiver (:class:`Failed`, :class:`Refuse`,
+    :class:`Ask`). A stream whose gap policy fails it is handled here: the
+    messages held behind the loss are answered ERR ``GAP_FAILED``, the
+    compute actor gets a Gap (``stream-failed``), and the stream starts over
+    at the sender's floor with its next message.
     """
-    try:
-        st.core.refuse(item.peer, item.peer_incarnation, item.seq, RetryReason.BUFFER_FULL)
-    except LocalProtocolError:
-        return
+
+    def __init__(
+        self,
+        receiver: Receiver,
+        peer: NodeId,
+        compute: ActorRef[Any, Any] | None,
+        streams: dict[StreamId, SequencerConfig],
+        default: SequencerConfig,
+    ) -> None:
+        self._receiver = receiver
+        self._peer = peer
+        self._compute = compute
+        self._configs = streams
+        self._default = default
+        self._incarnation: Incarnation | None = None
+        self._streams: dict[StreamId, StreamSequencer[Admitted]] = {}
+
+    @property
+    def peer(self) -> NodeId:
+        """The peer whose streams this puts in order."""
+        return self._peer
+
+    def next_deadline(self) -> float:
+        """The earliest timer (gap timeout, REQ retry) of any stream."""
+        at = math.inf
+        for stream in self._streams.values():
+            deadline = stream.next_deadline()
+            if deadline is not None and deadline < at:
+                at = deadline
+        return at
+
+    def statistics(self) -> dict[StreamId, SequencerStatistics]:
+        """Per-stream sequencer counters for this peer."""
+        return {name: s.statistics() for name, s in self._streams.items()}
+
+    def handle(self, msg: SequencerMessage, now: float) -> None:
+        """Handle one event of this peer's, synchronously."""
+        if type(msg) is Admitted:
+            stream = self._offer(msg, now)
+            if stream is not None:
+                self._release(msg.stream, stream, now)
+        elif type(msg) is SessionEnded:
+            # What the old session left buffered is reported now, not only
+            # when the restarted peer's first DATA arrives.
+            if msg.incarnation == self._incarnation:
+                self._end_session(now)
+        elif type(msg) is QueryAnswered:
+            answer = msg.answer
+            name = answer.stream
+            stream = self._streams.get(name) if name is not None else None
+            if name is not None and stream is not None:
+                stream.on_missing_answer(answer.missing, now)
+                self._release(name, stream, now)
+
+    def poll(self, now: float) -> None:
+        """Run every stream's timers and hand on what they released."""
+        for name, stream in list(self._streams.items()):
+            stream.poll(now)
+            self._release(name, stream, now)
+
+    def _offer(self, item: Admitted, now: float) -> StreamSequencer[Admitted] | None:
+        """Offer ``item`` to its stream; the stream if it took it, None if answered."""
+        if item.peer_incarnation != self._incarnation:
+            self._end_session(now)
+            self._incarnation = item.peer_incarnation
+        stream = self._streams.get(item.stream)
+        if stream is None:
+            config = self._configs.get(item.stream, self._default)
+            stream = StreamSequencer(config=config, first=item.stream_floor)
+            self._streams[item.stream] = stream
+        result = stream.offer(item.stream_seq, item.stream_floor, item, now)
+        if result is OfferResult.ACCEPTED:
+            return stream
+        receiver = self._receiver
+        if result is OfferResult.REFUSED_BUFFER_FULL:
+            receiver.handle(Refuse(item), now)
+        elif result is OfferResult.STREAM_FAILED:
+            receiver.handle(Failed(item, ErrCode.GAP_FAILED, "stream failed"), now)
+        else:
+            # Late after a skip, stale, or a repeated stream number: the
+            # sender already has (or gets now) a definite "not processed".
+            receiver.handle(Failed(item, ErrCode.SKIPPED, result.name), now)
+        # An offer may still raise events (a gap learnt from the floor).
+        self._release(item.stream, stream, now)
+        return None
+
+    def _end_session(self, now: float) -> None:
+        """The peer's session ended: what its streams held is reported as a Gap."""
+        self._incarnation = None
+        for name, stream in self._streams.items():
+            lost = stream.end()
+            for item in lost:
+                # The core has ended that session already: nothing is sent,
+                # but the bytes these messages held are given back.
+                self._receiver.handle(Refuse(item), now)
+            if lost:
+                self._notify(
+                    Gap(self._peer, name, lost[0].stream_seq, lost[-1].stream_seq, "session-ended")
+                )
+        self._streams = {}
+
+    def _release(self, name: StreamId, stream: StreamSequencer[Admitted], now: float) -> None:
+        """Hand on every event ``stream`` has: releases to the compute actor, gaps, asks."""
+        receiver = self._receiver
+        for event in stream.take_events():
+            if type(event) is Release:
+                self._hand_over(event.item, now)
+            elif type(event) is GapEvent:
+                self._notify(Gap(self._peer, name, event.first, event.last, event.reason.value))
+            elif type(event) is AskMissing:
+                receiver.handle(Ask(self._peer, name, tuple(event.missing)), now)
+            elif type(event) is StreamFailed:
+                self._stream_failed(name, event, now)
+
+    def _stream_failed(self, name: StreamId, event: StreamFailed[Admitted], now: float) -> None:
+        """A policy fail: answer what is held, report the Gap, start the stream over."""
+        receiver = self._receiver
+        detail = f"stream failed at {event.first_missing}"
+        for item in event.undelivered:
+            receiver.handle(Failed(item, ErrCode.GAP_FAILED, detail), now)
+        self._notify(
+            Gap(self._peer, name, event.first_missing, event.first_missing, "stream-failed")
+        )
+        stream = self._streams.pop(name, None)
+        if stream is not None:
+            for item in stream.end():
+                receiver.handle(Refuse(item), now)
+        log.warning(
+            "stream %r of peer %r failed at %d (%s); held messages answered "
+            "GAP_FAILED, the stream starts over at the sender's floor",
+            name,
+            self._peer,
+            event.first_missing,
+            event.reason.value,
+        )
+
+    def _hand_over(self, item: Admitted, now: float) -> None:
+        """Put a released message (or a batch's items, as one entry) in the compute mailbox."""
+        receiver = self._receiver
+        compute = self._compute
+        if compute is None:
+            receiver.handle(
+                Failed(item, ErrCode.NO_HANDLER, "this node runs no compute actor"), now
+            )
+            return
+        try:
+            if item.items:
+                deliveries, batch = _expand(receiver, item)
+                compute.send_items_nowait(deliveries, reply=batch)
+            else:
+                compute.send_nowait(_delivery(item), reply=_Completion(receiver, item))
+        except trio.WouldBlock:
+            # Sized so that the protocol bounds it (module docstring): only a
+            # misconfigured node gets here. The sender resends.
+            receiver.count("compute-mailbox-full")
+            receiver.handle(Refuse(item), now)
+        except ActorStopped as stopped:
+            code, detail = _err_of(stopped)
+            receiver.handle(Failed(item, code, detail), now)
+
+    def _notify(self, gap: Gap) -> None:
+        """Tell the compute actor about a gap; a full mailbox drops the notice, counted."""
+        compute = self._compute
+        if compute is None:
+            return
+        try:
+            compute.send_nowait(gap)
+        except (trio.WouldBlock, ActorStopped):
+            self._receiver.count("gap-notice-dropped")
+
+
+def _err_of(error: BaseException) -> tuple[int, str]:
+    """The ERR code and detail a compute actor's failure is answered with."""
+    if isinstance(error, Reject):
+        return error.code, error.detail
+    if isinstance(error, ActorStopped):
+        return ErrCode.SHUTTING_DOWN, "the compute actor stopped"
+    cause = error.__cause__ or error
+    return ErrCode.COMPUTE_FAILED, f"{type(cause).__name__}: {cause}"[:200]
 
 
 def _delivery(item: Admitted) -> Delivery:
@@ -687,7 +858,11 @@ def _claimed_node(frame: Frame, peer: NodeId) -> str | None:
 
 
 def _encode_answers(
-    frames: list[Frame], limits: Limits, peer: NodeId, st: InboundState, now: float
+    frames: list[Frame],
+    limits: Limits,
+    peer: NodeId,
+    report: Callable[[NodeId, str, Exception, float], None],
+    now: float,
 ) -> list[list[Any]]:
     """Encode answers for one peer, one batch where possible.
 
@@ -713,10 +888,10 @@ def _encode_answers(
         try:
             fallback = _fallback(frame, problem, limits)
         except Exception as exc:
-            st.internal_error(peer, "encoding an answer to", exc, now)
+            report(peer, "encoding an answer to", exc, now)
             continue
         if fallback is None:
-            st.internal_error(peer, "encoding an answer to", problem, now)
+            report(peer, "encoding an answer to", problem, now)
         else:
             out.append(fallback)
     return out
@@ -779,291 +954,3 @@ def _encodable_items(frame: AckItems, limits: Limits) -> AckItems:
         frame.credit,
         tuple(outcomes),
     )
-
-
-def _send(st: InboundState, sock: SocketLike, message: list[Any]) -> None:
-    try:
-        sock.send_multipart_nowait(message)
-    except Unroutable:
-        # The peer's DEALER is not connected (now): it resends, and the
-        # cached answer goes out then.
-        st.unroutable += 1
-    except trio.WouldBlock:
-        st.socket_full += 1
-
-
-class PeerSequencer(Actor[list[Any], None]):
-    """Puts one peer's streams in order and hands them to the compute actor."""
-
-    def __init__(
-        self,
-        inbound: InboundState,
-        peer: NodeId,
-        compute: ActorRef[Any, Any] | None,
-        streams: dict[StreamId, SequencerConfig],
-        default: SequencerConfig,
-    ) -> None:
-        self._inbound = inbound
-        self._peer = peer
-        self._compute = compute
-        self._configs = streams
-        self._default = default
-        self._incarnation: Incarnation | None = None
-        self._streams: dict[StreamId, StreamSequencer[Admitted]] = {}
-        self._timer_scope: trio.CancelScope | None = None
-        self._timer_at = math.inf
-        self._pending_gaps: list[Gap] = []
-        self._busy = False
-
-    async def on_start(self) -> None:
-        self._inbound.sequencer_stats[self._peer] = self.statistics
-        self._inbound.inline[self._peer] = self
-        self.nursery.start_soon(self._timer)
-
-    async def on_stop(self) -> None:
-        if self._inbound.inline.get(self._peer) is self:
-            del self._inbound.inline[self._peer]
-        # Messages buffered here will never be handed over by this instance:
-        # answer them so no sender waits in vain (the sender resends; a new
-        # instance starts clean).
-        for stream_seq in list(self._streams.values()):
-            for item in stream_seq.end():
-                self._inbound.core.refuse(
-                    item.peer, item.peer_incarnation, item.seq, RetryReason.BUFFER_FULL
-                )
-        self._streams.clear()
-        self._inbound.wake()
-
-    async def receive(self, msg: list[Any]) -> None:
-        self._busy = True
-        try:
-            await self._receive(msg)
-        finally:
-            self._busy = False
-            if msg[0] is not _TICK:
-                self._inbound.backlog[self._peer] -= 1
-
-    def offer_inline(self, item: Admitted) -> bool:
-        """Hand ``item`` to the compute actor now, from the Receiver's task.
-
-        Only when nothing can overtake it or be overtaken: this instance is
-        not inside :meth:`receive`, the Receiver checked that no batch for
-        it is queued, and ``item`` is the next message of its stream in the
-        live session with nothing held. The stream's state then moves
-        exactly as in :meth:`_offer` followed by :meth:`_drain`.
-
-        Returns:
-            True if it was handed over; False if it must go the usual way
-            (through this actor's mailbox), and nothing changed.
-        """
-        compute = self._compute
-        if (
-            compute is None
-            or self._busy
-            or self._pending_gaps
-            or item.peer_incarnation != self._incarnation
-        ):
-            return False
-        stream = self._streams.get(item.stream)
-        if stream is None or not stream.releases_at_once(item.stream_seq, item.stream_floor):
-            return False
-        sink: _Tracked
-        try:
-            if item.items:
-                # One mailbox entry: a batch is released as one unit.
-                deliveries, batch = _expand(self._inbound, item)
-                compute.send_items_nowait(deliveries, reply=batch)
-                sink = batch
-            else:
-                completion = _Completion(self._inbound, item)
-                compute.send_nowait(_delivery(item), reply=completion)
-                sink = completion
-        except (trio.WouldBlock, ActorStopped):
-            return False
-        # Counted after the put: the compute actor cannot answer before this
-        # task yields.
-        sink.track()
-        stream.release_at_once(item.stream_seq, item.stream_floor)
-        return True
-
-    async def _receive(self, msg: list[Any]) -> None:
-        now = trio.current_time()
-        for item in msg:
-            if type(item) is Admitted:
-                self._offer(item, now)
-            elif type(item) is SessionEnded:
-                if item.incarnation == self._incarnation:
-                    self._end_session()
-            elif type(item) is QueryAnswered:
-                answer = item.answer
-                stream = self._streams.get(answer.stream) if answer.stream is not None else None
-                if stream is not None:
-                    stream.on_missing_answer(answer.missing, now)
-        for stream in self._streams.values():
-            stream.poll(now)
-        await self._drain()
-        self._inbound.wake()
-        self._rearm()
-
-    def _offer(self, item: Admitted, now: float) -> None:
-        if item.peer_incarnation != self._incarnation:
-            self._new_session(item.peer_incarnation)
-        stream = self._streams.get(item.stream)
-        if stream is None:
-            config = self._configs.get(item.stream, self._default)
-            stream = StreamSequencer(config=config, first=item.stream_floor)
-            self._streams[item.stream] = stream
-        result = stream.offer(item.stream_seq, item.stream_floor, item, now)
-        if result is OfferResult.ACCEPTED:
-            return
-        core = self._inbound.core
-        if result is OfferResult.REFUSED_BUFFER_FULL:
-            core.refuse(item.peer, item.peer_incarnation, item.seq, RetryReason.BUFFER_FULL)
-        elif result is OfferResult.STREAM_FAILED:
-            core.fail(
-                item.peer, item.peer_incarnation, item.seq, ErrCode.GAP_FAILED, "stream failed"
-            )
-        else:
-            # Late after a skip, stale, or a repeated stream number: the
-            # sender already has (or gets now) a definite "not processed".
-            core.fail(item.peer, item.peer_incarnation, item.seq, ErrCode.SKIPPED, result.name)
-
-    def _new_session(self, incarnation: Incarnation) -> None:
-        self._end_session()
-        self._incarnation = incarnation
-
-    def _end_session(self) -> None:
-        """The peer's session ended: what its streams held is reported as a Gap."""
-        self._incarnation = None
-        core = self._inbound.core
-        for name, stream in self._streams.items():
-            lost = stream.end()
-            for item in lost:
-                # The core has ended that session already: nothing is sent,
-                # but the bytes these messages held are given back.
-                core.refuse(item.peer, item.peer_incarnation, item.seq, RetryReason.BUFFER_FULL)
-            if lost:
-                self._pending_gaps.append(
-                    Gap(self._peer, name, lost[0].stream_seq, lost[-1].stream_seq, "session-ended")
-                )
-        self._streams = {}
-
-    async def _drain(self) -> None:
-        compute = self._compute
-        inbound = self._inbound
-        failed: StreamFailedError | None = None
-        for gap in self._take_pending_gaps():
-            if compute is not None:
-                await compute.send(gap)
-        for name, stream in list(self._streams.items()):
-            for event in stream.take_events():
-                if type(event) is Release:
-                    item = event.item
-                    if compute is None:
-                        inbound.core.fail(
-                            item.peer,
-                            item.peer_incarnation,
-                            item.seq,
-                            ErrCode.NO_HANDLER,
-                            "this node runs no compute actor",
-                        )
-                        continue
-                    if item.items:
-                        await self._hand_over_items(compute, item)
-                        continue
-                    delivery = _delivery(item)
-                    completion = _Completion(inbound, item)
-                    # Counted before the put: the actor may answer before
-                    # a waiting put returns.
-                    completion.track()
-                    try:
-                        try:
-                            # No checkpoint per message: a whole batch reaches
-                            # the compute mailbox before the compute actor runs.
-                            compute.send_nowait(delivery, reply=completion)
-                        except trio.WouldBlock:
-                            await compute.send(delivery, reply=completion)
-                    except BaseException:
-                        completion.untrack()
-                        raise
-                elif type(event) is GapEvent:
-                    if compute is not None:
-                        await compute.send(
-                            Gap(self._peer, name, event.first, event.last, event.reason.value)
-                        )
-                elif type(event) is AskMissing:
-                    inbound.core.request(self._peer, name, event.missing, trio.current_time())
-                elif type(event) is StreamFailed:
-                    for item in event.undelivered:
-                        inbound.core.fail(
-                            item.peer,
-                            item.peer_incarnation,
-                            item.seq,
-                            ErrCode.GAP_FAILED,
-                            f"stream failed at {event.first_missing}",
-                        )
-                    if compute is not None:
-                        await compute.send(
-                            Gap(
-                                self._peer,
-                                name,
-                                event.first_missing,
-                                event.first_missing,
-                                "stream-failed",
-                            )
-                        )
-                    failed = failed or StreamFailedError(
-                        self._peer, name, event.first_missing, event.reason.value
-                    )
-        if failed is not None:
-            # Policy fail is an error for the supervisor too (OTP: let it
-            # crash). Raised only now, when every event has been handed on;
-            # on_stop answers what is still buffered, and the restarted
-            # sequencer takes the stream up again from the sender's floor.
-            raise failed
-
-    async def _hand_over_items(self, compute: ActorRef[Any, Any], item: Admitted) -> None:
-        """Put a batch's items in the compute mailbox as one entry, waiting for room."""
-        deliveries, completion = _expand(self._inbound, item)
-        completion.track()
-        try:
-            try:
-                compute.send_items_nowait(deliveries, reply=completion)
-            except trio.WouldBlock:
-                await compute.send_items(deliveries, reply=completion)
-        except BaseException as exc:
-            completion.untrack()
-            # None of the items reached the actor and none will: each gets its
-            # ERR now, so the batch still gets its one final answer.
-            stopped = exc if isinstance(exc, ActorStopped) else ActorStopped("compute", "stopped")
-            for index in range(len(deliveries)):
-                completion.fail_item(index, stopped)
-            raise
-
-    def _take_pending_gaps(self) -> list[Gap]:
-        gaps, self._pending_gaps = self._pending_gaps, []
-        return gaps
-
-    def _rearm(self) -> None:
-        deadlines = [d for s in self._streams.values() if (d := s.next_deadline()) is not None]
-        at = min(deadlines, default=math.inf)
-        if at != self._timer_at:
-            self._timer_at = at
-            if self._timer_scope is not None:
-                self._timer_scope.cancel()
-
-    async def _timer(self) -> None:
-        while True:
-            with trio.CancelScope(deadline=self._timer_at) as scope:
-                self._timer_scope = scope
-                await trio.sleep_forever()
-            self._timer_scope = None
-            if scope.cancelled_caught and trio.current_time() >= self._timer_at:
-                self._timer_at = math.inf
-                # A busy mailbox is fine: its next message polls the timers too.
-                with contextlib.suppress(trio.WouldBlock):
-                    self.ref.send_nowait([_TICK])
-
-    def statistics(self) -> dict[StreamId, SequencerStatistics]:
-        """Per-stream sequencer counters for this peer."""
-        return {name: s.statistics() for name, s in self._streams.items()}

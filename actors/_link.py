@@ -1,14 +1,12 @@
-"""The sending side of one peer link: a supervised actor around ``LinkSender``.
+"""The sending side of one peer link: the PeerLink actor around ``LinkSender``.
 
-The protocol state (sequence numbers, in-flight messages, retry timers,
-credit) lives in a :class:`LinkSender` owned by the node, not by the actor:
-when the actor crashes and its supervisor restarts it, the new instance opens
-a fresh DEALER and carries on with the same pending messages. Callers never
-notice beyond a short pause.
-
-One task owns the DEALER and does all per-message bookkeeping inline
-(design.md §5: a Trio task hop costs tens of µs); other tasks only touch the
-pure ``LinkSender`` and call :meth:`Socket.wake`.
+PeerLink is a synchronous actor (actors/_dispatch.py): ``Node.send_nowait``
+posts it a :class:`Submit` and gets the :class:`SendHandle` back at once; the
+node's I/O task flushes its frames to the DEALER it owns, hands it what the
+DEALER receives, and runs its timers. The protocol state (sequence numbers,
+in-flight messages, retry timers, credit) is the actor's and outlives the I/O
+task: when that crashes and is restarted, a fresh DEALER carries on with the
+same pending messages. Callers never notice beyond a short pause.
 """
 
 from __future__ import annotations
@@ -17,7 +15,7 @@ import math
 import random
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, overload
 
 import trio
 from trio_util import AsyncValue
@@ -28,7 +26,6 @@ from transport import (
     LinkSender,
     LinkSeq,
     LocalProtocolError,
-    Network,
     NodeId,
     Payload,
     PeerState,
@@ -66,13 +63,12 @@ from transport.testing import (
     FaultStatistics,
 )
 
-from ._actor import Actor
+from ._dispatch import Attached, Detached, Input
 from ._errors import NodeClosed
 from ._outcomes import Ack, DeliveryFailed, PeerError
 
-#: Incoming ZeroMQ messages handled per wake before the owner task yields,
-#: so one busy link cannot starve the rest of the node.
-_RECV_BUDGET = 256
+if TYPE_CHECKING:
+    from ._dispatch import Dispatcher
 
 #: Messages kept while the DEALER cannot send (no connection yet).
 _PENDING_MAX = 32
@@ -105,15 +101,15 @@ class _Handle:
         stream_seq: StreamSeq,
         sent_at: float,
         deadline: float = math.inf,
-        link: LinkState | None = None,
+        link: PeerLink | None = None,
     ) -> None:
         self.peer = peer
         self.seq = seq
         self.stream = stream
         self.stream_seq = stream_seq
         self.sent_at = sent_at
-        #: When the send gives up (trio time); ``link`` enforces it while no
-        #: owner task runs the link's timers.
+        #: When the send gives up (trio time); the waiter enforces it while
+        #: no I/O task runs the link's timers.
         self.deadline = deadline
         self._link = link
         self.attempts = 0
@@ -137,19 +133,19 @@ class _Handle:
             await trio.lowlevel.checkpoint()
         while not self._done:
             link = self._link
-            if link is None or link.socket is not None or link.closed:
-                # The owner task runs the core's timers (or the close
+            if link is None or link.attached or link.closed:
+                # The I/O task runs the core's timers (or the close
                 # settles every handle): the deadline needs no timer here.
                 await self._sleep()
                 continue
-            # The link's actor is being restarted (after a crash, with the
+            # The node's I/O task is being restarted (after a crash, with the
             # supervisor's backoff): nobody runs the core's timers, so the
             # waiter keeps its own deadline. Only here: a cancel scope per
             # wait cost 17-22 us on the normal path (measured, under load).
             with trio.move_on_at(self.deadline):
                 await self._sleep()
             if not self._done and trio.current_time() >= self.deadline:
-                link.expire(trio.current_time())
+                link.handle(Expire(), trio.current_time())
                 if not self._done:
                     # The core holds a later deadline than this handle (it
                     # should not): its timer ends the send, not a busy loop.
@@ -159,7 +155,7 @@ class _Handle:
         return self._value
 
     async def _sleep(self) -> None:
-        """Sleep until settled, or until :meth:`_nudge` (the link's owner left)."""
+        """Sleep until settled, or until :meth:`_nudge` (the I/O task left)."""
         if self._event is None:
             self._event = trio.Event()
         await self._event.wait()
@@ -232,7 +228,7 @@ class BatchHandle(_Handle):
         sent_at: float,
         count: int,
         deadline: float = math.inf,
-        link: LinkState | None = None,
+        link: PeerLink | None = None,
     ) -> None:
         super().__init__(peer, seq, stream, stream_seq, sent_at, deadline, link)
         self.count = count
@@ -316,8 +312,49 @@ class LinkStatistics:
     faults: FaultStatistics
 
 
-class LinkState:
-    """Everything about a link that outlives a crash of its actor."""
+@dataclass(frozen=True, slots=True)
+class Submit:
+    """Send one message (``Node.send_nowait``); answered with its :class:`SendHandle`."""
+
+    stream: StreamId
+    payload: Payload
+    frame_no: int | None
+    deadline: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitItems:
+    """Send a batch as one message (``Node.send_batch_nowait``); answered with a BatchHandle."""
+
+    stream: StreamId
+    items: tuple[Payload, ...]
+    frame_no: int | None
+    deadline: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Expire:
+    """A waiting handle's deadline passed while no I/O task runs the link's timers."""
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """The node is closing: every unanswered send ends, and every wait."""
+
+
+#: Every message a PeerLink takes.
+LinkMessage = Submit | SubmitItems | Expire | Close | Input | Attached | Detached
+
+
+class PeerLink:
+    """The actor of one outgoing link: its LinkSender core, its handles, its DEALER queue.
+
+    Synchronous (actors/_dispatch.py): :meth:`handle` runs on the
+    posting task and never awaits; only the node's I/O task calls
+    :meth:`flush` and :meth:`poll`, with the DEALER it owns. Everything here
+    is private to the actor; others read :meth:`statistics`, :attr:`state`
+    and wait with :meth:`wait_window`.
+    """
 
     def __init__(
         self,
@@ -325,94 +362,249 @@ class LinkState:
         incarnation: Incarnation,
         peer: NodeId,
         endpoint: str,
+        dispatcher: Dispatcher,
         *,
         config: SenderConfig,
         faults: FaultPlan,
         limits: Limits,
         seed: int,
     ) -> None:
-        self.node = node
-        self.peer = peer
-        self.endpoint = endpoint
-        self.limits = limits
-        self.send_timeout = config.send_timeout
-        #: Set once by :meth:`close`, when the node's block ends; never cleared.
-        self.closed = False
+        self._node = node
+        self._peer = peer
+        self._endpoint = endpoint
+        self._dispatcher = dispatcher
+        self._limits = limits
+        self._send_timeout = config.send_timeout
+        self._closed = False
+        self._attached = False
         rng = random.Random(f"{seed}:{node}->{peer}")
-        self.core = LinkSender(
+        self._core = LinkSender(
             node, incarnation, peer, now=trio.current_time(), rng=rng.random, config=config
         )
-        self.faults: FaultInjector[list[Any]] = FaultInjector(faults, salt=f"{node}->{peer}")
+        self._faults: FaultInjector[list[Any]] = FaultInjector(faults, salt=f"{node}->{peer}")
         self._inject = faults.active
-        self.handles: dict[LinkSeq, SendHandle | BatchHandle] = {}
-        self.window = trio.lowlevel.ParkingLot()
-        self.state = AsyncValue(PeerState.SUSPECT)
-        self.socket: SocketLike | None = None
+        self._handles: dict[LinkSeq, SendHandle | BatchHandle] = {}
+        self._window = trio.lowlevel.ParkingLot()
+        self._state = AsyncValue(PeerState.SUSPECT)
         #: Messages the DEALER refused (no connection yet), oldest first.
-        self.pending: deque[list[Any]] = deque(maxlen=_PENDING_MAX)
-        #: The owner's timer while it serves: a send from another task moves
-        #: its deadline forward when the core's next deadline comes sooner.
-        self.timer: trio.CancelScope | None = None
-        self.bad_frames = 0
-        self.socket_full = 0
+        self._pending: deque[list[Any]] = deque(maxlen=_PENDING_MAX)
+        self._bad_frames = 0
+        self._socket_full = 0
 
-    def wake(self) -> None:
-        """Ask the owner task to look at the core again (new sends, changes)."""
-        if self.socket is not None:
-            self.socket.wake()
+    # -- read-only views ----------------------------------------------------
 
-    def push(self, now: float) -> None:
-        """Put what the core has to send on the wire now, from the caller's task.
+    @property
+    def peer(self) -> NodeId:
+        """The node this link sends to."""
+        return self._peer
 
-        Only for a lone message (nothing else in flight on the link): the
-        caller's task sends it rather than waking the owner task to send it,
-        which saves the owner's trip through Trio's I/O manager and an
-        eventfd write and read per sparse message (docs/performance.md,
-        Grid). While messages stream, the owner sends them, several to a
-        Batch message. The owner stays the only task that waits on the
-        socket, and is woken when this leaves it work: a message the DEALER
-        refused, or injected faults (held messages run on its timer). Its
-        retry timer is moved forward when the core's next deadline is sooner.
+    @property
+    def endpoint(self) -> str:
+        """The peer's endpoint."""
+        return self._endpoint
+
+    @property
+    def state(self) -> AsyncValue[PeerState]:
+        """The peer's liveness as this link sees it (read it, wait on it; never set it)."""
+        return self._state
+
+    @property
+    def attached(self) -> bool:
+        """Whether an I/O task serves this link now (runs its timers)."""
+        return self._attached
+
+    @property
+    def closed(self) -> bool:
+        """Whether the node closed this link."""
+        return self._closed
+
+    @property
+    def wants_write(self) -> bool:
+        """Whether the DEALER refused messages that wait for it to be writable."""
+        return bool(self._pending)
+
+    def check_batch_size(self, count: int) -> None:
+        """Raise LocalProtocolError unless a batch of ``count`` items can be sent."""
+        if not 1 <= count <= self._limits.max_items:
+            raise LocalProtocolError(
+                f"a batch holds 1 to Limits.max_items={self._limits.max_items} items, got {count}"
+            )
+
+    async def wait_window(self) -> None:
+        """Wait until the core accepts a new message; NodeClosed once the node closed."""
+        while not self._core.window_open():
+            if self._closed:
+                raise NodeClosed(self._node)
+            await self._window.park()
+        if self._closed:
+            raise NodeClosed(self._node)
+
+    def next_deadline(self) -> float:
+        """When :meth:`poll` must run next: the core's timers, and held fault copies."""
+        core = self._core.next_deadline()
+        deadline = math.inf if core is None else core
+        if self._inject:
+            held = self._faults.next_deadline()
+            if held is not None and held < deadline:
+                return held
+        return deadline
+
+    def statistics(self) -> LinkStatistics:
+        """A snapshot of this link."""
+        return LinkStatistics(
+            peer=self._peer,
+            state=self._state.value,
+            protocol=self._core.statistics(),
+            waiting_for_window=self._window.statistics().tasks_waiting,
+            bad_frames=self._bad_frames,
+            socket_full=self._socket_full,
+            faults=self._faults.statistics(),
+        )
+
+    # -- the actor ------------------------------------------------------------
+
+    @overload
+    def handle(self, msg: Submit, now: float) -> SendHandle: ...
+    @overload
+    def handle(self, msg: SubmitItems, now: float) -> BatchHandle: ...
+    @overload
+    def handle(self, msg: Expire | Close | Input | Attached | Detached, now: float) -> None: ...
+    def handle(self, msg: LinkMessage, now: float) -> SendHandle | BatchHandle | None:
+        """Handle one message, synchronously; ``Submit``/``SubmitItems`` answer with the handle.
+
+        Raises:
+            trio.WouldBlock: (Submit) the link's window is shut.
+            LocalProtocolError: (Submit) a payload no peer could take.
         """
-        # Cheapest test first: while messages stream, the owner sends them,
-        # several to a Batch message, and this costs one comparison.
-        if self.core.in_flight > 1:
-            self.wake()
-            return
-        sock = self.socket
-        timer = self.timer
-        if sock is None or timer is None or self.pending or self._inject:
-            self.wake()
-            return
-        self.transmit(sock, now)
-        if self.pending:
-            self.wake()
-            return
-        self.dispatch()
-        deadline = self.core.next_deadline()
-        if deadline is not None and deadline < timer.deadline:
-            timer.deadline = deadline
+        kind = type(msg)
+        if kind is Input:
+            assert isinstance(msg, Input)
+            self._on_input(msg.parts, now)
+            return None
+        if kind is Submit:
+            assert isinstance(msg, Submit)
+            return self._submit(msg, now)
+        if kind is SubmitItems:
+            assert isinstance(msg, SubmitItems)
+            return self._submit_items(msg, now)
+        if kind is Expire:
+            self.poll(now)
+        elif kind is Close:
+            self._close()
+        elif kind is Attached:
+            # A new socket: what the last one could not send is the
+            # protocol's to resend, not this socket's to deliver late.
+            self._pending.clear()
+            self._attached = True
+        elif kind is Detached:
+            self._attached = False
+            # Every waiting handle keeps its own deadline until a new I/O task comes.
+            for handle in self._handles.values():
+                handle._nudge()
+        return None
 
-    def transmit(self, sock: SocketLike, now: float) -> None:
-        """Send every frame the core has ready, several in one Batch message."""
-        core = self.core
-        faults = self.faults
+    def poll(self, now: float) -> None:
+        """Run the core's timers (retries, liveness, deadlines) and settle what they ended."""
+        self._core.poll(now)
+        self._settle_events(now)
+        self._dispatcher.wake(self)
+
+    def flush(self, sock: SocketLike, now: float) -> None:
+        """Send what the DEALER refused before, then every frame the core has ready."""
+        pending = self._pending
+        while pending:
+            try:
+                sock.send_multipart_nowait(pending[0])
+            except trio.WouldBlock:
+                break
+            pending.popleft()
+        core = self._core
+        faults = self._faults
         while True:
             frames = core.frames_to_send(now)
             if not frames:
-                return
+                break
             self._count_attempts(frames)
-            for wire in _encode_fitting(frames, self.limits):
+            for wire in _encode_fitting(frames, self._limits):
                 if self._inject:
                     for message in faults.submit(wire, now):
-                        self.send(sock, message)
+                        self._send(sock, message)
                 else:
-                    self.send(sock, wire)
+                    self._send(sock, wire)
+        if self._inject:
+            for message in faults.due(now):
+                self._send(sock, message)
 
-    def send(self, sock: SocketLike, parts: list[Any]) -> None:
+    # -- behaviour --------------------------------------------------------------
+
+    def _on_input(self, parts: list[Any], now: float) -> None:
+        try:
+            frame = decode(parts, self._limits)
+        except RemoteProtocolError:
+            self._bad_frames += 1
+            return
+        # The core unpacks a Batch itself (and refuses nested ones).
+        self._core.receive_frame(frame, now)
+        self._settle_events(now)
+        self._dispatcher.wake(self)
+
+    def _submit(self, msg: Submit, now: float) -> SendHandle:
+        core = self._core
+        if not core.window_open():
+            raise trio.WouldBlock
+        # A payload no peer could take fails this call, not the link later.
+        check_payload(msg.payload, self._limits)
+        deadline = msg.deadline
+        seq = core.send(msg.stream, msg.payload, now=now, deadline=deadline, frame_no=msg.frame_no)
+        handle = SendHandle(
+            self._peer,
+            seq,
+            msg.stream,
+            core.stream_seq_of(seq),
+            now,
+            # Positional: keywords cost about 250 ns more per send (measured).
+            now + self._send_timeout if deadline is None else deadline,
+            self,
+        )
+        self._accepted(seq, handle, now)
+        return handle
+
+    def _submit_items(self, msg: SubmitItems, now: float) -> BatchHandle:
+        items = msg.items
+        count = len(items)
+        self.check_batch_size(count)
+        core = self._core
+        if not core.window_open():
+            raise trio.WouldBlock
+        check_payload(items, self._limits, items=True)
+        deadline = msg.deadline
+        seq = core.send_items(msg.stream, items, now=now, deadline=deadline, frame_no=msg.frame_no)
+        handle = BatchHandle(
+            self._peer,
+            seq,
+            msg.stream,
+            core.stream_seq_of(seq),
+            now,
+            count,
+            now + self._send_timeout if deadline is None else deadline,
+            self,
+        )
+        self._accepted(seq, handle, now)
+        return handle
+
+    def _accepted(self, seq: LinkSeq, handle: SendHandle | BatchHandle, now: float) -> None:
+        self._handles[seq] = handle
+        if self._core.peer_version is not None:
+            # The peer speaks another protocol version (protocol.md §5.7): the
+            # core gives it up on its next step; settle it now, not on a wake.
+            self._core.poll(now)
+            self._settle_events(now)
+        self._dispatcher.wake(self)
+
+    def _send(self, sock: SocketLike, parts: list[Any]) -> None:
         """Send one message, behind any the DEALER refused before."""
-        if self.pending:
-            self.pending.append(parts)
+        if self._pending:
+            self._pending.append(parts)
             return
         try:
             sock.send_multipart_nowait(parts)
@@ -421,53 +613,22 @@ class LinkState:
             # the newest few to go the moment the connection is up, so the
             # first sends do not wait for a retry timer; older ones fall off
             # the deque, and the protocol's retransmission covers them.
-            self.socket_full += 1
-            self.pending.append(parts)
+            self._socket_full += 1
+            self._pending.append(parts)
 
-    def dispatch(self) -> None:
+    def _settle_events(self, now: float) -> None:
         """Settle the handles, peer state and window by the core's events."""
-        events = self.core.take_events()
+        events = self._core.take_events()
         if not events:
             return
-        handles = self.handles
-        now = trio.current_time()
+        handles = self._handles
         freed = False
         for event in events:
             if type(event) is Answered:
                 handle = handles.pop(event.seq, None)
                 freed = True
-                if handle is None:
-                    continue
-                answer = event.answer
-                if type(handle) is BatchHandle:
-                    handle._answered(answer, now)
-                    continue
-                assert type(handle) is SendHandle
-                if type(answer) is AckItems:
-                    # Per-item outcomes for a message sent alone: the peer
-                    # broke the protocol, and no outcome can be trusted.
-                    handle._give_up("the peer answered a single message with ACK_ITEMS")
-                elif type(answer) is ErrFrame:
-                    handle._settle(
-                        None,
-                        PeerError(
-                            peer=handle.peer, seq=handle.seq, code=answer.code, detail=answer.detail
-                        ),
-                    )
-                else:
-                    handle._settle(
-                        Ack(
-                            peer=handle.peer,
-                            seq=handle.seq,
-                            stream=handle.stream,
-                            stream_seq=handle.stream_seq,
-                            # An AckRange is an ACK without a result.
-                            result=answer.result if type(answer) is AckFrame else None,
-                            rtt=now - handle.sent_at,
-                            attempts=handle.attempts,
-                        ),
-                        None,
-                    )
+                if handle is not None:
+                    _answer(handle, event.answer, now)
             elif type(event) is GaveUp:
                 handle = handles.pop(event.seq, None)
                 freed = True
@@ -475,7 +636,7 @@ class LinkState:
                     # The deadline, or a peer of another protocol version (§5.7).
                     handle._give_up(event.reason)
             elif type(event) is PeerStateChanged:
-                self.state.value = event.new
+                self._state.value = event.new
             elif type(event) is Held:
                 handle = handles.get(event.seq)
                 if handle is not None:
@@ -485,216 +646,57 @@ class LinkState:
                 # is resending those messages to the new one.
                 for handle in handles.values():
                     handle.held = False
-        if freed and self.core.window_open():
-            self.window.unpark_all()
+        if freed and self._core.window_open():
+            self._window.unpark_all()
 
     def _count_attempts(self, frames: list[Frame]) -> None:
-        handles = self.handles
+        handles = self._handles
         for frame in frames:
             if type(frame) is Data or type(frame) is DataItems:
                 handle = handles.get(frame.seq)
                 if handle is not None:
                     handle.attempts += 1
 
-    def submit(
-        self, stream: StreamId, payload: Payload, frame_no: int | None, deadline: float | None
-    ) -> SendHandle:
-        """Hand one message to the core; raises ``trio.WouldBlock`` if the window is closed."""
-        core = self.core
-        if not core.window_open():
-            raise trio.WouldBlock
-        # A payload no peer could take fails this call, not the link later.
-        check_payload(payload, self.limits)
-        now = trio.current_time()
-        seq = core.send(stream, payload, now=now, deadline=deadline, frame_no=frame_no)
-        handle = SendHandle(
-            self.peer,
-            seq,
-            stream,
-            core.stream_seq_of(seq),
-            now,
-            # Positional: keywords cost about 250 ns more per send (measured).
-            now + self.send_timeout if deadline is None else deadline,
-            self,
-        )
-        self.handles[seq] = handle
-        if core.peer_version is not None:
-            # The peer speaks another protocol version (protocol.md §5.7): the
-            # core gives it up on its next step; settle it now, not on a wake.
-            core.poll(now)
-            self.dispatch()
-        self.push(now)
-        return handle
-
-    def check_batch_size(self, count: int) -> None:
-        """Raise LocalProtocolError unless a batch of ``count`` items can be sent."""
-        if not 1 <= count <= self.limits.max_items:
-            raise LocalProtocolError(
-                f"a batch holds 1 to Limits.max_items={self.limits.max_items} items, got {count}"
-            )
-
-    def submit_items(
-        self,
-        stream: StreamId,
-        items: tuple[Payload, ...],
-        frame_no: int | None,
-        deadline: float | None,
-    ) -> BatchHandle:
-        """Hand a batch to the core as one message; raises ``trio.WouldBlock`` like submit."""
-        count = len(items)
-        self.check_batch_size(count)
-        core = self.core
-        if not core.window_open():
-            raise trio.WouldBlock
-        check_payload(items, self.limits, items=True)
-        now = trio.current_time()
-        seq = core.send_items(stream, items, now=now, deadline=deadline, frame_no=frame_no)
-        handle = BatchHandle(
-            self.peer,
-            seq,
-            stream,
-            core.stream_seq_of(seq),
-            now,
-            count,
-            now + self.send_timeout if deadline is None else deadline,
-            self,
-        )
-        self.handles[seq] = handle
-        if core.peer_version is not None:
-            # The peer speaks another protocol version (protocol.md §5.7): the
-            # core gives it up on its next step; settle it now, not on a wake.
-            core.poll(now)
-            self.dispatch()
-        self.push(now)
-        return handle
-
-    async def wait_window(self) -> None:
-        """Wait until the core accepts a new message; NodeClosed once the node closed."""
-        while not self.core.window_open():
-            if self.closed:
-                raise NodeClosed(self.node)
-            await self.window.park()
-        if self.closed:
-            raise NodeClosed(self.node)
-
-    def expire(self, now: float) -> None:
-        """Run the core's timers from a waiting task: the owner is away (restarting)."""
-        self.core.poll(now)
-        self.dispatch()
-
-    def owner_left(self) -> None:
-        """The owner task ended: wake every waiting handle to keep its own deadline."""
-        for handle in self.handles.values():
-            handle._nudge()
-
-    def close(self) -> None:
-        """The node is closing: every unanswered send ends now, and so does every wait.
-
-        Nobody will poll the core again, so a handle left pending would wait
-        forever, whatever its deadline: it ends with DeliveryFailed, and a
-        task parked for the window wakes to NodeClosed.
-        """
-        self.closed = True
-        for handle in self.handles.values():
+    def _close(self) -> None:
+        """Nobody will poll the core again: every pending handle ends, every wait wakes."""
+        self._closed = True
+        for handle in self._handles.values():
             if not handle.done:
                 handle._give_up("the sending node shut down")
-        self.handles.clear()
-        self.window.unpark_all()
+        self._handles.clear()
+        self._window.unpark_all()
 
-    def statistics(self) -> LinkStatistics:
-        """A snapshot of this link."""
-        return LinkStatistics(
-            peer=self.peer,
-            state=self.state.value,
-            protocol=self.core.statistics(),
-            waiting_for_window=self.window.statistics().tasks_waiting,
-            bad_frames=self.bad_frames,
-            socket_full=self.socket_full,
-            faults=self.faults.statistics(),
+
+def _answer(
+    handle: SendHandle | BatchHandle, answer: AckFrame | AckRange | AckItems | ErrFrame, now: float
+) -> None:
+    """Settle ``handle`` by the peer's final answer."""
+    if type(handle) is BatchHandle:
+        handle._answered(answer, now)
+        return
+    if type(answer) is AckItems:
+        # Per-item outcomes for a message sent alone: the peer
+        # broke the protocol, and no outcome can be trusted.
+        handle._give_up("the peer answered a single message with ACK_ITEMS")
+    elif type(answer) is ErrFrame:
+        handle._settle(
+            None,
+            PeerError(peer=handle.peer, seq=handle.seq, code=answer.code, detail=answer.detail),
         )
-
-
-class PeerLink(Actor[Any, Any]):
-    """The actor that drives one :class:`LinkState` over a DEALER socket."""
-
-    def __init__(self, state: LinkState, network: Network, routing_id: bytes) -> None:
-        self._state = state
-        self._network = network
-        self._routing_id = routing_id
-        # A new instance has a new socket: what the last one could not send
-        # is the protocol's to resend, not this socket's to deliver late.
-        state.pending.clear()
-
-    async def on_start(self) -> None:
-        self.nursery.start_soon(self._own_socket)
-
-    async def receive(self, msg: Any) -> Any:
-        """Links take no messages: sends go straight into the protocol core."""
-        raise TypeError(f"PeerLink takes no messages, got {msg!r}")
-
-    async def _own_socket(self) -> None:
-        st = self._state
-        sock = self._network.dealer(self._routing_id, peer=st.peer)
-        try:
-            sock.connect(st.endpoint)
-            st.socket = sock
-            await self._serve(st, sock)
-        finally:
-            st.socket = None
-            st.timer = None
-            sock.close()
-            st.owner_left()
-
-    async def _serve(self, st: LinkState, sock: SocketLike) -> None:
-        core = st.core
-        limits = st.limits
-        faults = st.faults
-        inject = faults.active
-        pending = st.pending
-        while True:
-            # One cancel scope serves every wait until its timer fires: moving
-            # its deadline (only when it changed) costs less than entering and
-            # leaving a fresh move_on_at per wait, and with messages in flight
-            # there is always a retry timer, so every sparse message paid one.
-            with trio.CancelScope() as timer:
-                st.timer = timer
-                while True:
-                    now = trio.current_time()
-                    while pending:
-                        try:
-                            sock.send_multipart_nowait(pending[0])
-                        except trio.WouldBlock:
-                            break
-                        pending.popleft()
-                    for _ in range(_RECV_BUDGET):
-                        try:
-                            parts = sock.recv_multipart_nowait()
-                        except trio.WouldBlock:
-                            break
-                        try:
-                            frame = decode(parts, limits)
-                        except RemoteProtocolError:
-                            st.bad_frames += 1
-                            continue
-                        # The core unpacks a Batch itself (and refuses nested ones).
-                        core.receive_frame(frame, now)
-                    core.poll(now)
-                    st.dispatch()
-                    st.transmit(sock, now)
-                    if inject:
-                        for message in faults.due(now):
-                            st.send(sock, message)
-                    deadline = core.next_deadline()
-                    if inject:
-                        held = faults.next_deadline()
-                        if held is not None:
-                            deadline = held if deadline is None else min(deadline, held)
-                    # A poll can settle sends (give-ups) and free window: dispatch again.
-                    st.dispatch()
-                    target = math.inf if deadline is None else deadline
-                    if timer.deadline != target:
-                        timer.deadline = target
-                    await sock.wait_ready(writable=bool(pending))
+    else:
+        handle._settle(
+            Ack(
+                peer=handle.peer,
+                seq=handle.seq,
+                stream=handle.stream,
+                stream_seq=handle.stream_seq,
+                # An AckRange is an ACK without a result.
+                result=answer.result if type(answer) is AckFrame else None,
+                rtt=now - handle.sent_at,
+                attempts=handle.attempts,
+            ),
+            None,
+        )
 
 
 def _encode_fitting(frames: list[Frame], limits: Limits) -> list[list[Any]]:

@@ -4,12 +4,14 @@ A node is one supervision tree (design.md §1)::
 
     node supervisor (one_for_one)
      ├─ compute          the user's actor; gets Delivery and Gap messages
-     ├─ receiver         owns the ROUTER (bind) and the receiving core
-     ├─ seq:<peer> ...   one sequencer per peer: streams back in order
-     └─ link:<peer> ...  one PeerLink per peer it sends to: owns a DEALER
+     ├─ gatekeeper       answers ZAP (secure nodes only)
+     └─ dispatcher       the I/O task: owns the ROUTER and every DEALER and
+                         runs the protocol actors (actors/_dispatch.py)
 
-Protocol state lives beside the tree (``LinkState``, ``InboundState``), so a
-restarted actor resumes its link's pending messages instead of losing them.
+The protocol actors (one PeerLink per peer it sends to, the Receiver, one
+Sequencer per peer that sends to it) are synchronous actors that outlive the
+dispatcher's task: a restarted dispatcher opens fresh sockets and the links
+resume their pending messages instead of losing them.
 """
 
 from __future__ import annotations
@@ -50,9 +52,10 @@ from transport.testing import (
 )
 
 from ._actor import Actor, ActorRef
+from ._dispatch import Dispatcher
 from ._errors import ActorCrashed, BindError, NodeClosed, PeersNotUp
-from ._inbound import InboundState, InboundStatistics, PeerSequencer, Receiver, _Query
-from ._link import BatchHandle, LinkState, LinkStatistics, PeerLink, SendHandle
+from ._inbound import ForgetQuery, InboundStatistics, Query, QueryWaiter, Receiver, Sequencer
+from ._link import BatchHandle, Close, LinkStatistics, PeerLink, SendHandle, Submit, SubmitItems
 from ._outcomes import Ack, DeliveryFailed, PeerError, SendError
 from ._security import Gatekeeper, SecurityState, SecurityStatistics
 from ._spec import Backoff, ChildSpec, Restart, Strategy
@@ -129,15 +132,17 @@ class Node:
         node_id: NodeId,
         incarnation: Incarnation,
         config: NodeConfig,
-        links: dict[NodeId, LinkState],
-        inbound: InboundState,
+        parts: _Parts,
         supervisor: Supervisor,
     ) -> None:
         self._id = node_id
         self._incarnation = incarnation
         self._config = config
-        self._links = links
-        self._inbound = inbound
+        self._links = parts.links
+        self._receiver = parts.receiver
+        self._sequencers = parts.sequencers
+        self._dispatcher = parts.dispatcher
+        self._security = parts.security
         self._supervisor = supervisor
         self._closed = False
         #: The cancel scopes of the calls waiting now (see _waiting).
@@ -156,8 +161,9 @@ class Node:
     @property
     def endpoint(self) -> str:
         """The endpoint the node's ROUTER is bound to (with the real port)."""
-        assert self._inbound.endpoint is not None
-        return self._inbound.endpoint
+        endpoint = self._dispatcher.endpoint
+        assert endpoint is not None
+        return endpoint
 
     @property
     def peers(self) -> tuple[NodeId, ...]:
@@ -201,10 +207,11 @@ class Node:
         self._closed = True
         for scope in self._waiters:
             scope.cancel()
+        now = trio.current_time()
         for link in self._links.values():
-            link.close()
+            link.handle(Close(), now)
 
-    def _link(self, peer: str) -> LinkState:
+    def _link(self, peer: str) -> PeerLink:
         self._check_open()
         link = self._links.get(NodeId(peer))
         if link is None:
@@ -231,7 +238,7 @@ class Node:
         return limit
 
     @staticmethod
-    async def _wait_window_until(link: LinkState, limit: float) -> None:
+    async def _wait_window_until(link: PeerLink, limit: float) -> None:
         """Wait for room in the link's window; DeliveryFailed if none comes by ``limit``.
 
         A send still waiting here when the node closes was pending at close,
@@ -282,8 +289,8 @@ class Node:
             NodeClosed: the node's block has ended.
             LocalProtocolError: unknown peer, or bad arguments.
         """
-        link = self._link(peer)
-        return link.submit(StreamId(stream), payload, frame_no, self._deadline(timeout, deadline))
+        msg = Submit(StreamId(stream), payload, frame_no, self._deadline(timeout, deadline))
+        return self._link(peer).handle(msg, trio.current_time())
 
     async def wait_window(self, peer: str) -> None:
         """Wait until the link to ``peer`` accepts a new message.
@@ -332,7 +339,9 @@ class Node:
         link = self._link(peer)
         limit = self._send_limit(timeout, deadline)
         await self._wait_window_until(link, limit)
-        handle = link.submit(StreamId(stream), payload, frame_no, limit)
+        handle = link.handle(
+            Submit(StreamId(stream), payload, frame_no, limit), trio.current_time()
+        )
         return await handle.wait()
 
     def send_batch_nowait(
@@ -375,10 +384,10 @@ class Node:
                 bad arguments.
         """
         link = self._link(peer)
-        items = tuple(payloads)
-        return link.submit_items(
-            StreamId(stream), items, frame_no, self._deadline(timeout, deadline)
+        msg = SubmitItems(
+            StreamId(stream), tuple(payloads), frame_no, self._deadline(timeout, deadline)
         )
+        return link.handle(msg, trio.current_time())
 
     async def send_batch(
         self,
@@ -415,8 +424,8 @@ class Node:
         # Before the wait: a batch that can never be sent fails at once.
         link.check_batch_size(len(items))
         await self._wait_window_until(link, limit)
-        handle = link.submit_items(StreamId(stream), items, frame_no, limit)
-        return await handle.wait()
+        msg = SubmitItems(StreamId(stream), items, frame_no, limit)
+        return await link.handle(msg, trio.current_time()).wait()
 
     async def send_many(
         self,
@@ -476,18 +485,19 @@ class Node:
                 never connected to us).
             NodeClosed: the node is closed, or closed while this waited.
         """
-        query = _Query()
-        with self._waiting(), trio.fail_after(timeout):
-            while True:
-                query_id = self._inbound.core.request(NodeId(peer), None, (), trio.current_time())
-                self._inbound.queries[query_id] = query
-                self._inbound.wake()
-                # REQs travel unconfirmed: ask again if the answer is slow.
-                with trio.move_on_after(min(0.5, timeout / 2)):
-                    await query.event.wait()
-                self._inbound.queries.pop(query_id, None)
-                if query.answer is not None:
-                    return query.answer
+        waiter = QueryWaiter()
+        receiver = self._receiver
+        try:
+            with self._waiting(), trio.fail_after(timeout):
+                while True:
+                    receiver.handle(Query(NodeId(peer), waiter), trio.current_time())
+                    # REQs travel unconfirmed: ask again if the answer is slow.
+                    with trio.move_on_after(min(0.5, timeout / 2)):
+                        await waiter.event.wait()
+                    if waiter.answer is not None:
+                        return waiter.answer
+        finally:
+            receiver.handle(ForgetQuery(waiter), trio.current_time())
 
     def state(self, peer: str) -> PeerState:
         """The peer's liveness as this node's link sees it: UP, SUSPECT or DOWN.
@@ -551,9 +561,9 @@ class Node:
             closed=self._closed,
             incarnation=self._incarnation,
             links={peer: link.statistics() for peer, link in self._links.items()},
-            inbound=self._inbound.statistics(),
-            streams={peer: get() for peer, get in self._inbound.sequencer_stats.items()},
-            security=self._inbound.security.statistics(),
+            inbound=self._receiver.statistics(),
+            streams={peer: seq.statistics() for peer, seq in self._sequencers.items()},
+            security=self._security.statistics(),
         )
 
 
@@ -614,51 +624,13 @@ async def open_node(
     peer_map = {NodeId(p): e for p, e in (peers or {}).items()}
     if me in peer_map:
         raise LocalProtocolError(f"node {node_id!r} lists itself among its peers")
-    if security is not None and network is not None:
-        raise LocalProtocolError("give the keys to the network you pass: ZmqNetwork(security=...)")
-    keys = network.security if isinstance(network, ZmqNetwork) else security
-    if keys is not None:
-        missing = sorted(p for p in peer_map if p not in keys.peers)
-        if missing:
-            raise LocalProtocolError(f"security has no public key for peers {missing}")
-    elif network is None or isinstance(network, ZmqNetwork):
-        logging.getLogger("cellmesh.security").warning(
-            "node %s runs UNAUTHENTICATED, unencrypted: whoever reaches %s may send as any "
-            "node. Fine on one machine; on a network give it keys (docs/security.md)",
-            node_id,
-            bind,
-        )
+    keys = _keys(node_id, bind, peer_map, network, security)
     guard = SecurityState(me, keys, frozenset(peer_map))
     # The node closes only a network it made; a network passed in is the caller's.
     owned: ZmqNetwork | None = None
     if network is None:
         network = owned = ZmqNetwork(security=security)
-    net: Network = network
     try:
-        inbound = InboundState(
-            me,
-            inc,
-            bind,
-            frozenset(peer_map),
-            config=cfg.receiver,
-            faults=cfg.faults,
-            limits=cfg.limits,
-            security=guard,
-        )
-        links = {
-            peer: LinkState(
-                me,
-                inc,
-                peer,
-                endpoint,
-                config=cfg.sender,
-                faults=cfg.faults,
-                limits=cfg.limits,
-                seed=cfg.seed,
-            )
-            for peer, endpoint in peer_map.items()
-            if endpoint is not None
-        }
         async with open_supervisor(
             name=f"node:{node_id}",
             strategy=Strategy.ONE_FOR_ONE,
@@ -673,39 +645,13 @@ async def open_node(
                         "compute",
                         compute,
                         restart=Restart.PERMANENT,
-                        mailbox_size=max(64, cfg.receiver.window),
+                        mailbox_size=_compute_mailbox(cfg, len(peer_map)),
                         max_concurrency=cfg.compute_concurrency,
                     )
                 )
-            if keys is not None:
-                assert isinstance(net, ZmqNetwork)
-                zmq_net = net
-                # Before the ROUTER binds: with ZAP_ENFORCE_DOMAIN a peer
-                # that connects while nobody answers ZAP is turned away.
-                await sup.start_child(ChildSpec("gatekeeper", lambda: Gatekeeper(guard, zmq_net)))
-            try:
-                await sup.start_child(ChildSpec("receiver", lambda: Receiver(inbound, net)))
-            except ActorCrashed as exc:
-                # A busy or bad endpoint is the caller's to fix: raise the
-                # BindError that names it, not the internal actor it failed in.
-                cause = exc.__cause__
-                if isinstance(cause, BindError):
-                    raise cause from cause.__cause__
-                raise
-            for peer in peer_map:
-                inbound.sequencers[peer] = await sup.start_child(
-                    ChildSpec(
-                        f"seq:{peer}",
-                        _sequencer_factory(inbound, peer, compute_ref, cfg),
-                        mailbox_size=cfg.receiver.max_entries + 16,
-                    )
-                )
-            routing_id = me.encode()
-            for peer, link in links.items():
-                await sup.start_child(
-                    ChildSpec(f"link:{peer}", _link_factory(link, net, routing_id))
-                )
-            node = Node(me, inc, cfg, links, inbound, sup)
+            parts = _build(me, inc, bind, peer_map, cfg, network, guard, compute_ref)
+            await _start_io(sup, parts, network, guard)
+            node = Node(me, inc, cfg, parts, sup)
             try:
                 yield node
             finally:
@@ -715,12 +661,112 @@ async def open_node(
             owned.close()
 
 
-def _sequencer_factory(
-    inbound: InboundState, peer: NodeId, compute: ActorRef[Any, Any] | None, cfg: NodeConfig
-) -> Callable[[], PeerSequencer]:
+@dataclass(frozen=True, slots=True)
+class _Parts:
+    """The protocol actors of one node and the dispatcher that runs them."""
+
+    dispatcher: Dispatcher
+    receiver: Receiver
+    sequencers: dict[NodeId, Sequencer]
+    links: dict[NodeId, PeerLink]
+    security: SecurityState
+
+
+def _keys(
+    node_id: str,
+    bind: str,
+    peer_map: Mapping[NodeId, str | None],
+    network: Network | None,
+    security: Security | None,
+) -> Security | None:
+    """The keys the node runs with; warns when it runs plaintext on a real network."""
+    if security is not None and network is not None:
+        raise LocalProtocolError("give the keys to the network you pass: ZmqNetwork(security=...)")
+    keys = network.security if isinstance(network, ZmqNetwork) else security
+    if keys is not None:
+        missing = sorted(p for p in peer_map if p not in keys.peers)
+        if missing:
+            raise LocalProtocolError(f"security has no public key for peers {missing}")
+    elif network is None or isinstance(network, ZmqNetwork):
+        logging.getLogger("cellmesh.security").warning(
+            "node %s runs UNAUTHENTICATED, unencrypted: whoever reaches %s may send as any "
+            "node. Fine on one machine; on a network give it keys (docs/security.md)",
+            node_id,
+            bind,
+        )
+    return keys
+
+
+def _compute_mailbox(cfg: NodeConfig, peers: int) -> int:
+    """A compute mailbox the protocol bounds, so the dispatcher never waits on it.
+
+    Each peer has at most ``receiver.window`` messages held by this node (a
+    batch is one mailbox entry), so peers x window deliveries fit, plus room
+    for the Gap notices of every stream.
+    """
+    return max(64, peers * cfg.receiver.window + 64)
+
+
+def _build(
+    me: NodeId,
+    inc: Incarnation,
+    bind: str,
+    peer_map: Mapping[NodeId, str | None],
+    cfg: NodeConfig,
+    network: Network,
+    guard: SecurityState,
+    compute: ActorRef[Any, Any] | None,
+) -> _Parts:
+    """Make the node's protocol actors and the dispatcher that will run them."""
+    dispatcher = Dispatcher(network, bind, me.encode(), guard)
+    receiver = Receiver(
+        me,
+        inc,
+        frozenset(peer_map),
+        dispatcher,
+        config=cfg.receiver,
+        faults=cfg.faults,
+        limits=cfg.limits,
+        security=guard,
+    )
     streams = {StreamId(name): sc for name, sc in cfg.streams.items()}
-    return lambda: PeerSequencer(inbound, peer, compute, streams, cfg.stream)
+    sequencers = {
+        peer: Sequencer(receiver, peer, compute, streams, cfg.stream) for peer in peer_map
+    }
+    receiver.adopt(sequencers)
+    links = {
+        peer: PeerLink(
+            me,
+            inc,
+            peer,
+            endpoint,
+            dispatcher,
+            config=cfg.sender,
+            faults=cfg.faults,
+            limits=cfg.limits,
+            seed=cfg.seed,
+        )
+        for peer, endpoint in peer_map.items()
+        if endpoint is not None
+    }
+    dispatcher.serve(receiver, list(links.values()), list(sequencers.values()))
+    return _Parts(dispatcher, receiver, sequencers, links, guard)
 
 
-def _link_factory(link: LinkState, net: Network, routing_id: bytes) -> Callable[[], PeerLink]:
-    return lambda: PeerLink(link, net, routing_id)
+async def _start_io(sup: Supervisor, parts: _Parts, network: Network, guard: SecurityState) -> None:
+    """Start the gatekeeper (secure nodes) and the dispatcher, which binds the ROUTER."""
+    if guard.secure:
+        assert isinstance(network, ZmqNetwork)
+        zmq_net = network
+        # Before the ROUTER binds: with ZAP_ENFORCE_DOMAIN a peer
+        # that connects while nobody answers ZAP is turned away.
+        await sup.start_child(ChildSpec("gatekeeper", lambda: Gatekeeper(guard, zmq_net)))
+    try:
+        await sup.start_child(ChildSpec("dispatcher", parts.dispatcher.factory()))
+    except ActorCrashed as exc:
+        # A busy or bad endpoint is the caller's to fix: raise the
+        # BindError that names it, not the internal task it failed in.
+        cause = exc.__cause__
+        if isinstance(cause, BindError):
+            raise cause from cause.__cause__
+        raise

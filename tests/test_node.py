@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import trio
+from _crash import CrashingPollers
 
 from actors import (
     Actor,
@@ -26,6 +27,7 @@ from transport import (
     LocalProtocolError,
     PeerState,
     SenderConfig,
+    ZmqNetwork,
 )
 from transport.testing import (
     FaultPlan,
@@ -209,36 +211,64 @@ async def test_query_reports_the_senders_view() -> None:
             assert status.in_flight == 0
 
 
-async def test_link_actor_crash_keeps_its_pending_messages() -> None:
-    # The PeerLink actor takes no messages: sending it one makes it crash,
-    # and its supervisor restarts it. The protocol state lives beside the
-    # actor, so every send started before the crash still completes.
+async def test_a_sending_nodes_io_task_crash_keeps_its_pending_messages() -> None:
+    # The node's I/O task (the dispatcher) crashes with 300 sends in flight,
+    # and its supervisor restarts it with a fresh DEALER. The protocol actors
+    # outlive it, so every send started before the crash still completes,
+    # in order.
     seen: list[tuple[str, int, Any]] = []
-    with trio.fail_after(20):
-        async with pair("tcp://127.0.0.1:*", seen) as (a, _):
-            handles = []
-            for i in range(600):
-                await a.wait_window("b")
-                handles.append(a.send_nowait("b", i.to_bytes(4, "big"), stream="s"))
-                if i == 300:
-                    a.supervisor.actor("link:b").send_nowait("crash")
-            acks = [await h.wait() for h in handles]
-            assert len(acks) == 600
-            assert [p for (_, _, p) in seen] == [i.to_bytes(4, "big") for i in range(600)]
-            assert a.supervisor.actor("link:b").statistics().restarts == 1
+    net = ZmqNetwork()
+    crashes = CrashingPollers(net)
+    try:
+        with trio.fail_after(20):
+            async with (
+                open_node(
+                    "b", bind="tcp://127.0.0.1:*", peers={"a": None}, compute=lambda: Recorder(seen)
+                ) as b,
+                open_node("a", bind="tcp://127.0.0.1:*", peers={"b": b.endpoint}, network=net) as a,
+            ):
+                handles = []
+                for i in range(600):
+                    await a.wait_window("b")
+                    handles.append(a.send_nowait("b", i.to_bytes(4, "big"), stream="s"))
+                    if i == 300:
+                        crashes.arm()
+                acks = [await h.wait() for h in handles]
+                assert len(acks) == 600
+                assert [p for (_, _, p) in seen] == [i.to_bytes(4, "big") for i in range(600)]
+                assert a.supervisor.actor("dispatcher").statistics().restarts == 1
+    finally:
+        net.close()
 
 
-async def test_receiver_actor_crash_rebinds_and_loses_nothing() -> None:
+async def test_a_receiving_nodes_io_task_crash_rebinds_and_loses_nothing() -> None:
     seen: list[tuple[str, int, Any]] = []
-    with trio.fail_after(20):
-        async with pair("tcp://127.0.0.1:*", seen) as (a, b):
-            handles = []
-            for i in range(400):
-                await a.wait_window("b")
-                handles.append(a.send_nowait("b", i.to_bytes(4, "big"), stream="s"))
-                if i == 200:
-                    b.supervisor.actor("receiver").send_nowait("crash")
-            acks = [await h.wait() for h in handles]
-            assert len(acks) == 400
-            assert [p for (_, _, p) in seen] == [i.to_bytes(4, "big") for i in range(400)]
-            assert b.supervisor.actor("receiver").statistics().restarts == 1
+    net = ZmqNetwork()
+    crashes = CrashingPollers(net)
+    try:
+        with trio.fail_after(20):
+            async with (
+                open_node(
+                    "b",
+                    bind="tcp://127.0.0.1:*",
+                    peers={"a": None},
+                    compute=lambda: Recorder(seen),
+                    network=net,
+                ) as b,
+                open_node("a", bind="tcp://127.0.0.1:*", peers={"b": b.endpoint}) as a,
+            ):
+                endpoint = b.endpoint
+                handles = []
+                for i in range(400):
+                    await a.wait_window("b")
+                    handles.append(a.send_nowait("b", i.to_bytes(4, "big"), stream="s"))
+                    if i == 200:
+                        crashes.arm()
+                acks = [await h.wait() for h in handles]
+                assert len(acks) == 400
+                assert [p for (_, _, p) in seen] == [i.to_bytes(4, "big") for i in range(400)]
+                assert b.supervisor.actor("dispatcher").statistics().restarts == 1
+                # Rebound where the peers already know it.
+                assert b.endpoint == endpoint
+    finally:
+        net.close()

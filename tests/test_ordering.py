@@ -1,8 +1,8 @@
-"""Per-peer sequencer actors in virtual time: order per stream, isolation between streams and peers.
+"""Per-peer sequencers in virtual time: order per stream, isolation between streams and peers.
 
-The Receiver's protocol core and the PeerSequencer actors run as in a node,
-minus the sockets: DATA frames go into the core, its Deliver events into the
-peer's sequencer, exactly as ``Receiver._route`` does.
+Node "b" runs on a :class:`MemoryNetwork` with no latency; peers "p" and "q"
+are raw DEALERs the test drives, sending DATA frames in whatever order a
+test needs and reading b's answers (RETRY_LATER, REQ, ERR) off the wire.
 """
 
 from __future__ import annotations
@@ -16,30 +16,34 @@ from actors import (
     Actor,
     Delivery,
     Gap,
-    spawn,
+    Node,
+    NodeConfig,
+    open_node,
 )
-from actors._inbound import InboundState, PeerSequencer, Receiver
 from transport import (
     ErrCode,
     GapPolicy,
     Incarnation,
-    Limits,
     LinkSeq,
     NodeId,
     ReceiverConfig,
     SequencerConfig,
     StreamId,
     StreamSeq,
+    decode,
+    encode,
 )
 from transport.frames import (
+    Batch,
     Data,
     ErrFrame,
+    Frame,
     Req,
     RetryLater,
     RetryReason,
 )
 from transport.testing import (
-    FaultPlan,
+    MemoryNetwork,
 )
 
 P, Q = NodeId("p"), NodeId("q")
@@ -61,35 +65,44 @@ class Log(Actor[Any, None]):
 
 
 class Harness:
+    """Node b, and p and q as raw DEALERs sending it DATA."""
+
     def __init__(self, nursery: trio.Nursery, seen: list[Any], policy: GapPolicy) -> None:
-        self.inbound = InboundState(
-            NodeId("b"),
-            Incarnation(9),
-            "inproc://unused",
-            frozenset({P, Q}),
-            config=ReceiverConfig(received_delay=0.0),
-            faults=FaultPlan(),
-            limits=Limits(),
-        )
+        self.net = MemoryNetwork()
         self.nursery = nursery
         self.seen = seen
         self.config = SequencerConfig(gap_timeout=0.5, policy=policy)
         self.link_seq = {P: 0, Q: 0}
+        self.dealers = {peer: self.net.dealer(peer.encode()) for peer in (P, Q)}
+        for dealer in self.dealers.values():
+            dealer.connect("mem://b")
+        self._node: Node | None = None
 
-    async def start(self, compute_factory: Any = None, compute_mailbox: int = 64) -> None:
-        compute = await spawn(
-            self.nursery,
-            compute_factory or (lambda: Log(self.seen)),
-            mailbox_size=compute_mailbox,
+    @property
+    def node(self) -> Node:
+        assert self._node is not None
+        return self._node
+
+    async def start(self, compute_factory: Any = None) -> None:
+        self._node = await self.nursery.start(
+            self._run, compute_factory or (lambda: Log(self.seen))
         )
-        for peer in (P, Q):
-            self.inbound.sequencers[peer] = await spawn(
-                self.nursery,
-                lambda peer=peer: PeerSequencer(self.inbound, peer, compute, {}, self.config),
-            )
+
+    async def _run(self, compute: Any, task_status: trio.TaskStatus[Node]) -> None:
+        config = NodeConfig(receiver=ReceiverConfig(received_delay=0.0), stream=self.config)
+        async with open_node(
+            "b",
+            bind="mem://b",
+            peers={P: None, Q: None},
+            compute=compute,
+            config=config,
+            network=self.net,
+        ) as node:
+            task_status.started(node)
+            await trio.sleep_forever()
 
     def data(self, peer: NodeId, stream: str, stream_seq: int, floor: int = 1) -> None:
-        """One DATA from ``peer`` through the core and on to its sequencer."""
+        """One DATA from ``peer`` to b."""
         self.link_seq[peer] += 1
         seq = self.link_seq[peer]
         frame = Data(
@@ -103,8 +116,21 @@ class Harness:
             f"{stream}{stream_seq}",
             LinkSeq(1),
         )
-        self.inbound.core.receive_frame(peer, frame, trio.current_time())
-        Receiver._route(self.inbound)
+        self.dealers[peer].send_multipart_nowait(encode(frame))
+
+    def answers(self) -> list[tuple[NodeId, Frame]]:
+        """What b has sent p and q so far and nobody read yet, frame by frame."""
+        got = []
+        for peer, dealer in self.dealers.items():
+            while True:
+                try:
+                    frame = decode(dealer.recv_multipart_nowait())
+                except trio.WouldBlock:
+                    break
+                # Answers due together travel as one BATCH.
+                inner = frame.frames if isinstance(frame, Batch) else (frame,)
+                got.extend((peer, f) for f in inner)
+        return got
 
 
 async def test_stalled_stream_delays_neither_other_streams_nor_other_peers(
@@ -148,13 +174,9 @@ async def test_open_gap_asks_the_sender_after_the_gap_timeout(
         await h.start()
         h.data(P, "halo", 2)
         await trio.sleep(0.4)
-        assert not [
-            f for _, f in h.inbound.core.frames_to_send(trio.current_time()) if isinstance(f, Req)
-        ]
+        assert not [f for _, f in h.answers() if isinstance(f, Req)]
         await trio.sleep(0.2)
-        reqs = [
-            f for _, f in h.inbound.core.frames_to_send(trio.current_time()) if isinstance(f, Req)
-        ]
+        reqs = [f for _, f in h.answers() if isinstance(f, Req)]
         assert [(r.stream, r.missing) for r in reqs] == [("halo", (1,))]
         nursery.cancel_scope.cancel()
 
@@ -186,12 +208,8 @@ async def test_flood_of_far_future_frames_is_refused_not_held(
         for k in range(2, 60):
             h.data(P, "halo", k)
         await trio.sleep(0.01)
-        refused = [
-            f
-            for _, f in h.inbound.core.frames_to_send(trio.current_time())
-            if isinstance(f, RetryLater)
-        ]
-        stats = h.inbound.sequencer_stats[P]()[StreamId("halo")]
+        refused = [f for _, f in h.answers() if isinstance(f, RetryLater)]
+        stats = h.node.statistics().streams[P][StreamId("halo")]
         nursery.cancel_scope.cancel()
     assert stats.buffered <= 8
     # Within the bound (k = 2..9) held; every later one answered RETRY_LATER.
@@ -200,43 +218,30 @@ async def test_flood_of_far_future_frames_is_refused_not_held(
     assert seen == []
 
 
-async def test_fail_policy_tells_the_compute_actor_and_fails_the_sequencer(
+async def test_fail_policy_tells_the_compute_actor_and_starts_the_stream_over(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     # Message 1 never came, and the sender's stream floor moving to 2 says it
     # has its outcome there (given up): it never will. Under "fail" the
-    # compute actor gets an explicit Gap and the peer's sequencer actor fails,
-    # which a supervisor sees; unsupervised here, the crash reaches the nursery.
-    from actors import ActorCrashed, StreamFailedError
-
+    # compute actor gets an explicit Gap, the messages held behind the loss
+    # are answered ERR GAP_FAILED, and the stream starts over at the
+    # sender's floor: its next message is delivered. Nothing restarts.
     seen: list[Any] = []
-    holder: list[Harness] = []
-
-    async def scenario() -> None:
-        async with trio.open_nursery() as nursery:
-            h = Harness(nursery, seen, GapPolicy.FAIL)
-            holder.append(h)
-            await h.start()
-            h.data(P, "halo", 2, floor=1)
-            h.data(P, "halo", 4, floor=2)
-            await trio.sleep(1.0)
-            nursery.cancel_scope.cancel()
-
-    crashes: list[BaseException] = []
-    try:
-        await scenario()
-    except* ActorCrashed as group:
-        crashes.extend(group.exceptions)
-    [h] = holder
-    [crash] = crashes
-    assert isinstance(crash.__cause__, StreamFailedError)
-    assert crash.__cause__.stream == "halo"
-    assert [k for _, _, _, k in seen] == ["gap 1-1 stream-failed"]
+    async with trio.open_nursery() as nursery:
+        h = Harness(nursery, seen, GapPolicy.FAIL)
+        await h.start()
+        h.data(P, "halo", 2, floor=1)
+        h.data(P, "halo", 4, floor=2)
+        await trio.sleep(1.0)
+        errs = [f for _, f in h.answers() if isinstance(f, ErrFrame)]
+        h.data(P, "halo", 5, floor=5)
+        await trio.sleep(0.1)
+        restarts = [c.restarts for c in h.node.supervisor.statistics().children]
+        nursery.cancel_scope.cancel()
+    assert [k for _, _, _, k in seen] == ["gap 1-1 stream-failed", 5]
     # The messages held behind the loss were answered, not dropped.
-    errs = [
-        f for _, f in h.inbound.core.frames_to_send(trio.current_time()) if isinstance(f, ErrFrame)
-    ]
     assert [e.code for e in errs] == [ErrCode.GAP_FAILED, ErrCode.GAP_FAILED]
+    assert set(restarts) == {0}
 
 
 class SlowLog(Log):
@@ -251,7 +256,7 @@ class SlowLog(Log):
         await super().receive(msg)
 
 
-async def test_in_order_messages_skip_the_sequencer_actor(
+async def test_in_order_messages_are_delivered_at_once(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     seen: list[Any] = []
@@ -261,29 +266,26 @@ async def test_in_order_messages_skip_the_sequencer_actor(
         for k in range(1, 6):
             h.data(P, "halo", k)
             await trio.sleep(0.01)
-        processed = h.inbound.sequencers[P].statistics().processed
-        stats = h.inbound.sequencer_stats[P]()[StreamId("halo")]
+        stats = h.node.statistics().streams[P][StreamId("halo")]
         nursery.cancel_scope.cancel()
-    assert [k for _, _, _, k in seen] == [1, 2, 3, 4, 5]
-    # The session's first message went through the sequencer's mailbox; the
-    # others, in order with nothing held, went straight to the compute actor.
-    assert processed == 1
+    # Each as it arrived: no wait on anything but the compute actor.
+    assert [(round(t, 3), k) for t, _, _, k in seen] == [(0.01 * i, i + 1) for i in range(5)]
     assert stats.delivered == 5
 
 
-async def test_fast_path_keeps_order_while_the_sequencer_is_busy(
+async def test_order_holds_while_the_compute_actor_is_busy(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    # A compute actor with a tiny mailbox and uneven compute times keeps the
-    # sequencer blocked mid-hand-over; arrivals out of order make it hold and
-    # release runs. In-order arrivals meanwhile must not overtake what the
-    # sequencer has released but not yet handed over.
+    # A compute actor with uneven compute times falls behind; arrivals out
+    # of order make the sequencer hold and release runs. In-order arrivals
+    # meanwhile must not overtake what it has released but the compute
+    # actor has not taken yet, and nothing is refused.
     rng = random.Random(7)
     seen: list[Any] = []
     per_stream = 100
     async with trio.open_nursery() as nursery:
         h = Harness(nursery, seen, GapPolicy.WAIT)
-        await h.start(lambda: SlowLog(seen, rng), compute_mailbox=2)
+        await h.start(lambda: SlowLog(seen, rng))
         arrivals: list[tuple[str, int]] = []
         for stream in ("x", "y"):
             ks = list(range(1, per_stream + 1))
@@ -302,11 +304,7 @@ async def test_fast_path_keeps_order_while_the_sequencer_is_busy(
             h.data(P, stream, k)
             await trio.sleep(rng.choice([0.0, 0.001, 0.002]))
         await trio.sleep(5.0)
-        refused = [
-            f
-            for _, f in h.inbound.core.frames_to_send(trio.current_time())
-            if isinstance(f, RetryLater)
-        ]
+        refused = [f for _, f in h.answers() if isinstance(f, RetryLater)]
         nursery.cancel_scope.cancel()
     assert refused == []
     for stream in ("x", "y"):
@@ -314,19 +312,17 @@ async def test_fast_path_keeps_order_while_the_sequencer_is_busy(
         assert got == list(range(1, per_stream + 1))
 
 
-async def test_fast_path_waits_for_a_sequencer_still_handing_over(
+async def test_a_released_run_is_not_overtaken_by_the_next_arrival(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    # The sequencer releases 1..5 at once into a compute mailbox of one: it
-    # blocks in the hand-over, and once the compute actor drains the mailbox
-    # it is runnable but may not have run yet when 6 arrives. 6 is then "in
-    # order" for the stream's state, yet 4 and 5 are not handed over. Each
-    # round lets the scheduler run a different number of steps before 6.
+    # The sequencer releases 1..5 at once when 1 arrives; 6 arrives while the
+    # compute actor is still taking them. Each round lets the scheduler run a
+    # different number of steps before 6.
     for steps in [s for s in range(12) for _ in range(4)]:
         seen: list[Any] = []
         async with trio.open_nursery() as nursery:
             h = Harness(nursery, seen, GapPolicy.WAIT)
-            await h.start(compute_mailbox=1)
+            await h.start()
             for k in (2, 3, 4, 5):
                 h.data(P, "halo", k)
             await trio.sleep(0.01)

@@ -102,36 +102,6 @@ def test_waiting_on_3_got_4_5_6_delivers_3_to_6_when_3_arrives() -> None:
     assert sq.next_deadline() is None
 
 
-def test_release_at_once_moves_the_state_as_offer_does_without_an_event() -> None:
-    fast, slow = make(), make()
-    for seq, floor in ((1, 1), (2, 1), (3, 3)):
-        assert fast.releases_at_once(S(seq), S(floor))
-        fast.release_at_once(S(seq), S(floor))
-        assert offer(slow, seq, floor=floor) is ACCEPTED
-    assert fast.take_events() == []
-    assert released(slow.take_events()) == [1, 2, 3]
-    assert fast.next_expected == slow.next_expected == 4
-    assert fast.statistics() == slow.statistics()
-    # A floor below 3 is stale for both now.
-    assert offer(fast, 2) is offer(slow, 2) is OfferResult.STALE
-
-
-def test_release_at_once_refuses_anything_offer_would_hold_or_reject() -> None:
-    sq = make()
-    assert not sq.releases_at_once(S(2), S(1)), "not the next number"
-    assert not sq.releases_at_once(S(1), S(2)), "floor above the number"
-    offer(sq, 2)
-    assert not sq.releases_at_once(S(1), S(1)), "something is held"
-    with pytest.raises(LocalProtocolError):
-        sq.release_at_once(S(1), S(1))
-    unordered = make(ordered=False)
-    assert not unordered.releases_at_once(S(1), S(1))
-    ended = make()
-    ended.end()
-    assert not ended.releases_at_once(S(1), S(1))
-    assert sq.next_expected == 1
-
-
 def test_duplicates_of_released_and_held_are_refused_and_counted() -> None:
     sq = make()
     offer(sq, 1)

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 import actors._inbound as inbound
 from actors import Actor, Delivery, Node, open_node
@@ -30,13 +31,12 @@ from transport import (
     LinkReceiver,
     LinkSeq,
     NodeId,
-    ReceiverConfig,
     StreamId,
     StreamSeq,
     decode,
     encode,
 )
-from transport.events import Admitted
+from transport._memnet import MemorySocket
 from transport.frames import (
     AckFrame,
     AckItems,
@@ -50,9 +50,7 @@ from transport.frames import (
     RetryReason,
 )
 from transport.testing import (
-    FaultPlan,
     MemoryNetwork,
-    MemorySocket,
 )
 
 MAX = 2**63 - 1
@@ -175,10 +173,10 @@ async def test_a_failure_handling_one_peers_frame_is_refused_counted_and_logged_
 ) -> None:
     real = LinkReceiver.receive_frame
 
-    def buggy(self: LinkReceiver, origin: NodeId, frame: Frame, now: float, size: int = 0) -> None:
+    def buggy(self: LinkReceiver, origin: NodeId, frame: Frame, now: float, **kw: Any) -> None:
         if origin == EVIL:
             raise RuntimeError("injected bug")
-        real(self, origin, frame, now, size=size)
+        real(self, origin, frame, now, **kw)
 
     monkeypatch.setattr(LinkReceiver, "receive_frame", buggy)
     caplog.set_level(logging.ERROR, logger="cellmesh.receiver")
@@ -212,14 +210,14 @@ async def test_a_failure_handling_one_peers_frame_is_refused_counted_and_logged_
 async def test_a_failure_routing_one_peers_message_answers_retry_later(
     autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = inbound.PeerSequencer.offer_inline
+    real = inbound.Sequencer.handle
 
-    def buggy(self: inbound.PeerSequencer, item: Any) -> bool:
-        if item.peer == EVIL:
+    def buggy(self: inbound.Sequencer, msg: Any, now: float) -> None:
+        if msg.peer == EVIL:
             raise RuntimeError("injected bug")
-        return real(self, item)
+        real(self, msg, now)
 
-    monkeypatch.setattr(inbound.PeerSequencer, "offer_inline", buggy)
+    monkeypatch.setattr(inbound.Sequencer, "handle", buggy)
     answers: list[Frame] = []
     async with serving() as (a, b, evil), trio.open_nursery() as nursery:
         nursery.start_soon(attack, evil, _data(1), answers, 50)
@@ -237,8 +235,9 @@ async def test_a_failure_routing_one_peers_message_answers_retry_later(
 async def test_an_answer_that_fails_to_encode_is_dropped_and_the_other_peers_still_go(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # One flush holding answers for both peers; encoding evil's raises even
-    # after the ERR fallback (an injected bug). a's answer still goes out.
+    # Both peers' messages arrive together and are answered with a result
+    # the codec refuses; encoding evil's answer raises even after the ERR
+    # fallback (an injected bug). a's answer (the fallback ERR) still goes out.
     real = encode
 
     def buggy(frame: Frame, *, limits: Limits) -> list[Any]:
@@ -250,40 +249,35 @@ async def test_an_answer_that_fails_to_encode_is_dropped_and_the_other_peers_sti
     monkeypatch.setattr(inbound, "encode", buggy)
     caplog.set_level(logging.ERROR, logger="cellmesh.receiver")
     net = MemoryNetwork()
-    st = inbound.InboundState(
-        NodeId("b"),
-        Incarnation(1),
-        "mem://b",
-        frozenset({GOOD, EVIL}),
-        config=ReceiverConfig(),
-        faults=FaultPlan(),
-        limits=Limits(),
-    )
-    router = net.router()
-    router.bind("mem://b")
-    dealers = {peer: net.dealer(peer.encode()) for peer in (GOOD, EVIL)}
-    for dealer in dealers.values():
-        dealer.connect("mem://b")
-    for peer in (GOOD, EVIL):
-        st.core.receive_frame(peer, _data(1, peer), 0.0)
-    for event in st.core.take_events():
-        if isinstance(event, Admitted):
-            # A result the codec refuses: the ERR fallback is tried, and fails too.
-            st.core.complete(event.peer, event.peer_incarnation, event.seq, result=object())
-    st.flush(router, 0.0)
-    got = decode(dealers[GOOD].recv_multipart_nowait())
-    assert isinstance(got, ErrFrame)
-    assert (got.seq, got.code) == (1, ErrCode.COMPUTE_FAILED)
-    with pytest.raises(trio.WouldBlock):
-        dealers[EVIL].recv_multipart_nowait()
-    assert st.statistics().rejected == {"internal-error": 1}
-    (record,) = caplog.records
-    assert "encoding an answer to peer 'evil' raised ValueError: injected bug" in (
-        record.getMessage()
-    )
-    router.close()
-    for dealer in dealers.values():
-        dealer.close()
+    async with open_node(
+        "b", bind="mem://b", peers={"a": None, "evil": None}, compute=Unencodable, network=net
+    ) as b:
+        dealers = {peer: net.dealer(peer.encode()) for peer in (GOOD, EVIL)}
+        for peer, dealer in dealers.items():
+            dealer.connect("mem://b")
+            dealer.send_multipart_nowait(encode(_data(1, peer)))
+        with trio.fail_after(5):
+            await dealers[GOOD].wait_ready()
+            got = decode(dealers[GOOD].recv_multipart_nowait())
+            await trio.testing.wait_all_tasks_blocked()
+        assert isinstance(got, ErrFrame)
+        assert (got.seq, got.code) == (1, ErrCode.COMPUTE_FAILED)
+        with pytest.raises(trio.WouldBlock):
+            dealers[EVIL].recv_multipart_nowait()
+        assert b.statistics().inbound.rejected == {"internal-error": 1}
+        (record,) = caplog.records
+        assert "encoding an answer to peer 'evil' raised ValueError: injected bug" in (
+            record.getMessage()
+        )
+        for dealer in dealers.values():
+            dealer.close()
+
+
+class Unencodable(Actor[Any, Any]):
+    """b's compute actor: answers every delivery with a result the codec refuses."""
+
+    async def receive(self, msg: Any) -> Any:
+        return object()
 
 
 EVIL_INC = Incarnation(666)

@@ -19,7 +19,7 @@ from ._codec import Limits, check_payload, decode, encode
 from ._errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from ._frames import APP_ERR_MIN, PROTOCOL_VERSION, ErrCode, Payload
 from ._ids import Incarnation, LinkSeq, NodeId, StreamId, StreamSeq
-from ._memnet import Network, SocketLike
+from ._memnet import Network, Poller, SocketLike
 from ._proto_link import (
     PeerState,
     ReceiverConfig,
@@ -60,6 +60,7 @@ __all__ = [
     "NodeId",
     "Payload",
     "PeerState",
+    "Poller",
     "ProtocolError",
     "ReceiverConfig",
     "ReceiverStatistics",

@@ -31,22 +31,24 @@ import itertools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, Protocol, cast
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 import trio
 
 from ._errors import LocalProtocolError
 from ._faults import FaultDraws, FaultPlan
-from ._socket import BytesLike, SocketStatistics, Unroutable
+from ._socket import BytesLike, PollerStatistics, SocketStatistics, Unroutable
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
 __all__ = [
     "MemoryNetwork",
+    "MemoryPoller",
     "MemorySocket",
     "Network",
     "NetworkStatistics",
+    "Poller",
     "SocketLike",
 ]
 
@@ -94,6 +96,42 @@ class SocketLike(Protocol):
         ...
 
 
+class Poller(Protocol):
+    """One wait on many sockets of one network, for the one task that owns them.
+
+    :class:`transport.SocketPoller` (ZeroMQ) and :class:`MemoryPoller`
+    implement it; see :class:`transport.SocketPoller` for the contract.
+    """
+
+    def add(self, sock: Any) -> None:
+        """Watch ``sock`` too."""
+        ...
+
+    def discard(self, sock: Any) -> None:
+        """Stop watching ``sock``; call it before closing the socket."""
+        ...
+
+    def wake(self) -> None:
+        """Make the owner's pending or next :meth:`wait` return."""
+        ...
+
+    def ready(self, sock: Any, *, writable: bool = False) -> bool:
+        """Whether ``sock`` is readable (or writable, if asked) now."""
+        ...
+
+    async def wait(self) -> list[Any]:
+        """Sleep until a watched socket may be ready or a wake; those sockets."""
+        ...
+
+    def close(self) -> None:
+        """Release what the poller holds. Idempotent."""
+        ...
+
+    def statistics(self) -> PollerStatistics:
+        """The poller's counters."""
+        ...
+
+
 class Network(Protocol):
     """Where a node gets its sockets: ``open_node(..., network=...)``."""
 
@@ -107,6 +145,10 @@ class Network(Protocol):
 
     def router(self) -> SocketLike:
         """A new, unbound ROUTER."""
+        ...
+
+    def poller(self) -> Poller:
+        """A new poller for sockets of this network."""
         ...
 
 
@@ -178,6 +220,10 @@ class MemoryNetwork:
         self._sent = self._received = self._cut = 0
 
     # -- sockets ------------------------------------------------------------
+
+    def poller(self) -> MemoryPoller:
+        """A poller for this network's sockets."""
+        return MemoryPoller()
 
     def dealer(self, routing_id: bytes, *, peer: str | None = None) -> MemorySocket:
         """A new, unconnected DEALER; its node is ``routing_id`` decoded.
@@ -351,6 +397,7 @@ class MemorySocket:
         # received after later messages that were not delayed.
         self._queue: list[tuple[float, int, str, list[bytes]]] = []
         self._event: trio.Event | None = None
+        self._poller: MemoryPoller | None = None
         self._waiting = False
         self._wake_pending = False
         self._sent = self._received = self._sleeps = self._wakes = 0
@@ -572,5 +619,98 @@ class MemorySocket:
         self._notify()
 
     def _notify(self) -> None:
+        if self._event is not None:
+            self._event.set()
+        if self._poller is not None:
+            self._poller._signal(self)
+
+    def _due(self, now: float) -> bool:
+        return bool(self._queue) and self._queue[0][0] <= now
+
+
+class MemoryPoller:
+    """One wait on many :class:`MemorySocket`\\ s: :class:`Poller` for a :class:`MemoryNetwork`.
+
+    A socket signals the poller whenever it may have become ready (a message
+    queued, a ROUTER bound, room freed); :meth:`wait` also sleeps only until
+    the next delayed message falls due, so virtual time runs as with one
+    socket's :meth:`MemorySocket.wait_ready`.
+    """
+
+    def __init__(self) -> None:
+        self._socks: dict[MemorySocket, None] = {}
+        self._signalled: dict[MemorySocket, None] = {}
+        self._event: trio.Event | None = None
+        self._pending = False
+        self._sleeps = 0
+        self._wakes = 0
+
+    def add(self, sock: Any) -> None:
+        """Watch ``sock`` (a :class:`MemorySocket`) too."""
+        assert isinstance(sock, MemorySocket)
+        sock._poller = self
+        self._socks[sock] = None
+        self._signalled[sock] = None
+
+    def discard(self, sock: Any) -> None:
+        """Stop watching ``sock``."""
+        if self._socks.pop(sock, 0) is None:
+            sock._poller = None
+        self._signalled.pop(sock, None)
+
+    def wake(self) -> None:
+        """Make the owner's pending or next :meth:`wait` return promptly."""
+        if not self._pending:
+            self._pending = True
+            self._wakes += 1
+            if self._event is not None:
+                self._event.set()
+
+    def ready(self, sock: Any, *, writable: bool = False) -> bool:
+        """Whether ``sock`` has a message due (or room to send, if asked)."""
+        return bool(sock._due(trio.current_time()) or (writable and sock._writable()))
+
+    async def wait(self) -> list[Any]:
+        """Sleep until a socket may be ready or :meth:`wake`; the sockets that may be.
+
+        Always a checkpoint. The caller's cancel scope bounds the sleep.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        slept = False
+        while True:
+            now = trio.current_time()
+            ready = dict(self._signalled)
+            self._signalled.clear()
+            for sock in self._socks:
+                if sock._due(now):
+                    ready[sock] = None
+            if ready or self._pending:
+                self._pending = False
+                if not slept:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                return list(ready)
+            due = [sock._queue[0][0] for sock in self._socks if sock._queue]
+            event = self._event = trio.Event()
+            self._sleeps += 1
+            try:
+                with trio.move_on_at(min(due, default=math.inf)):
+                    await event.wait()
+            finally:
+                self._event = None
+            slept = True
+
+    def close(self) -> None:
+        """Forget every socket. Idempotent."""
+        for sock in self._socks:
+            sock._poller = None
+        self._socks.clear()
+        self._signalled.clear()
+
+    def statistics(self) -> PollerStatistics:
+        """This poller's counters."""
+        return PollerStatistics(sleeps=self._sleeps, wakes=self._wakes)
+
+    def _signal(self, sock: MemorySocket) -> None:
+        self._signalled[sock] = None
         if self._event is not None:
             self._event.set()

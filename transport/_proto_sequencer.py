@@ -449,54 +449,6 @@ class StreamSequencer(Generic[T]):
 
     # -- input ---------------------------------------------------------------
 
-    def releases_at_once(self, stream_seq: StreamSeq, stream_floor: StreamSeq) -> bool:
-        """Whether :meth:`offer` would release this message alone, at once.
-
-        True when it is the next number of an ordered stream that holds
-        nothing, knows nothing lost and has not failed or ended: then
-        :meth:`offer` would return ``ACCEPTED`` with exactly one
-        :class:`Release` and no other event. Changes nothing.
-
-        Args:
-            stream_seq: its ``Data.stream_seq``.
-            stream_floor: its ``Data.stream_floor``.
-
-        Returns:
-            Whether :meth:`release_at_once` may take it.
-        """
-        return (
-            stream_seq == self._next
-            and self._ordered
-            and not self._buffer
-            and not self._lost
-            and not self._failed
-            and not self._ended
-            and 1 <= stream_floor <= stream_seq
-        )
-
-    def release_at_once(self, stream_seq: StreamSeq, stream_floor: StreamSeq) -> None:
-        """Take a message :meth:`releases_at_once` allows, without a Release event.
-
-        For a caller that hands the message on itself (the node's receiving
-        fast path): the state moves exactly as :meth:`offer` would move it.
-
-        Args:
-            stream_seq: its ``Data.stream_seq``.
-            stream_floor: its ``Data.stream_floor``.
-
-        Raises:
-            LocalProtocolError: :meth:`releases_at_once` is False for it.
-        """
-        if not self.releases_at_once(stream_seq, stream_floor):
-            raise LocalProtocolError(
-                f"stream_seq {stream_seq} is not releasable at once (next is {self._next}); "
-                "check releases_at_once() first, or offer() it"
-            )
-        if stream_floor > self._floor:
-            self._learn_floor(stream_floor)
-        self._next = stream_seq + 1
-        self._delivered += 1
-
     def offer(
         self, stream_seq: StreamSeq, stream_floor: StreamSeq, item: T, now: float
     ) -> OfferResult:
@@ -517,9 +469,18 @@ class StreamSequencer(Generic[T]):
                 it is sending); nothing changed.
             LocalProtocolError: the sequencer was ended with :meth:`end`.
         """
-        # The common case first: the next message, nothing held, nothing known
-        # lost. O(1), and the Release is the only allocation.
-        if self.releases_at_once(stream_seq, stream_floor):
+        # The common case first: the next message of an ordered stream that
+        # holds nothing, knows nothing lost and has not failed or ended.
+        # O(1), and the Release is the only allocation.
+        if (
+            stream_seq == self._next
+            and self._ordered
+            and not self._buffer
+            and not self._lost
+            and not self._failed
+            and not self._ended
+            and 1 <= stream_floor <= stream_seq
+        ):
             if stream_floor > self._floor:
                 self._learn_floor(stream_floor)
             self._next = stream_seq + 1

@@ -34,13 +34,13 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
-from typing import TYPE_CHECKING, Final, Self, TypeAlias, cast
+from typing import TYPE_CHECKING, Any, Final, Self, TypeAlias, cast
 
 import trio
 import zmq
 
 if TYPE_CHECKING:
-    from typing import Any, Protocol
+    from typing import Protocol
 
     from typing_extensions import Buffer
 
@@ -57,7 +57,9 @@ else:
 __all__ = [
     "DEALER_OPTIONS",
     "ROUTER_OPTIONS",
+    "PollerStatistics",
     "Socket",
+    "SocketPoller",
     "SocketStatistics",
     "Unroutable",
     "dealer_socket",
@@ -187,14 +189,12 @@ class SocketStatistics:
 class Socket:
     """A pyzmq socket driven by one owning Trio task.
 
-    The owner is the one task that waits on it: its loop drains with the
+    The owner is the one task that calls it: its loop drains with the
     ``_nowait`` calls until they raise :class:`trio.WouldBlock`, handles its
-    other work, then awaits :meth:`wait_ready`. Other tasks call :meth:`wake`
-    to hand it work, or make a ``_nowait`` call themselves (a sender that
-    would otherwise wake the owner only to send): such a call wakes a sleeping
-    owner only if it leaves the socket ready for what the owner waits for
-    (any zmq call may take the fd's edge with it). Simple single-task users
-    may use the async :meth:`send_multipart` / :meth:`recv_multipart` instead.
+    other work, then awaits :meth:`wait_ready` (or, for many sockets at once,
+    a :class:`SocketPoller`). Other tasks never call zmq on it; they call
+    :meth:`wake` to hand the owner work. Simple single-task users may use the
+    async :meth:`send_multipart` / :meth:`recv_multipart` instead.
 
     Use it as an async context manager, or call :meth:`close`.
     """
@@ -236,9 +236,6 @@ class Socket:
         self._wait_fd = self._fd
         self._wakeable = False
         self._signalled = False
-        # What the sleeping owner waits for (POLLIN/POLLOUT bits): a zmq call
-        # by another task wakes it only when EVENTS then shows one of them.
-        self._want = 0
         if eventfd_wake:
             self._epoll = select.epoll()
             self._event_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -424,9 +421,6 @@ class Socket:
             raise trio.WouldBlock from None
         except zmq.ContextTerminated:
             raise trio.ClosedResourceError("the zmq context was terminated") from None
-        finally:
-            if self._wakeable or self._wait_scope is not None:
-                self._foreign_call_done()
         self._received += 1
         self._streak += 1
         return parts
@@ -492,9 +486,6 @@ class Socket:
             if exc.errno == zmq.EHOSTUNREACH:
                 raise Unroutable(bytes(cast("Buffer", parts[0]))) from None
             raise
-        finally:
-            if self._wakeable or self._wait_scope is not None:
-                self._foreign_call_done()
         self._sent += 1
 
     async def wait_ready(self, *, readable: bool = True, writable: bool = False) -> None:
@@ -642,7 +633,6 @@ class Socket:
         """
         while True:
             if wakeable:
-                self._want = want
                 await self._sleep_on_fd_wakeable()
                 if self._wake_pending:
                     return
@@ -652,24 +642,6 @@ class Socket:
             if events & want:
                 self._readable = bool(events & _POLLIN)
                 return
-
-    def _foreign_call_done(self) -> None:
-        """A task other than the sleeping owner made a zmq call: wake the owner if it must look.
-
-        The call may have taken the fd's edge, so the owner's fd may not fire
-        for what is already there: if EVENTS now shows what it waits for, it
-        is woken. If not, its sleep stays right: libzmq signals the fd again
-        for the next change, as after any EVENTS read (design.md §5). Sending
-        from another task then costs the owner no wake-up (a trip through
-        the I/O manager and two eventfd calls).
-        """
-        try:
-            events = cast(int, self._zsock.getsockopt(_EVENTS))
-        except zmq.ZMQError:
-            # Context terminated under us: let the owner find out.
-            events = self._want
-        if events & self._want:
-            self._interrupt()
 
     def _interrupt(self) -> None:
         """End a wakeable sleep in progress early, if there is one."""
@@ -681,8 +653,7 @@ class Socket:
             self._wait_scope.cancel()
 
     async def _sleep_on_fd_wakeable(self) -> None:
-        """One sleep on ``ZMQ_FD`` that :meth:`wake` (or a zmq call made by
-        another task, which may have eaten the edge) can end early."""
+        """One sleep on ``ZMQ_FD`` that :meth:`wake` can end early."""
         if self._epoll is not None:
             self._wakeable = True
             try:
@@ -712,6 +683,122 @@ class Socket:
             await trio.lowlevel.wait_readable(self._wait_fd)
         except trio.ClosedResourceError:
             raise trio.ClosedResourceError("socket was closed while waiting") from None
+
+
+@dataclass(frozen=True, slots=True)
+class PollerStatistics:
+    """Counters of one poller, as returned by ``statistics()``.
+
+    Attributes:
+        sleeps: Times its owner slept on the poller (each is a trip through
+            Trio's I/O manager: few per message means batching works).
+        wakes: Calls to ``wake()`` that found the owner asleep or about to sleep.
+    """
+
+    sleeps: int
+    wakes: int
+
+
+class SocketPoller:
+    r"""One wait on many :class:`Socket`\ s and a wake-up, for the task that owns them all.
+
+    The node's dispatcher owns every socket of the node and sleeps on this:
+    one epoll set holding each socket's ``ZMQ_FD`` and an eventfd that
+    :meth:`wake` writes (bench/transport.py's "Trio floor" is the same shape).
+    ``ZMQ_FD`` only says "``EVENTS`` may have changed" and any zmq call may
+    consume its edge (design.md §5), so :meth:`wait` hands back the sockets
+    whose fd fired, to be drained, and after its own zmq calls the owner asks
+    :meth:`ready` of each socket it touched before it sleeps again.
+    """
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._event_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._release = weakref.finalize(self, _close_wake_fds, self._epoll, self._event_fd)
+        self._epoll.register(self._event_fd, select.EPOLLIN)
+        self._by_fd: dict[int, Socket] = {}
+        self._closed = False
+        # As in Socket: a wake that found the owner awake is remembered in
+        # ``_pending``; the eventfd is written only while it sleeps.
+        self._pending = False
+        self._sleeping = False
+        self._signalled = False
+        self._sleeps = 0
+        self._wakes = 0
+
+    def add(self, sock: Any) -> None:
+        """Watch ``sock`` (a :class:`Socket`) too."""
+        self._epoll.register(sock._fd, select.EPOLLIN)
+        self._by_fd[sock._fd] = sock
+
+    def discard(self, sock: Any) -> None:
+        """Stop watching ``sock`` (before closing it: libzmq may reuse its fd)."""
+        if self._by_fd.pop(sock._fd, None) is not None and not self._closed:
+            self._epoll.unregister(sock._fd)
+
+    def wake(self) -> None:
+        """Make the owner's pending or next :meth:`wait` return promptly. Sync, cheap."""
+        if self._pending:
+            return
+        self._pending = True
+        self._wakes += 1
+        if self._sleeping and not self._signalled:
+            self._signalled = True
+            os.eventfd_write(self._event_fd, 1)
+
+    def ready(self, sock: Any, *, writable: bool = False) -> bool:
+        """Whether ``sock`` is readable (or writable, if asked) now, by its ``EVENTS``.
+
+        Call it for a socket the owner made a zmq call on since it last
+        drained it: that call may have taken the fd's edge.
+        """
+        events = cast(int, sock._zsock.getsockopt(_EVENTS))
+        if events & _POLLIN:
+            # The next recv cannot fail: it skips its own EVENTS read.
+            sock._readable = True
+            return True
+        return bool(writable and events & _POLLOUT)
+
+    async def wait(self) -> list[Any]:
+        """Sleep until a watched socket's fd fires or :meth:`wake` is called.
+
+        Returns at once (after a checkpoint) if a wake is pending. The
+        caller's cancel scope bounds the sleep (its timers).
+
+        Returns:
+            The sockets whose fd fired: each may be readable or writable.
+        """
+        if self._pending:
+            self._pending = False
+            await trio.lowlevel.checkpoint()
+            return []
+        self._sleeping = True
+        self._sleeps += 1
+        try:
+            await trio.lowlevel.wait_readable(self._epoll.fileno())
+        finally:
+            self._sleeping = False
+            self._pending = False
+            if self._signalled:
+                self._signalled = False
+                if not self._closed:
+                    os.eventfd_read(self._event_fd)
+        by_fd = self._by_fd
+        return [by_fd[fd] for fd, _ in self._epoll.poll(0) if fd in by_fd]
+
+    def close(self) -> None:
+        """Release the epoll set and the eventfd. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._by_fd.clear()
+        if trio.lowlevel.in_trio_run():
+            trio.lowlevel.notify_closing(self._epoll.fileno())
+        self._release()
+
+    def statistics(self) -> PollerStatistics:
+        """A snapshot of this poller's counters."""
+        return PollerStatistics(sleeps=self._sleeps, wakes=self._wakes)
 
 
 def _close_wake_fds(epoll: select.epoll, event_fd: int) -> None:

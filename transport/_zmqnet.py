@@ -14,7 +14,7 @@ import zmq
 
 from ._errors import LocalProtocolError
 from ._security import ZAP_DOMAIN, Security
-from ._socket import Socket, dealer_socket, router_socket
+from ._socket import Socket, SocketPoller, dealer_socket, router_socket
 
 __all__ = ["ZmqNetwork"]
 
@@ -88,6 +88,10 @@ class ZmqNetwork:
             zap_domain=ZAP_DOMAIN,
             zap_enforce_domain=1,
         )
+
+    def poller(self) -> SocketPoller:
+        """A poller for this network's sockets (one epoll set)."""
+        return SocketPoller()
 
     def zap_socket(self) -> Socket:
         """The ZAP handler's socket: a ROUTER bound at libzmq's ZAP endpoint.
