@@ -123,13 +123,6 @@ INTERNAL_ERROR = "internal-error"
 #: between are counted, and the next line says how many there were.
 _LOG_EVERY = 10.0
 
-#: A wake-up stops taking messages once it has spent this long (seconds of
-#: time.perf_counter) and sends the answers due: a run of costly messages
-#: (a header decode takes up to ~50 ms, Limits.max_header_bytes) then holds
-#: the answers of other peers and the compute actors back by about one of
-#: them. Usual messages take a few µs each: _RECV_BUDGET ends their drain.
-_RECV_SECONDS = 0.02
-
 #: Each peer may keep the Receiver decoding its messages for at most this
 #: share of the time, on average, with bursts of up to _DECODE_BURST seconds.
 #: ZeroMQ's ROUTER takes one message from each peer in turn, so a peer that
@@ -143,6 +136,12 @@ _RECV_SECONDS = 0.02
 #: the time, inside the share (the bench ran as fast with it as without).
 _DECODE_SHARE = 0.5
 _DECODE_BURST = 0.05
+#: Only headers of at least this many bytes are charged: a smaller one decodes
+#: in at most ~4 ms even in the costliest shape (~1 µs a byte, protocol.md
+#: §3.5), and the ROUTER's fair queueing lets another peer's message through
+#: after at most one of them. Charging costs two reads of the thread's CPU
+#: clock, which the usual small message does not pay.
+_COSTLY_HEADER = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +157,14 @@ class InboundStatistics:
 
 
 class _DecodeBudget:
-    """Per-peer token buckets of decoding time (seconds of ``time.perf_counter``)."""
+    """Per-peer token buckets of decoding time.
+
+    A bucket fills with wall time (``time.perf_counter``) times the share, and
+    is charged the CPU time a decode took (``time.thread_time``): a decode
+    the OS preempted on a loaded machine is not charged the time it spent
+    waiting, so a busy but honest peer is not refused for the machine's load
+    (measured: wall-clock charging refused such peers and caused resends).
+    """
 
     __slots__ = ("_buckets",)
 
@@ -176,14 +182,13 @@ class _DecodeBudget:
         bucket[1] = now
         return credit > 0.0
 
-    def spend(self, peer: NodeId, started: float) -> None:
-        """Charge ``peer`` the decoding that began at ``started``."""
-        now = time.perf_counter()
+    def spend(self, peer: NodeId, cpu: float) -> None:
+        """Charge ``peer`` ``cpu`` seconds of decoding."""
         bucket = self._buckets.get(peer)
         if bucket is None:
-            self._buckets[peer] = [_DECODE_BURST - (now - started), now]
+            self._buckets[peer] = [_DECODE_BURST - cpu, time.perf_counter()]
         else:
-            bucket[0] -= now - started
+            bucket[0] -= cpu
 
 
 class QueryWaiter:
@@ -533,19 +538,20 @@ class Receiver:
             else:
                 self._rejected["unknown-peer"] += 1
             return
-        budget = self._budget
-        if not budget.allows(peer):
+        costly = len(parts) > 1 and len(parts[1]) >= _COSTLY_HEADER
+        if costly and not self._budget.allows(peer):
             self._rejected["decode-budget"] += 1
             return
         size = sum(map(len, parts)) - len(parts[0])
-        started = time.perf_counter()
+        started = time.thread_time() if costly else 0.0
         try:
             frame = decode(parts[1:], self._limits)
         except RemoteProtocolError as exc:
             self._rejected[exc.reason] += 1
             return
         finally:
-            budget.spend(peer, started)
+            if costly:
+                self._budget.spend(peer, time.thread_time() - started)
         if secure:
             claimed = _claimed_node(frame, peer)
             if claimed is not None:
