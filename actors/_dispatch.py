@@ -14,8 +14,8 @@ One send's walk, the only one (docs/architecture.md draws it):
 5. The peer's ``Dispatcher._drain`` takes it from the ROUTER →
    ``Receiver.handle(Input)``.
 6. ``actors/_inbound.py`` ``Receiver.handle(Input)``: decode, identity,
-   ``LinkReceiver.receive_frame``; its ``Deliver`` event →
-   ``Sequencer.handle(Deliver)``.
+   ``LinkReceiver.receive_frame``; its ``Admitted`` event →
+   ``Sequencer.handle(Admitted)``.
 7. ``actors/_inbound.py`` ``Sequencer.handle``: ``StreamSequencer.offer``; each
    ``Release`` → ``ActorRef.send_nowait(Delivery, reply=_Completion)`` into the
    compute actor's mailbox.
