@@ -42,7 +42,6 @@ from ._outcomes import (
     PeerError,
     Reject,
     SendError,
-    StreamFailedError,
 )
 from ._security import load_security
 from ._spec import Backoff, ChildSpec, Restart, Status, Strategy, SupervisorSpec
@@ -79,7 +78,6 @@ __all__ = [
     "SendHandle",
     "Status",
     "Strategy",
-    "StreamFailedError",
     "Supervisor",
     "SupervisorGaveUp",
     "SupervisorSpec",

@@ -158,21 +158,6 @@ class Gap:
     reason: str
 
 
-class StreamFailedError(Exception):
-    """A stream under gap policy ``fail`` lost a message for good.
-
-    The peer's sequencer actor fails with it, so the node's supervisor sees
-    the failure (and gives up past its restart intensity); the compute actor
-    has already received a ``Gap(reason="stream-failed")``.
-    """
-
-    def __init__(self, peer: NodeId, stream: StreamId, first_missing: StreamSeq, why: str) -> None:
-        super().__init__(f"stream {stream!r} from {peer} failed at {first_missing}: {why}")
-        self.peer = peer
-        self.stream = stream
-        self.first_missing = first_missing
-
-
 # --- the per-message values' __init__ ----------------------------------------------
 #
 # Each message sent ends in an Ack and each message received is a Delivery,
