@@ -211,6 +211,21 @@ async def test_query_reports_the_senders_view() -> None:
             assert status.in_flight == 0
 
 
+async def _send_through_a_crash(
+    a: Node, n: int, crashes: CrashingPollers, seen: list[tuple[str, int, Any]]
+) -> None:
+    """Send ``n`` numbered messages a→b, crashing an I/O task halfway; all arrive once, in order."""
+    handles = []
+    for i in range(n):
+        await a.wait_window("b")
+        handles.append(a.send_nowait("b", i.to_bytes(4, "big"), stream="s"))
+        if i == n // 2:
+            crashes.arm()
+    acks = [await h.wait() for h in handles]
+    assert len(acks) == n
+    assert [p for (_, _, p) in seen] == [i.to_bytes(4, "big") for i in range(n)]
+
+
 async def test_a_sending_nodes_io_task_crash_keeps_its_pending_messages() -> None:
     # The node's I/O task (the dispatcher) crashes with 300 sends in flight,
     # and its supervisor restarts it with a fresh DEALER. The protocol actors
@@ -227,15 +242,7 @@ async def test_a_sending_nodes_io_task_crash_keeps_its_pending_messages() -> Non
                 ) as b,
                 open_node("a", bind="tcp://127.0.0.1:*", peers={"b": b.endpoint}, network=net) as a,
             ):
-                handles = []
-                for i in range(600):
-                    await a.wait_window("b")
-                    handles.append(a.send_nowait("b", i.to_bytes(4, "big"), stream="s"))
-                    if i == 300:
-                        crashes.arm()
-                acks = [await h.wait() for h in handles]
-                assert len(acks) == 600
-                assert [p for (_, _, p) in seen] == [i.to_bytes(4, "big") for i in range(600)]
+                await _send_through_a_crash(a, 600, crashes, seen)
                 assert a.supervisor.actor("dispatcher").statistics().restarts == 1
     finally:
         net.close()
@@ -258,15 +265,7 @@ async def test_a_receiving_nodes_io_task_crash_rebinds_and_loses_nothing() -> No
                 open_node("a", bind="tcp://127.0.0.1:*", peers={"b": b.endpoint}) as a,
             ):
                 endpoint = b.endpoint
-                handles = []
-                for i in range(400):
-                    await a.wait_window("b")
-                    handles.append(a.send_nowait("b", i.to_bytes(4, "big"), stream="s"))
-                    if i == 200:
-                        crashes.arm()
-                acks = [await h.wait() for h in handles]
-                assert len(acks) == 400
-                assert [p for (_, _, p) in seen] == [i.to_bytes(4, "big") for i in range(400)]
+                await _send_through_a_crash(a, 400, crashes, seen)
                 assert b.supervisor.actor("dispatcher").statistics().restarts == 1
                 # Rebound where the peers already know it.
                 assert b.endpoint == endpoint

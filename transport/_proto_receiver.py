@@ -393,20 +393,7 @@ class LinkReceiver:
             self._answers[(peer, session.incarnation, seq)] = None
             return
         if seq >= session.floor + self._window or seq >= session.watermark + self._max_entries:
-            session.retry_later += 1
-            self._out.append(
-                (
-                    peer,
-                    RetryLater(
-                        self._node,
-                        self._incarnation,
-                        session.incarnation,
-                        seq,
-                        _credit(session.floor, self._window),
-                        RetryReason.WINDOW_FULL,
-                    ),
-                )
-            )
+            self._retry_later(session, seq, RetryReason.WINDOW_FULL)
             return
         charge = self._charge
         if charge is not None:
@@ -414,20 +401,7 @@ class LinkReceiver:
                 held = self._held.get(peer, 0)
                 if held and held + charge.size > self._max_held:
                     self._over_budget += 1
-                    session.retry_later += 1
-                    self._out.append(
-                        (
-                            peer,
-                            RetryLater(
-                                self._node,
-                                self._incarnation,
-                                session.incarnation,
-                                seq,
-                                _credit(session.floor, self._window),
-                                RetryReason.BUFFER_FULL,
-                            ),
-                        )
-                    )
+                    self._retry_later(session, seq, RetryReason.BUFFER_FULL)
                     return
                 self._held[peer] = held + charge.size
             charge.refs += 1
@@ -664,22 +638,27 @@ class LinkReceiver:
         session = self._sessions[peer]
         del session.entries[seq]
         session.delivered -= 1
-        session.retry_later += 1
         self._answers.pop((peer, peer_incarnation, seq), None)
+        # _entry_to_finish checked that peer_incarnation is the session's.
+        self._retry_later(session, seq, reason)
+        return True
+
+    def _retry_later(self, session: _Session, seq: int, reason: RetryReason) -> None:
+        """Answer RETRY_LATER for ``seq`` ("not held: send it again", §6.5), with fresh credit."""
+        session.retry_later += 1
         self._out.append(
             (
-                peer,
+                session.peer,
                 RetryLater(
                     self._node,
                     self._incarnation,
-                    peer_incarnation,
-                    seq,
+                    session.incarnation,
+                    LinkSeq(seq),
                     _credit(session.floor, self._window),
                     reason,
                 ),
             )
         )
-        return True
 
     # --- questions to senders --------------------------------------------------------
 
