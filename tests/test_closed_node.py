@@ -126,8 +126,10 @@ async def test_sends_waiting_at_close_fail_promptly(autojump_clock: trio.abc.Clo
 
     async with open_test_network() as net:
         await net.start_node("b", peers={"a": None})
-        a = await net.start_node("a", peers=["b"], config=config)
+        # Cut before a starts: its link to b can never come up, whichever
+        # order Trio's scheduler runs the handshake in (it shuffles).
         net.partition(["a"], ["b"])
+        a = await net.start_node("a", peers=["b"], config=config)
         # Every wait below lasts 60 s unless the close ends it: fail, not hang.
         with trio.fail_after(30):
             async with trio.open_nursery() as nursery:
