@@ -254,6 +254,8 @@ class Dispatcher:
         # Every socket once: what a crash left queued is taken at once.
         ready: list[SocketLike] = list(sockets)
         touched: dict[SocketLike, None] = {}
+        # Messages taken since the I/O task last yielded or slept.
+        took = 0
         self._awake = True
         try:
             while True:
@@ -266,7 +268,11 @@ class Dispatcher:
                             # (the compute actor's answers) goes out before
                             # the next drain, which may take _RECV_SECONDS.
                             self._flush(by_owner, touched, now)
-                        again = self._drain(ready, owners, now) if ready else []
+                        if ready:
+                            again, n = self._drain(ready, owners, now)
+                            took += n
+                        else:
+                            again = []
                         self._run_timers(now)
                         if self._dirty:
                             self._flush(by_owner, touched, now)
@@ -275,10 +281,23 @@ class Dispatcher:
                             if poller.ready(sock, writable=owners[sock].wants_write):
                                 ready.append(sock)
                         touched.clear()
-                        self._awake = False
                         if ready or self._dirty:
+                            self._awake = False
                             await trio.lowlevel.checkpoint()
                             continue
+                        if took:
+                            # What this wake-up took usually handed work to
+                            # another task (a delivery to a compute actor, a
+                            # settled send), whose answer or next send is
+                            # posted before that task parks: yield to it once,
+                            # staying awake, rather than sleep and be woken (an
+                            # eventfd write and an epoll trip; design.md §5
+                            # prices a hop at 10-30 µs).
+                            took = 0
+                            await trio.lowlevel.cancel_shielded_checkpoint()
+                            ready = poller.poll_nowait()
+                            continue
+                        self._awake = False
                         # One cancel scope serves every sleep until its timer
                         # fires: moving its deadline costs less than a fresh
                         # move_on_at per sleep.
@@ -295,12 +314,13 @@ class Dispatcher:
 
     def _drain(
         self, ready: list[SocketLike], owners: dict[SocketLike, SocketOwner], now: float
-    ) -> list[SocketLike]:
-        """Hand what each ready socket holds to its owner; the sockets left unfinished."""
+    ) -> tuple[list[SocketLike], int]:
+        """Hand what ready sockets hold to their owners: (sockets unfinished, messages taken)."""
         clock = time.perf_counter
         until = clock() + _RECV_SECONDS
         secure = self._security.secure
         again: list[SocketLike] = []
+        took = 0
         for sock in ready:
             owner = owners.get(sock)
             if owner is None:
@@ -317,6 +337,7 @@ class Dispatcher:
                         user, parts = None, sock.recv_multipart_nowait()
                 except trio.WouldBlock:
                     break
+                took += 1
                 try:
                     owner.handle(Input(parts, user), now)
                 except Exception as exc:
@@ -326,7 +347,7 @@ class Dispatcher:
                     break
             else:
                 again.append(sock)
-        return again
+        return again, took
 
     def _run_timers(self, now: float) -> None:
         """Poll every actor whose timer is due."""

@@ -73,6 +73,11 @@ if TYPE_CHECKING:
 #: Messages kept while the DEALER cannot send (no connection yet).
 _PENDING_MAX = 32
 
+#: ``wait_window`` yields once this many messages wait to be flushed. 64:
+#: the compute actor's run (actors/_actor.py _DRAIN_RUN), so a BATCH is
+#: about what the far side takes and answers in one go.
+_FLUSH_EVERY = 64
+
 
 class _Handle:
     """What a send and a batch send have in common: where it goes, and one final outcome."""
@@ -390,6 +395,8 @@ class PeerLink:
         self._pending: deque[list[Any]] = deque(maxlen=_PENDING_MAX)
         self._bad_frames = 0
         self._socket_full = 0
+        #: Messages (batch items count each) accepted since the last flush.
+        self._unflushed = 0
 
     # -- read-only views ----------------------------------------------------
 
@@ -432,6 +439,13 @@ class PeerLink:
 
     async def wait_window(self) -> None:
         """Wait until the core accepts a new message; NodeClosed once the node closed."""
+        if self._unflushed >= _FLUSH_EVERY:
+            # A producer with an open window never yields, so without this
+            # the I/O task would send nothing until the window shut: the
+            # receiver would idle while the window filled, and this side
+            # while it drained (stop-and-go). Yielding every _FLUSH_EVERY
+            # messages lets them go as one BATCH and keeps both busy.
+            await trio.lowlevel.checkpoint()
         while not self._core.window_open():
             if self._closed:
                 raise NodeClosed(self._node)
@@ -511,6 +525,7 @@ class PeerLink:
 
     def flush(self, sock: SocketLike, now: float) -> None:
         """Send what the DEALER refused before, then every frame the core has ready."""
+        self._unflushed = 0
         pending = self._pending
         while pending:
             try:
@@ -566,6 +581,7 @@ class PeerLink:
             now + self._send_timeout if deadline is None else deadline,
             self,
         )
+        self._unflushed += 1
         self._accepted(seq, handle, now)
         return handle
 
@@ -589,6 +605,7 @@ class PeerLink:
             now + self._send_timeout if deadline is None else deadline,
             self,
         )
+        self._unflushed += count
         self._accepted(seq, handle, now)
         return handle
 

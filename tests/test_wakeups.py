@@ -4,7 +4,7 @@ Each node runs its protocol actors on one I/O task (actors/_dispatch.py),
 which sleeps until a socket, a wake or a timer needs it. These tests count
 Trio task steps (a Trio instrument; no task is named) and the messages on a
 :class:`MemoryNetwork`, under virtual time: a burst goes out in a few
-messages, an idle node does not run, and a lone send costs a fixed, small
+messages, an idle node does not run, and a lone send costs a small, steady
 number of task steps from the send to its Ack.
 """
 
@@ -118,6 +118,8 @@ async def test_a_lone_send_costs_a_few_task_steps(autojump_clock: trio.abc.Clock
             trio.lowlevel.remove_instrument(steps)
     # The caller, a's I/O task (flush), b's I/O task (drain), b's compute
     # actor, b's I/O task (flush), a's I/O task (drain), the caller: about
-    # one step each, the same for every send.
-    assert len(set(took)) == 1, took
+    # one step each, and no more for later sends. An I/O task that yields to
+    # the task it just woke may get one step more or less, as Trio shuffles
+    # the order of the tasks it runs together.
+    assert max(took) - min(took) <= 1, took
     assert took[0] <= 10, took

@@ -119,6 +119,10 @@ class Poller(Protocol):
         """Whether ``sock`` is readable (or writable, if asked) now."""
         ...
 
+    def poll_nowait(self) -> list[Any]:
+        """The sockets that may have become ready since the last look, without sleeping."""
+        ...
+
     async def wait(self) -> list[Any]:
         """Sleep until a watched socket may be ready or a wake; those sockets."""
         ...
@@ -665,6 +669,16 @@ class MemoryPoller:
             self._wakes += 1
             if self._event is not None:
                 self._event.set()
+
+    def poll_nowait(self) -> list[Any]:
+        """The sockets signalled or with a message due, without sleeping."""
+        now = trio.current_time()
+        ready = dict(self._signalled)
+        self._signalled.clear()
+        for sock in self._socks:
+            if sock._due(now):
+                ready[sock] = None
+        return list(ready)
 
     def ready(self, sock: Any, *, writable: bool = False) -> bool:
         """Whether ``sock`` has a message due (or room to send, if asked)."""

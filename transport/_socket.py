@@ -746,6 +746,15 @@ class SocketPoller:
             self._signalled = True
             os.eventfd_write(self._event_fd, 1)
 
+    def poll_nowait(self) -> list[Any]:
+        """The sockets whose fd fired since the last look, without sleeping.
+
+        For an owner that yields to other tasks instead of sleeping: what
+        arrived meanwhile is drained at once, not after the next sleep.
+        """
+        by_fd = self._by_fd
+        return [by_fd[fd] for fd, _ in self._epoll.poll(0) if fd in by_fd]
+
     def ready(self, sock: Any, *, writable: bool = False) -> bool:
         """Whether ``sock`` is readable (or writable, if asked) now, by its ``EVENTS``.
 
