@@ -328,8 +328,13 @@ def _kill_all(pids: list[int]) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-#: A rank that writes its pid into $PIDS and waits; rank 2 fails with status 3.
-FAILING = 'echo $$ > "$PIDS/$PMI_RANK.pid"; [ "$PMI_RANK" = 2 ] && exit 3; exec sleep 120'
+#: A rank that writes its pid into $PIDS and waits; rank 2 fails with status 3
+#: once all 4 pids are there (at most 60 s), so that every rank is seen stopped.
+FAILING = (
+    'echo $$ > "$PIDS/$PMI_RANK.pid"; [ "$PMI_RANK" != 2 ] && exec sleep 120; i=0; '
+    'while [ "$(ls "$PIDS" | wc -l)" -lt 4 ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done; '
+    "exit 3"
+)
 
 
 @pytest.mark.slow
