@@ -9,7 +9,8 @@ and topology. Each name has one public home: ids, configs and the protocol's
 types are imported from :mod:`transport` (``NodeId``, ``SenderConfig``,
 ``SequencerConfig`` ...), keys from :mod:`transport.security`, the statistics
 value types from :mod:`actors.statistics` (read through ``statistics()``,
-rarely named), test tools from :mod:`actors.testing` and
+rarely named), the launcher's environment (rank, topology) from
+:mod:`actors.launch`, test tools from :mod:`actors.testing` and
 :mod:`transport.testing`.
 """
 
@@ -32,6 +33,7 @@ from ._errors import (
     PeersNotUp,
     SupervisorGaveUp,
 )
+from ._fromenv import open_node_from_env
 from ._link import BatchHandle, SendHandle
 from ._node import DEFAULT_STREAM, Node, NodeConfig, open_node
 from ._outcomes import (
@@ -46,7 +48,7 @@ from ._outcomes import (
 from ._security import load_security
 from ._spec import Backoff, ChildSpec, Restart, Status, Strategy, SupervisorSpec
 from ._supervisor import Supervisor, open_supervisor
-from ._topology import NodeSpec, Topology, TopologyError, node_id_from_env
+from ._topology import NodeSpec, Topology, TopologyError
 
 __all__ = [
     "DEFAULT_STREAM",
@@ -84,8 +86,8 @@ __all__ = [
     "Topology",
     "TopologyError",
     "load_security",
-    "node_id_from_env",
     "open_node",
+    "open_node_from_env",
     "open_supervisor",
     "spawn",
 ]

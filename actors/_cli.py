@@ -1,14 +1,17 @@
-"""The ``cellmesh`` command line: ``demo``, ``node`` and ``keys``.
+"""The ``cellmesh`` command line: ``run``, ``demo``, ``node`` and ``keys``.
 
-This module is the runtime's half: the parser, ``keys``, the Trio runner and
-the one-line errors. ``demo`` and ``node`` run the grid application
-(:mod:`actors.grid`, the extra ``grid``), which is imported only when one of
-them runs, so ``cellmesh keys`` works without numpy.
+This module is the runtime's half: the parser, ``keys``, ``run`` (the
+launcher, :mod:`actors._launch`), the Trio runner and the one-line errors.
+``demo`` and ``node`` run the grid application (:mod:`actors.grid`, the extra
+``grid``), which is imported only when one of them runs, so ``cellmesh keys``
+and ``cellmesh run`` work without numpy.
 
 Exit status: 0 done (for ``demo``: the result equals the serial run), 1 the
 demo's result differs, 2 a bad input or a run that cannot go on, 130 Ctrl-C,
-143 SIGTERM. Every error is one line on stderr, ``cellmesh CMD: error: ...``,
-that says what was wrong and what to do; ``--debug`` shows the traceback.
+143 SIGTERM; ``run`` exits with the status of the rank that failed (128 + N
+for a rank killed by signal N). Every error is one line on stderr,
+``cellmesh CMD: error: ...``, that says what was wrong and what to do;
+``--debug`` shows the traceback.
 Inputs are checked before any node starts or any process is spawned.
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterator
@@ -26,6 +30,7 @@ from typing import TYPE_CHECKING, NoReturn, TypeVar
 import trio
 
 if TYPE_CHECKING:
+    from ._launch import RestartPolicy
     from ._topology import Topology
 
 T = TypeVar("T")
@@ -267,6 +272,62 @@ def _node(args: argparse.Namespace) -> int:
     return node(args)
 
 
+def _grid(text: str) -> tuple[int, int]:
+    """An argparse type: ``RxC``, a tile grid of R rows and C columns."""
+    from ._fromenv import parse_grid
+    from ._topology import TopologyError
+
+    try:
+        return parse_grid(text, "--grid")
+    except TopologyError:
+        raise argparse.ArgumentTypeError(f"wants ROWSxCOLUMNS such as 2x3, got {text!r}") from None
+
+
+def _restart(text: str) -> RestartPolicy:
+    """An argparse type: ``never``, ``on-failure`` or ``on-failure:MAX``."""
+    from ._launch import RestartPolicy
+
+    try:
+        return RestartPolicy.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ._launch import LaunchPlan, RestartPolicy, launch
+
+    command: list[str] = args.program[1:] if args.program[:1] == ["--"] else args.program
+    if not command:
+        raise CliError("give the program after --, e.g. cellmesh run -n 3 -- python app.py")
+    ranks: int | None = args.n
+    if args.grid is not None:
+        rows, cols = args.grid
+        if ranks is None:
+            ranks = rows * cols
+        elif ranks != rows * cols:
+            raise CliError(
+                f"--grid {rows}x{cols} has {rows * cols} tiles but -n is {ranks}; give as many "
+                "ranks as tiles (or leave -n out)"
+            )
+    if ranks is None:
+        raise CliError("say how many ranks: -n N (or --grid RxC)")
+    if shutil.which(command[0]) is None:
+        raise CliError(
+            f"cannot find the program {command[0]!r} (not on PATH, or not executable); "
+            "give its path"
+        )
+    restart: RestartPolicy = args.restart or RestartPolicy()
+    plan = LaunchPlan(
+        command=tuple(command),
+        ranks=ranks,
+        grid=args.grid,
+        restart=restart,
+        grace=args.grace,
+        secure=args.secure,
+    )
+    return launch(plan)
+
+
 def _keys(args: argparse.Namespace) -> int:
     from transport.security import (
         KeyFileError,
@@ -313,6 +374,54 @@ def _parser() -> argparse.ArgumentParser:
     debug_help = f"on an error, show the traceback instead of one line (or set {DEBUG_ENV}=1)"
     parser.add_argument("--debug", action="store_true", help=debug_help)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser(
+        "run",
+        help="start N local ranks of a program, each told its node id and the topology",
+        usage="cellmesh run -n N [--grid RxC] [--restart POLICY] [--grace S] [--secure] "
+        "-- CMD [ARGS ...]",
+        description="Start N ranks of CMD on this machine, as mpiexec -n N would. Each gets "
+        "its node id and the job's topology (free ports on 127.0.0.1) in its environment: "
+        "CELLMESH_NODE_ID, CELLMESH_TOPOLOGY (a TOML file, removed at the end), and the rank "
+        "and rank count as mpiexec and srun set them (PMI_RANK/PMI_SIZE, "
+        "OMPI_COMM_WORLD_RANK/SIZE, SLURM_PROCID/SLURM_NTASKS, PMIX_RANK), so "
+        "`async with actors.open_node_from_env() as node:` opens its node. Each line a rank "
+        "writes is prefixed with [its node id]. The first rank to fail stops the others "
+        "(SIGTERM, then SIGKILL after --grace) and its status is the launcher's; Ctrl-C or "
+        "SIGTERM stops every rank (130, 143).",
+    )
+    run.add_argument("-n", type=_whole(1), metavar="N", help="how many ranks")
+    run.add_argument(
+        "--grid",
+        type=_grid,
+        metavar="RxC",
+        help="lay the ranks out as an R x C tile grid (ids t{row}-{col}, 8 neighbours each); "
+        "default: ids 0..N-1, every rank linked to every other",
+    )
+    run.add_argument(
+        "--restart",
+        type=_restart,
+        default=None,
+        metavar="POLICY",
+        help="never (default), or on-failure[:MAX]: start a failed rank again, same id and "
+        "environment, up to MAX times (default 3) before it fails the job",
+    )
+    run.add_argument(
+        "--grace",
+        type=_NON_NEGATIVE,
+        default=3.0,
+        metavar="S",
+        help="seconds a stopped rank has between SIGTERM and SIGKILL (default 3)",
+    )
+    run.add_argument(
+        "--secure",
+        action="store_true",
+        help="CURVE-encrypt and authenticate every link, with throwaway keys (CELLMESH_KEYS)",
+    )
+    run.add_argument(
+        "program", nargs=argparse.REMAINDER, metavar="-- CMD ARGS", help="the program to run"
+    )
+    run.set_defaults(run=_run)
 
     demo = sub.add_parser("demo", help="run a grid simulation over several local node processes")
     demo.add_argument("--nodes", type=_whole(1), default=4, help="tile processes (default 4 = 2x2)")
@@ -365,7 +474,7 @@ def _parser() -> argparse.ArgumentParser:
     keys.add_argument("--force", action="store_true", help="replace existing key files")
     keys.set_defaults(run=_keys)
 
-    for command in (demo, node, keys):
+    for command in (run, demo, node, keys):
         # Also after the command; SUPPRESS keeps the subcommand from resetting
         # a --debug given before it.
         command.add_argument(

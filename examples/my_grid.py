@@ -47,10 +47,10 @@ from actors import (
     SendHandle,
     Topology,
     TopologyError,
-    node_id_from_env,
     open_node,
 )
 from actors.grid import Decomposition, assemble, interior, pad
+from actors.launch import node_id_from_env
 from actors.statistics import (
     NodeStatistics,
 )

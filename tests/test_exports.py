@@ -25,6 +25,7 @@ FACES = [
     "transport.testing",
     "actors",
     "actors.statistics",
+    "actors.launch",
     "actors.testing",
     "actors.grid",
 ]

@@ -14,7 +14,8 @@ import os
 import signal
 from pathlib import Path
 
-from actors import Topology, load_security, node_id_from_env
+from actors import Topology, load_security
+from actors.launch import node_id_from_env
 
 from .._cli import CliError, check_out, one_line, read_topology, run_trio
 from ._decomp import GridError
