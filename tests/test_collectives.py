@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import operator
 import random
+import re
 import socket
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -385,3 +387,33 @@ async def test_allreduce_over_real_zeromq() -> None:
             for me in endpoints:
                 nursery.start_soon(rank, me)
     assert results == {me: [6, [0, 1, 2, 3], 3.0] for me in endpoints}
+
+
+def _guide_example() -> dict[str, Any]:
+    """The code of docs/guide.md's "Collectives" section, run as written."""
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "guide.md").read_text()
+    section = guide.split("\n## Collectives\n", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, flags=re.S)
+    assert code is not None
+    namespace: dict[str, Any] = {"Any": Any, "operator": operator, "open_node": open_node}
+    exec(code.group(1), namespace)
+    return namespace
+
+
+async def test_the_guides_example_runs(tmp_path: Path) -> None:
+    run_rank = _guide_example()["run_rank"]
+    endpoints = {f"r{i}": f"ipc://{tmp_path}/r{i}.sock" for i in range(3)}
+    results: dict[str, Any] = {}
+
+    async def one(me: str) -> None:
+        results[me] = await run_rank(me, endpoints)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            for me in endpoints:
+                nursery.start_soon(one, me)
+    for me, got in results.items():
+        assert got["total"] == 1.5
+        assert got["hottest"] == [1.0, "r2"]
+        assert got["merged"] == {"r0": 0.0, "r1": 0.5, "r2": 1.0}
+        assert got["values"] == ([0.0, 0.5, 1.0] if me == "r0" else None)
