@@ -49,9 +49,9 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -648,6 +648,18 @@ class Receiver:
         self._rejected[reason] += 1
 
 
+class OwnStream(Protocol):
+    """An actor of the node that takes one reserved stream instead of the compute actor.
+
+    The collectives (actors/_collectives.py) are one: their messages travel,
+    are retried and put in order as any other, then go to them, not to the
+    user's compute. Synchronous, like the Sequencer that calls it.
+    """
+
+    def handle(self, msg: Admitted | Gap, now: float) -> None:
+        """Take a released message (answer it through the Receiver) or a Gap."""
+
+
 class Sequencer:
     """The actor that puts one peer's streams in order and hands them to the compute actor.
 
@@ -657,7 +669,9 @@ class Sequencer:
     :class:`Ask`). A stream whose gap policy fails it is handled here: the
     messages held behind the loss are answered ERR ``GAP_FAILED``, the
     compute actor gets a Gap (``stream-failed``), and the stream starts over
-    at the sender's floor with its next message.
+    at the sender's floor with its next message. The node's own streams
+    (``own``, e.g. the collectives') go to their :class:`OwnStream` actor
+    instead of the compute actor.
     """
 
     def __init__(
@@ -667,10 +681,12 @@ class Sequencer:
         compute: ActorRef[Any, Any] | None,
         streams: dict[StreamId, SequencerConfig],
         default: SequencerConfig,
+        own: Mapping[StreamId, OwnStream] | None = None,
     ) -> None:
         self._receiver = receiver
         self._peer = peer
         self._compute = compute
+        self._own: Mapping[StreamId, OwnStream] = own or {}
         self._configs = streams
         self._default = default
         self._incarnation: Incarnation | None = None
@@ -797,6 +813,10 @@ class Sequencer:
 
     def _hand_over(self, item: Admitted, now: float) -> None:
         """Put a released message (or a batch's items, as one entry) in the compute mailbox."""
+        own = self._own.get(item.stream)
+        if own is not None:
+            own.handle(item, now)
+            return
         receiver = self._receiver
         compute = self._compute
         if compute is None:
@@ -821,6 +841,10 @@ class Sequencer:
 
     def _notify(self, gap: Gap) -> None:
         """Tell the compute actor about a gap; a full mailbox drops the notice, counted."""
+        own = self._own.get(gap.stream)
+        if own is not None:
+            own.handle(gap, trio.current_time())
+            return
         compute = self._compute
         if compute is None:
             return

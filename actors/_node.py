@@ -51,7 +51,9 @@ from transport.testing import (
     FaultPlan,
 )
 
+from . import _collectives
 from ._actor import Actor, ActorRef
+from ._collectives import COLLECTIVE_STREAM, Collectives, CollectiveStatistics, ReduceOp
 from ._dispatch import Dispatcher
 from ._errors import ActorCrashed, BindError, NodeClosed, PeersNotUp
 from ._inbound import ForgetQuery, InboundStatistics, Query, QueryWaiter, Receiver, Sequencer
@@ -115,6 +117,7 @@ class NodeStatistics:
     inbound: InboundStatistics
     streams: dict[NodeId, dict[StreamId, SequencerStatistics]]
     security: SecurityStatistics
+    collectives: CollectiveStatistics
 
 
 class Node:
@@ -143,6 +146,7 @@ class Node:
         self._sequencers = parts.sequencers
         self._dispatcher = parts.dispatcher
         self._security = parts.security
+        self._collectives = parts.collectives
         self._supervisor = supervisor
         self._closed = False
         #: The cancel scopes of the calls waiting now (see _waiting).
@@ -221,6 +225,16 @@ class Node:
             )
         return link
 
+    @staticmethod
+    def _user_stream(stream: str) -> StreamId:
+        """``stream`` as a StreamId; LocalProtocolError for the collectives' reserved one."""
+        if stream == COLLECTIVE_STREAM:
+            raise LocalProtocolError(
+                f"stream {stream!r} is reserved for the node's collectives "
+                "(barrier, broadcast, gather, allreduce); pick another name"
+            )
+        return StreamId(stream)
+
     def _deadline(self, timeout: float | None, deadline: float | None) -> float | None:
         if timeout is not None and deadline is not None:
             raise LocalProtocolError("give either timeout (seconds) or deadline (trio time)")
@@ -289,7 +303,9 @@ class Node:
             NodeClosed: the node's block has ended.
             LocalProtocolError: unknown peer, or bad arguments.
         """
-        msg = Submit(StreamId(stream), payload, frame_no, self._deadline(timeout, deadline))
+        msg = Submit(
+            self._user_stream(stream), payload, frame_no, self._deadline(timeout, deadline)
+        )
         return self._link(peer).handle(msg, trio.current_time())
 
     async def wait_window(self, peer: str) -> None:
@@ -336,12 +352,11 @@ class Node:
             NodeClosed: the node was already closed when this was called.
             LocalProtocolError: unknown peer, or bad arguments.
         """
+        sid = self._user_stream(stream)
         link = self._link(peer)
         limit = self._send_limit(timeout, deadline)
         await self._wait_window_until(link, limit)
-        handle = link.handle(
-            Submit(StreamId(stream), payload, frame_no, limit), trio.current_time()
-        )
+        handle = link.handle(Submit(sid, payload, frame_no, limit), trio.current_time())
         return await handle.wait()
 
     def send_batch_nowait(
@@ -385,7 +400,7 @@ class Node:
         """
         link = self._link(peer)
         msg = SubmitItems(
-            StreamId(stream), tuple(payloads), frame_no, self._deadline(timeout, deadline)
+            self._user_stream(stream), tuple(payloads), frame_no, self._deadline(timeout, deadline)
         )
         return link.handle(msg, trio.current_time())
 
@@ -418,13 +433,14 @@ class Node:
             LocalProtocolError: unknown peer, an empty or too large batch, or
                 bad arguments.
         """
+        sid = self._user_stream(stream)
         link = self._link(peer)
         items = tuple(payloads)
         limit = self._send_limit(timeout, deadline)
         # Before the wait: a batch that can never be sent fails at once.
         link.check_batch_size(len(items))
         await self._wait_window_until(link, limit)
-        msg = SubmitItems(StreamId(stream), items, frame_no, limit)
+        msg = SubmitItems(sid, items, frame_no, limit)
         return await link.handle(msg, trio.current_time()).wait()
 
     async def send_many(
@@ -550,6 +566,174 @@ class Node:
             }
             raise PeersNotUp(self._id, missing, timeout)
 
+    # --- collectives (actors/_collectives.py) -------------------------------------
+
+    async def _send_collective(self, peer: str, payload: Any, limit: float | None) -> SendHandle:
+        """Start one collective message to ``peer``; waits for window room first."""
+        link = self._link(peer)
+        until = (
+            limit if limit is not None else trio.current_time() + self._config.sender.send_timeout
+        )
+        await self._wait_window_until(link, until)
+        return link.handle(Submit(COLLECTIVE_STREAM, payload, None, until), trio.current_time())
+
+    def _group(self, group: Sequence[str] | None) -> list[str]:
+        return _collectives.check_group(self, group, tuple(self._links))
+
+    async def barrier(
+        self, *, group: Sequence[str] | None = None, timeout: float | None = None
+    ) -> None:
+        """Wait until every rank of ``group`` has called ``barrier`` too.
+
+        A dissemination barrier: ceil(log2 N) rounds of one message per rank.
+        Every collective (this, :meth:`broadcast`, :meth:`gather`,
+        :meth:`allreduce`) runs over the node's links, so drops, duplicates,
+        reordering and a paused peer only delay it; it returns once every
+        message it sent has been taken by its rank, so leaving the node's
+        block right after it is safe.
+
+        Args:
+            group: the node ids taking part, in rank order, this node among
+                them; every rank must pass the same list, and every member
+                must be a peer of every other (a full mesh). Default: this
+                node and all its peers, sorted (right when the topology links
+                every node to every other). On a grid, see
+                :meth:`neighbour_barrier`.
+            timeout: seconds to wait; default: no limit.
+
+        Raises:
+            CollectiveTimeout: the timeout passed first; it names the ranks
+                this node still waited for (``actors.collectives``).
+            DeliveryFailed / PeerError: a message of ours failed.
+            NodeClosed: the node is closed, or closed while this waited.
+            LocalProtocolError: a bad group, or a collective on the same
+                group already running on this node (a group's collectives
+                run one at a time, in the same order on every rank).
+        """
+        members = self._group(group)
+        with self._waiting():
+            await _collectives.barrier(self, self._collectives, members, timeout)
+
+    async def broadcast(
+        self,
+        value: Any,
+        *,
+        root: str | None = None,
+        group: Sequence[str] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """Give ``root``'s value to every rank of ``group`` (a binomial tree).
+
+        Args:
+            value: on the root, what to send: anything a payload can carry
+                (bytes, numbers, strings, lists, dicts: CBOR); ignored on
+                the other ranks.
+            root: the node id whose value every rank gets; default: the
+                group's first.
+            group / timeout: as for :meth:`barrier`.
+
+        Returns:
+            The root's value, on every rank (lists come back as lists).
+
+        Raises:
+            as for :meth:`barrier`; LocalProtocolError also for a root
+            outside the group or a value no payload can carry.
+        """
+        members = self._group(group)
+        with self._waiting():
+            return await _collectives.broadcast(
+                self, self._collectives, members, value, root, timeout
+            )
+
+    async def gather(
+        self,
+        value: Any,
+        *,
+        root: str | None = None,
+        group: Sequence[str] | None = None,
+        timeout: float | None = None,
+    ) -> list[Any] | None:
+        """Collect every rank's ``value`` on ``root`` (a binomial tree).
+
+        Args:
+            value: this rank's contribution (anything a payload can carry).
+            root: the node id that gets them all; default: the group's first.
+            group / timeout: as for :meth:`barrier`.
+
+        Returns:
+            On the root, every rank's value in group order; None elsewhere.
+
+        Raises:
+            as for :meth:`broadcast`.
+        """
+        members = self._group(group)
+        with self._waiting():
+            return await _collectives.gather(self, self._collectives, members, value, root, timeout)
+
+    async def allreduce(
+        self,
+        value: Any,
+        *,
+        op: ReduceOp = "sum",
+        group: Sequence[str] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """Combine every rank's ``value`` with ``op``; every rank gets the result.
+
+        Recursive doubling: log2(N) rounds (two more when N is not a power of
+        two). Every rank computes the same expression in rank order,
+        ``v0 op v1 op ... op vN-1``, so the result is identical everywhere
+        (bit for bit for floats) and ``op`` need be associative only.
+
+        Args:
+            value: this rank's contribution (anything a payload can carry).
+            op: ``"sum"`` (``+``), ``"min"``, ``"max"`` (any values Python can
+                add or compare), or a function ``(a, b) -> c``.
+            group / timeout: as for :meth:`barrier`.
+
+        Returns:
+            The reduction of every rank's value.
+
+        Raises:
+            as for :meth:`barrier`; LocalProtocolError also for an unknown
+            ``op`` name or a value no payload can carry; whatever ``op``
+            raises.
+        """
+        members = self._group(group)
+        _collectives.reduce_op(op)
+        with self._waiting():
+            return await _collectives.allreduce(
+                self, self._collectives, members, value, op, timeout
+            )
+
+    async def neighbour_barrier(
+        self, *, peers: Sequence[str] | None = None, timeout: float | None = None
+    ) -> None:
+        """A barrier with the neighbours only: for topologies that are not a full mesh.
+
+        Two rounds with each of ``peers``: when it returns, every one of them
+        has called ``neighbour_barrier`` naming this node, and has heard from
+        all of its own. A grid starts its frame clocks with it, as MPI codes
+        start from a barrier. Counted per pair of nodes, so each pair must
+        share the same number of neighbour barriers.
+
+        Args:
+            peers: the neighbours to wait for; default: every peer this node
+                sends to.
+            timeout: seconds to wait; default: no limit.
+
+        Raises:
+            as for :meth:`barrier`; LocalProtocolError for a name that is not
+            a peer this node sends to.
+        """
+        names = [str(p) for p in (self._links if peers is None else peers)]
+        for name in names:
+            self._link(name)
+        if len(set(names)) != len(names):
+            raise LocalProtocolError(f"peers {names} names a node twice")
+        with self._waiting():
+            await _collectives.neighbour_barrier(self, self._collectives, names, timeout)
+
     def statistics(self) -> NodeStatistics:
         """Counters of every link, of the receiving side and of every stream.
 
@@ -564,6 +748,7 @@ class Node:
             inbound=self._receiver.statistics(),
             streams={peer: seq.statistics() for peer, seq in self._sequencers.items()},
             security=self._security.statistics(),
+            collectives=self._collectives.statistics(),
         )
 
 
@@ -670,6 +855,7 @@ class _Parts:
     sequencers: dict[NodeId, Sequencer]
     links: dict[NodeId, PeerLink]
     security: SecurityState
+    collectives: Collectives
 
 
 def _keys(
@@ -730,8 +916,10 @@ def _build(
         security=guard,
     )
     streams = {StreamId(name): sc for name, sc in cfg.streams.items()}
+    collectives = Collectives(receiver)
+    own = {COLLECTIVE_STREAM: collectives}
     sequencers = {
-        peer: Sequencer(receiver, peer, compute, streams, cfg.stream) for peer in peer_map
+        peer: Sequencer(receiver, peer, compute, streams, cfg.stream, own) for peer in peer_map
     }
     receiver.adopt(sequencers)
     links = {
@@ -750,7 +938,7 @@ def _build(
         if endpoint is not None
     }
     dispatcher.serve(receiver, list(links.values()), list(sequencers.values()))
-    return _Parts(dispatcher, receiver, sequencers, links, guard)
+    return _Parts(dispatcher, receiver, sequencers, links, guard, collectives)
 
 
 async def _start_io(sup: Supervisor, parts: _Parts, network: Network, guard: SecurityState) -> None:

@@ -8,6 +8,7 @@ types; a test or a monitoring tool that annotates them imports them from here.
 from __future__ import annotations
 
 from ._actor import ActorStatistics
+from ._collectives import CollectiveStatistics
 from ._inbound import InboundStatistics
 from ._link import LinkStatistics
 from ._node import NodeStatistics
@@ -16,6 +17,7 @@ from ._supervisor import SupervisorStatistics
 
 __all__ = [
     "ActorStatistics",
+    "CollectiveStatistics",
     "InboundStatistics",
     "LinkStatistics",
     "NodeStatistics",

@@ -31,7 +31,7 @@ algorithm (``actors.grid.DeepTile`` with ``LIFE``) at the same depth
 previous exchange (one exchange in flight).
 
 Each repetition starts with the demo's two-round "ready" barrier with the
-neighbours (``_start_together``: so that the clocks start together, as MPI's
+neighbours (as the demo's ``node.neighbour_barrier``: so that the clocks start together, as MPI's
 ``Barrier``) and is timed from the barrier's end to the end of the last frame.
 A warm-up repetition comes first. The process prints one JSON object on
 stdout: its node id, the loop (``"blocking"`` or ``"trio"``), the depth, the
@@ -284,7 +284,7 @@ def _run(
     """One repetition from the start grid: the tile after ``frames`` steps and the seconds."""
     cells, towards = _start_tile(decomp, node_id, size, depth)
     # Round one proves every link works both ways; round two tells each
-    # neighbour we finished round one (as the demo's _start_together).
+    # neighbour we finished round one (as node.neighbour_barrier in the demo).
     for ready in _READY:
         net.send((rep, ready), dict.fromkeys(towards, b""))
         net.wait_halos((rep, ready), deadline)

@@ -24,6 +24,7 @@ FACES = [
     "transport.security",
     "transport.testing",
     "actors",
+    "actors.collectives",
     "actors.statistics",
     "actors.launch",
     "actors.testing",

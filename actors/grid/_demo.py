@@ -36,7 +36,6 @@ import trio
 from actors import (
     Actor,
     Delivery,
-    Node,
     NodeConfig,
     NodeSpec,
     SendHandle,
@@ -316,11 +315,6 @@ class DeepTile:
         self._frame += 1
 
 
-#: The inbox slots of the neighbours' "ready" messages: ``_READY - round``
-#: (frames count from 0, so these never meet a halo).
-_READY = -1
-
-
 class _Inbox:
     """Halo data by frame and sender, with a wake-up when a frame is complete."""
 
@@ -360,8 +354,6 @@ class _HaloActor(Actor[Any, None]):
             return
         if msg.stream == "halo" and msg.frame_no is not None:
             self._inbox.put(msg.frame_no, msg.peer, bytes(msg.payload))
-        elif msg.stream == "ready" and msg.frame_no in (0, 1):
-            self._inbox.put(_READY - msg.frame_no, msg.peer, b"")
 
 
 def _summary(stats: Any) -> dict[str, int]:
@@ -380,28 +372,6 @@ def _summary(stats: Any) -> dict[str, int]:
         "admitted": stats.security.admitted,
         "refused": sum(stats.security.refused.values()),
     }
-
-
-async def _start_together(node: Node, inbox: _Inbox, neighbours: list[str]) -> None:
-    """A barrier with the neighbours, so that the frame clocks start together.
-
-    MPI codes start from a barrier; without one, frame 0 would wait for the
-    neighbours' processes to start up (30-250 ms measured on 2 cores), and
-    that is start-up, not frame rate. Round 0 proves every link works both
-    ways (our "ready" is confirmed, theirs arrived); round 1 tells each
-    neighbour that we finished round 0. A node whose neighbour was still
-    reconnecting in round 0 would otherwise start its clock while that
-    neighbour still waits. Before round 0 every link waits to hear from its
-    peer (``wait_all_up``): a "ready" sent while a neighbour's process was
-    still starting sat unsent until the retry timer sent it again, and a
-    fault-free run showed 2-6 retransmissions and as many duplicates.
-    """
-    await node.wait_all_up()
-    for round_no in (0, 1):
-        sent = [node.send_nowait(p, b"", stream="ready", frame_no=round_no) for p in neighbours]
-        await inbox.take(_READY - round_no, len(neighbours))
-        for handle in sent:
-            await handle.wait()
 
 
 async def run_tile(
@@ -454,7 +424,14 @@ async def run_tile(
         previous: list[SendHandle] = []
         progress: list[SendHandle] = []
         frame_ms: list[float] = []
-        await _start_together(node, inbox, list(towards))
+        # Start the frame clocks together, as MPI codes start from a barrier:
+        # without it frame 0 would count the neighbours' process start-up
+        # (30-250 ms measured on 2 cores). Every link hears from its peer
+        # first: a message sent while a neighbour's process was still
+        # starting waited for the retry timer (2-6 retransmissions and as
+        # many duplicates in a fault-free run).
+        await node.wait_all_up()
+        await node.neighbour_barrier(peers=list(towards))
         for frame in range(job.frames):
             started = time.perf_counter()
             exchange = cells.needs_halos
