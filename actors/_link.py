@@ -166,11 +166,12 @@ class _Handle:
             self._event.set()
             self._event = None
 
-    def _give_up(self, reason: str) -> None:
+    def _give_up(self, reason: str, down_for: float | None = None) -> None:
         """End the send with :class:`DeliveryFailed` for ``reason``."""
-        self._settle(
-            None, DeliveryFailed(peer=self.peer, seq=self.seq, reason=reason, held=self.held)
+        error = DeliveryFailed(
+            peer=self.peer, seq=self.seq, reason=reason, held=self.held, down_for=down_for
         )
+        self._settle(None, error)
 
     def _settle(self, value: Any, error: PeerError | DeliveryFailed | None) -> None:
         self._value = value
@@ -594,10 +595,12 @@ class PeerLink:
 
     def _accepted(self, seq: LinkSeq, handle: SendHandle | BatchHandle, now: float) -> None:
         self._handles[seq] = handle
-        if self._core.peer_version is not None:
-            # The peer speaks another protocol version (protocol.md §5.7): the
-            # core gives it up on its next step; settle it now, not on a wake.
-            self._core.poll(now)
+        core = self._core
+        if core.peer_version is not None or core.peer_state is PeerState.LOST:
+            # The peer speaks another protocol version (protocol.md §5.7) or
+            # is LOST (§5.6): the core gives the message up on its next step;
+            # settle it now, not on a wake.
+            core.poll(now)
             self._settle_events(now)
         self._dispatcher.wake(self)
 
@@ -633,8 +636,8 @@ class PeerLink:
                 handle = handles.pop(event.seq, None)
                 freed = True
                 if handle is not None:
-                    # The deadline, or a peer of another protocol version (§5.7).
-                    handle._give_up(event.reason)
+                    # The deadline, a LOST peer (§5.6) or another protocol version (§5.7).
+                    handle._give_up(event.reason, event.down_for)
             elif type(event) is PeerStateChanged:
                 self._state.value = event.new
             elif type(event) is Held:

@@ -500,11 +500,13 @@ class Node:
             receiver.handle(ForgetQuery(waiter), trio.current_time())
 
     def state(self, peer: str) -> PeerState:
-        """The peer's liveness as this node's link sees it: UP, SUSPECT or DOWN.
+        """The peer's liveness as this node's link sees it: UP, SUSPECT, DOWN or LOST.
+
+        LOST: heard once, then DOWN for ``SenderConfig.lost_grace``; every
+        send to it fails at once until it is heard again (docs/protocol.md §5.6).
 
         A closed node raises rather than answer: it has no link any more, and
-        DOWN would say the *peer* is unreachable, which nobody measured. (A
-        fourth PeerState would be a wire-protocol state the core never has.)
+        DOWN would say the *peer* is unreachable, which nobody measured.
         :attr:`closed` and :meth:`statistics` still answer on a closed node.
 
         Raises:
@@ -516,6 +518,10 @@ class Node:
 
     async def wait_state(self, peer: str, state: PeerState) -> None:
         """Wait until the link to ``peer`` reports ``state``.
+
+        ``await node.wait_state(peer, PeerState.LOST)`` is how an application
+        hears that a rank is gone (silent for ``down_after + lost_grace``,
+        10 s by default): every send to it fails at once from then on.
 
         Raises:
             NodeClosed: the node is closed, or closed while this waited.
