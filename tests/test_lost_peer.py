@@ -73,7 +73,7 @@ def test_core_gives_up_every_message_when_the_peer_is_lost() -> None:
     assert [e.seq for e in s.take_events() if isinstance(e, GaveUp)] == [3]
     # Heard again: UP, and a send goes out.
     s.receive_frame(Hello(B, Incarnation(9), 2, False), 10.0)
-    assert s.peer_state is PeerState.UP
+    assert s.statistics().peer_state is PeerState.UP
     seq = s.send(HALO, b"w", now=10.0)
     assert [f.seq for f in s.frames_to_send(10.0) if isinstance(f, Data)] == [seq]
     assert s.in_flight == 1
