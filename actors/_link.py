@@ -11,6 +11,7 @@ same pending messages. Callers never notice beyond a short pause.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections import deque
@@ -69,6 +70,8 @@ from ._outcomes import Ack, DeliveryFailed, PeerError
 
 if TYPE_CHECKING:
     from ._dispatch import Dispatcher
+
+log = logging.getLogger("cellmesh.link")
 
 #: Messages kept while the DEALER cannot send (no connection yet).
 _PENDING_MAX = 32
@@ -640,6 +643,7 @@ class PeerLink:
                     handle._give_up(event.reason, event.down_for)
             elif type(event) is PeerStateChanged:
                 self._state.value = event.new
+                _log_state(self._node, self._peer, event.new)
             elif type(event) is Held:
                 handle = handles.get(event.seq)
                 if handle is not None:
@@ -668,6 +672,19 @@ class PeerLink:
                 handle._give_up("the sending node shut down")
         self._handles.clear()
         self._window.unpark_all()
+
+
+def _log_state(node: NodeId, peer: NodeId, state: PeerState) -> None:
+    """Say a liveness change on ``cellmesh.link``: a lost peer is a warning."""
+    if state is PeerState.LOST:
+        log.warning(
+            "node %s: peer %s is LOST (DOWN past SenderConfig.lost_grace); "
+            "sends to it fail until it is heard again",
+            node,
+            peer,
+        )
+    else:
+        log.info("node %s: peer %s is %s", node, peer, state.name)
 
 
 def _answer(
