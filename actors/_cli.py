@@ -363,6 +363,19 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="run secure: DIR/<id>.key_secret is this node's key, the topology has the others",
     )
+    node.add_argument(
+        "--metrics",
+        metavar="FILE",
+        help="append a JSON line to FILE every --metrics-every seconds and at the end: "
+        "the frame and, per link, sent, acked, resent, duplicates, RTT and state",
+    )
+    node.add_argument(
+        "--metrics-every",
+        type=_number("a number of seconds > 0", lambda x: 0 < x < math.inf),
+        default=1.0,
+        metavar="SECONDS",
+        help="seconds between --metrics lines (default 1)",
+    )
     node.set_defaults(run=_node)
 
     keys = sub.add_parser(

@@ -420,6 +420,8 @@ async def run_tile(
     out: str = "out",
     bind: str | None = None,
     security: Security | None = None,
+    metrics: str | None = None,
+    metrics_every: float = 1.0,
 ) -> None:
     """Run one tile node of the demo until its last frame is confirmed.
 
@@ -434,7 +436,65 @@ async def run_tile(
         bind: where to listen, if not the topology's endpoint (an interface
             name, or an address the topology's host name resolves to).
         security: run CURVE with these keys (:func:`load_security`).
+        metrics: append a JSON line to this file every ``metrics_every``
+            seconds, and one at the end: the frame and, per link, the
+            counters of ``NodeStatistics.links_summary()``.
+        metrics_every: seconds between metrics lines.
     """
+    metrics_file = _MetricsFile(metrics, node_id) if metrics is not None else None
+    try:
+        await _run_tile(topology, node_id, job, out, bind, security, metrics_file, metrics_every)
+    finally:
+        if metrics_file is not None:
+            metrics_file.close()
+
+
+class _MetricsFile:
+    """``--metrics FILE``: JSON lines of a node's link counters, appended as the run goes."""
+
+    def __init__(self, path: str, node_id: str) -> None:
+        try:
+            self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
+        except OSError as exc:
+            raise DemoError(
+                f"cannot write the metrics file {path}: {exc.strerror}; give --metrics a "
+                "file in a folder you can write"
+            ) from None
+        self._node = node_id
+        #: The last frame done, for the next line.
+        self.frame = 0
+
+    def write(self, node: Node) -> None:
+        """Append one line now: time, node, frame, and per peer its link's counters."""
+        line = {
+            "time": round(time.time(), 3),
+            "node": self._node,
+            "frame": self.frame,
+            "links": node.statistics().links_summary(),
+        }
+        self._file.write(json.dumps(line) + "\n")
+        self._file.flush()
+
+    async def every(self, node: Node, seconds: float) -> None:
+        """Write a line every ``seconds`` until cancelled."""
+        while True:
+            self.write(node)
+            await trio.sleep(seconds)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+async def _run_tile(
+    topology: Topology,
+    node_id: str,
+    job: Job,
+    out: str,
+    bind: str | None,
+    security: Security | None,
+    metrics: _MetricsFile | None,
+    metrics_every: float,
+) -> None:
     coordinated = COORDINATOR in topology
     model = get_model(job.model)
     decomp = tile_decomposition(topology, job.size)
@@ -451,14 +511,19 @@ async def run_tile(
         seed=job.seed,
     )
     peers: dict[str, str | None] = dict(topology.peers_of(node_id))
-    async with open_node(
-        node_id,
-        bind=bind or topology.endpoint_of(node_id),
-        peers=peers,
-        compute=lambda: _HaloActor(inbox),
-        config=config,
-        security=security,
-    ) as node:
+    async with (
+        open_node(
+            node_id,
+            bind=bind or topology.endpoint_of(node_id),
+            peers=peers,
+            compute=lambda: _HaloActor(inbox),
+            config=config,
+            security=security,
+        ) as node,
+        trio.open_nursery() as nursery,
+    ):
+        if metrics is not None:
+            nursery.start_soon(metrics.every, node, metrics_every)
         next_report = 0.0
         previous: list[SendHandle] = []
         progress: list[SendHandle] = []
@@ -482,6 +547,8 @@ async def run_tile(
                     await handle.wait()
                 previous = sent
             frame_ms.append((time.perf_counter() - started) * 1000.0)
+            if metrics is not None:
+                metrics.frame = frame + 1
             now = time.perf_counter()
             last = frame + 1 == job.frames
             # Report about ten times a second, not every frame: a report per
@@ -517,6 +584,9 @@ async def run_tile(
             np.save(path, result)
             print(f"{node_id}: wrote {path} (sha256 {grid_digest(result)[:16]})", flush=True)
         await _leave_together(node, inbox, list(towards), job.linger)
+        if metrics is not None:
+            metrics.write(node)
+        nursery.cancel_scope.cancel()
 
 
 async def _leave_together(node: Node, inbox: _Inbox, neighbours: list[str], linger: float) -> None:
