@@ -6,10 +6,13 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test lint fmt typecheck pytest bench clean
 
+# editable_mode=compat: the install is a plain path in a .pth file, which
+# mypy follows; setuptools' default (an import hook) leaves `import actors`
+# invisible to mypy in a project outside this repo (tests/test_packaging.py).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,grid]'
+	$(BIN)/python -m pip install --quiet -e '.[test,grid]' --config-settings editable_mode=compat
 	touch $@
 
 demo: $(STAMP)

@@ -18,14 +18,16 @@ Inputs are checked before any node starts or any process is spawned.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import shutil
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterator
+from importlib import metadata
 from importlib.util import find_spec
-from typing import TYPE_CHECKING, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import trio
 
@@ -37,6 +39,10 @@ T = TypeVar("T")
 
 #: ``CELLMESH_DEBUG=1`` does what ``--debug`` does.
 DEBUG_ENV = "CELLMESH_DEBUG"
+#: ``CELLMESH_LOG_LEVEL=info`` does what ``--log-level info`` does; set by
+#: ``--log-level`` so that the processes a command starts log alike.
+LOG_LEVEL_ENV = "CELLMESH_LOG_LEVEL"
+_LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class CliError(Exception):
@@ -144,7 +150,8 @@ def _job_options(parser: argparse.ArgumentParser, *, size: int, frames: int) -> 
         type=_NON_NEGATIVE,
         default=10.0,
         metavar="SECONDS",
-        help="after its last frame a node keeps answering its peers this long",
+        help="after its last frame a node waits at most this long for its neighbours to "
+        "have all their answers (it leaves as soon as they do)",
     )
     parser.add_argument(
         "--depth",
@@ -373,6 +380,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     debug_help = f"on an error, show the traceback instead of one line (or set {DEBUG_ENV}=1)"
     parser.add_argument("--debug", action="store_true", help=debug_help)
+    parser.add_argument("--version", action="version", version=f"cellmesh {_version()}")
+    level_default = os.environ.get(LOG_LEVEL_ENV, "warning").lower()
+    if level_default not in _LOG_LEVELS:
+        level_default = "warning"
+    parser.add_argument("--log-level", **_log_level_option(level_default))
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser(
@@ -460,6 +472,19 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="run secure: DIR/<id>.key_secret is this node's key, the topology has the others",
     )
+    node.add_argument(
+        "--metrics",
+        metavar="FILE",
+        help="append a JSON line to FILE every --metrics-every seconds and at the end: "
+        "the frame and, per link, sent, acked, resent, duplicates, RTT and state",
+    )
+    node.add_argument(
+        "--metrics-every",
+        type=_number("a number of seconds > 0", lambda x: 0 < x < math.inf),
+        default=1.0,
+        metavar="SECONDS",
+        help="seconds between --metrics lines (default 1)",
+    )
     node.set_defaults(run=_node)
 
     keys = sub.add_parser(
@@ -480,7 +505,36 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help
         )
+        command.add_argument("--log-level", **_log_level_option(argparse.SUPPRESS))
     return parser
+
+
+def _log_level_option(default: str) -> dict[str, Any]:
+    """``--log-level``'s argparse keywords (on the command line and on each command)."""
+    return {
+        "choices": _LOG_LEVELS,
+        "default": default,
+        "type": str.lower,
+        "help": "how much the cellmesh.* loggers say on stderr (docs/observability.md; "
+        f"default warning, or ${LOG_LEVEL_ENV})",
+    }
+
+
+def _version() -> str:
+    """The installed distribution's version."""
+    try:
+        return metadata.version("cellmesh")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed: pip install .)"
+
+
+def _setup_logging(level: str) -> None:
+    """Log ``cellmesh.*`` at ``level`` and above on stderr, one line per record.
+
+    Only cellmesh's loggers take the level: other libraries stay at warning.
+    """
+    logging.basicConfig(format="%(name)s: %(levelname)s: %(message)s", level=logging.WARNING)
+    logging.getLogger("cellmesh").setLevel(level.upper())
 
 
 def _leaves(exc: BaseException) -> Iterator[BaseException]:
@@ -555,6 +609,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.debug:
         # Inherited by the demo's node processes, so that they show theirs too.
         os.environ[DEBUG_ENV] = "1"
+    # Inherited alike: the demo's nodes log at the level the demo was given.
+    os.environ[LOG_LEVEL_ENV] = args.log_level
+    _setup_logging(args.log_level)
     try:
         code: int = args.run(args)
     except SystemExit:

@@ -11,6 +11,7 @@ same pending messages. Callers never notice beyond a short pause.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections import deque
@@ -69,6 +70,8 @@ from ._outcomes import Ack, DeliveryFailed, PeerError
 
 if TYPE_CHECKING:
     from ._dispatch import Dispatcher
+
+log = logging.getLogger("cellmesh.link")
 
 #: Messages kept while the DEALER cannot send (no connection yet).
 _PENDING_MAX = 32
@@ -171,11 +174,12 @@ class _Handle:
             self._event.set()
             self._event = None
 
-    def _give_up(self, reason: str) -> None:
+    def _give_up(self, reason: str, down_for: float | None = None) -> None:
         """End the send with :class:`DeliveryFailed` for ``reason``."""
-        self._settle(
-            None, DeliveryFailed(peer=self.peer, seq=self.seq, reason=reason, held=self.held)
+        error = DeliveryFailed(
+            peer=self.peer, seq=self.seq, reason=reason, held=self.held, down_for=down_for
         )
+        self._settle(None, error)
 
     def _settle(self, value: Any, error: PeerError | DeliveryFailed | None) -> None:
         self._value = value
@@ -611,10 +615,12 @@ class PeerLink:
 
     def _accepted(self, seq: LinkSeq, handle: SendHandle | BatchHandle, now: float) -> None:
         self._handles[seq] = handle
-        if self._core.peer_version is not None:
-            # The peer speaks another protocol version (protocol.md §5.7): the
-            # core gives it up on its next step; settle it now, not on a wake.
-            self._core.poll(now)
+        core = self._core
+        if core.peer_version is not None or core.peer_state is PeerState.LOST:
+            # The peer speaks another protocol version (protocol.md §5.7) or
+            # is LOST (§5.6): the core gives the message up on its next step;
+            # settle it now, not on a wake.
+            core.poll(now)
             self._settle_events(now)
         self._dispatcher.wake(self)
 
@@ -650,10 +656,11 @@ class PeerLink:
                 handle = handles.pop(event.seq, None)
                 freed = True
                 if handle is not None:
-                    # The deadline, or a peer of another protocol version (§5.7).
-                    handle._give_up(event.reason)
+                    # The deadline, a LOST peer (§5.6) or another protocol version (§5.7).
+                    handle._give_up(event.reason, event.down_for)
             elif type(event) is PeerStateChanged:
                 self._state.value = event.new
+                _log_state(self._node, self._peer, event.new)
             elif type(event) is Held:
                 handle = handles.get(event.seq)
                 if handle is not None:
@@ -682,6 +689,19 @@ class PeerLink:
                 handle._give_up("the sending node shut down")
         self._handles.clear()
         self._window.unpark_all()
+
+
+def _log_state(node: NodeId, peer: NodeId, state: PeerState) -> None:
+    """Say a liveness change on ``cellmesh.link``: a lost peer is a warning."""
+    if state is PeerState.LOST:
+        log.warning(
+            "node %s: peer %s is LOST (DOWN past SenderConfig.lost_grace); "
+            "sends to it fail until it is heard again",
+            node,
+            peer,
+        )
+    else:
+        log.info("node %s: peer %s is %s", node, peer, state.name)
 
 
 def _answer(

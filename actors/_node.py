@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -65,6 +66,14 @@ from ._supervisor import Supervisor, open_supervisor
 
 #: The stream a message goes on when the caller names none.
 DEFAULT_STREAM = StreamId("default")
+
+#: ``CELLMESH_PLAINTEXT_WARNED=1`` in a process's environment: a parent (the
+#: demo's coordinator, a launcher) has already said that this run is
+#: plaintext, so this process's nodes say nothing. One warning per run.
+PLAINTEXT_WARNED_ENV = "CELLMESH_PLAINTEXT_WARNED"
+
+#: Whether this process has warned about plaintext nodes already.
+_plaintext_warned = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +127,82 @@ class NodeStatistics:
     streams: dict[NodeId, dict[StreamId, SequencerStatistics]]
     security: SecurityStatistics
     collectives: CollectiveStatistics
+
+    def links_summary(self) -> dict[str, dict[str, Any]]:
+        """Per peer, the counters one watches, as plain JSON-ready values.
+
+        Keys: ``state``; ``sent`` (first transmissions), ``acked``, ``erred``,
+        ``gave_up``, ``resent``, ``in_flight``; ``duplicate_answers`` (answers
+        this node got twice) and ``duplicates`` (the peer's messages this node
+        got twice, on the receiving side); ``rtt_ms`` (smoothed, or None).
+        A peer that only sends to this node has just the receiving side's
+        ``duplicates`` and a ``state`` of None.
+        """
+        dups: dict[str, int] = {}
+        for session in self.inbound.protocol.sessions:
+            dups[session.peer] = dups.get(session.peer, 0) + session.duplicates
+        out: dict[str, dict[str, Any]] = {}
+        for peer, link in self.links.items():
+            p = link.protocol
+            out[peer] = {
+                "state": link.state.name,
+                "sent": p.sent,
+                "acked": p.acked,
+                "erred": p.erred,
+                "gave_up": p.gave_up,
+                "resent": p.resent,
+                "in_flight": p.in_flight,
+                "duplicate_answers": p.duplicate_answers,
+                "duplicates": dups.get(peer, 0),
+                "rtt_ms": None if p.rtt is None else round(p.rtt * 1000.0, 3),
+            }
+        for peer in self.streams:
+            if peer not in out:
+                out[peer] = {"state": None, "duplicates": dups.get(peer, 0)}
+        return out
+
+    def __str__(self) -> str:
+        """A short table: one row per peer, then the receiving side and security in a line each."""
+        rows = self.links_summary()
+        header = ("peer", "state", "sent", "acked", "resent", "gave_up", "in_flight", "dups", "rtt")
+        table: list[tuple[str, ...]] = [header]
+        for peer, row in rows.items():
+            rtt = row.get("rtt_ms")
+            table.append(
+                (
+                    peer,
+                    row["state"] or "-",
+                    *(
+                        str(row.get(k, "-"))
+                        for k in ("sent", "acked", "resent", "gave_up", "in_flight")
+                    ),
+                    str(row["duplicates"]),
+                    "-" if rtt is None else f"{rtt:.2f}ms",
+                )
+            )
+        widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+        status = "closed" if self.closed else "open"
+        lines = [f"node {self.node} (incarnation {self.incarnation}, {status})"]
+        for r in table:
+            cells = [r[0].ljust(widths[0]), r[1].ljust(widths[1])]
+            cells += [c.rjust(w) for c, w in zip(r[2:], widths[2:], strict=True)]
+            lines.append("  " + "  ".join(cells).rstrip())
+        streams = [st for by_stream in self.streams.values() for st in by_stream.values()]
+        inbound = self.inbound
+        lines.append(
+            f"  received: {sum(st.delivered for st in streams)} delivered, "
+            f"{sum(st.reordered for st in streams)} reordered, "
+            f"{sum(st.gap_events for st in streams)} gaps, "
+            f"{sum(inbound.rejected.values())} rejected"
+        )
+        sec = self.security
+        if sec.secure:
+            lines.append(
+                f"  security: CURVE, {sec.admitted} admitted, {sum(sec.refused.values())} refused"
+            )
+        else:
+            lines.append("  security: plaintext")
+        return "\n".join(lines)
 
 
 class Node:
@@ -516,11 +601,13 @@ class Node:
             receiver.handle(ForgetQuery(waiter), trio.current_time())
 
     def state(self, peer: str) -> PeerState:
-        """The peer's liveness as this node's link sees it: UP, SUSPECT or DOWN.
+        """The peer's liveness as this node's link sees it: UP, SUSPECT, DOWN or LOST.
+
+        LOST: heard once, then DOWN for ``SenderConfig.lost_grace``; every
+        send to it fails at once until it is heard again (docs/protocol.md §5.6).
 
         A closed node raises rather than answer: it has no link any more, and
-        DOWN would say the *peer* is unreachable, which nobody measured. (A
-        fourth PeerState would be a wire-protocol state the core never has.)
+        DOWN would say the *peer* is unreachable, which nobody measured.
         :attr:`closed` and :meth:`statistics` still answer on a closed node.
 
         Raises:
@@ -532,6 +619,10 @@ class Node:
 
     async def wait_state(self, peer: str, state: PeerState) -> None:
         """Wait until the link to ``peer`` reports ``state``.
+
+        ``await node.wait_state(peer, PeerState.LOST)`` is how an application
+        hears that a rank is gone (silent for ``down_after + lost_grace``,
+        10 s by default): every send to it fails at once from then on.
 
         Raises:
             NodeClosed: the node is closed, or closed while this waited.
@@ -790,7 +881,9 @@ async def open_node(
             (:func:`load_security`). Every link is then encrypted, only the
             peers' keys may connect, and who sent a message is taken from its
             connection's key. Without it the node runs plaintext and says so
-            in a warning on the ``cellmesh.security`` logger.
+            in a warning on the ``cellmesh.security`` logger, once per process
+            (none at all when ``CELLMESH_PLAINTEXT_WARNED=1`` is set: a parent
+            process already said it).
 
     Yields:
         The running :class:`Node`.
@@ -874,13 +967,23 @@ def _keys(
         if missing:
             raise LocalProtocolError(f"security has no public key for peers {missing}")
     elif network is None or isinstance(network, ZmqNetwork):
-        logging.getLogger("cellmesh.security").warning(
-            "node %s runs UNAUTHENTICATED, unencrypted: whoever reaches %s may send as any "
-            "node. Fine on one machine; on a network give it keys (docs/security.md)",
-            node_id,
-            bind,
-        )
+        _warn_plaintext(node_id, bind)
     return keys
+
+
+def _warn_plaintext(node_id: str, bind: str) -> None:
+    """Say once per run that nodes run plaintext: per node, a local demo printed five."""
+    global _plaintext_warned
+    if _plaintext_warned or os.environ.get(PLAINTEXT_WARNED_ENV) == "1":
+        return
+    _plaintext_warned = True
+    logging.getLogger("cellmesh.security").warning(
+        "node %s runs UNAUTHENTICATED, unencrypted: whoever reaches %s may send as any "
+        "node. Fine on one machine; on a network give it keys (docs/security.md). "
+        "Said once per run: later plaintext nodes are not reported",
+        node_id,
+        bind,
+    )
 
 
 def _compute_mailbox(cfg: NodeConfig, peers: int) -> int:

@@ -75,17 +75,35 @@ class DeliveryFailed(SendError):
     """No final answer arrived: the deadline passed, or the peer cannot take it.
 
     ``reason`` says which: the deadline passed, the peer speaks another
-    protocol version (docs/protocol.md §5.7; the send failed at once), or
+    protocol version (docs/protocol.md §5.7; the send failed at once), the
+    peer is LOST (DOWN longer than ``SenderConfig.lost_grace``; then
+    ``down_for`` is how long, in seconds, and the send failed at once), or
     the node shut down. The message may or may not have reached the peer: if
     it did, that peer process holds it under its link sequence number and
     will never process a resend of it twice (a restarted one has forgotten
     it). ``held`` says whether the peer had confirmed holding it.
     """
 
-    def __init__(self, *, peer: NodeId, seq: LinkSeq | None, reason: str, held: bool) -> None:
+    def __init__(
+        self,
+        *,
+        peer: NodeId,
+        seq: LinkSeq | None,
+        reason: str,
+        held: bool,
+        down_for: float | None = None,
+    ) -> None:
         super().__init__(f"no final answer from {peer} for #{seq}: {reason}", peer=peer, seq=seq)
         self.reason = reason
         self.held = held
+        #: How long the peer had been DOWN when it was declared LOST; None
+        #: when the send failed for another reason.
+        self.down_for = down_for
+
+    @property
+    def peer_lost(self) -> bool:
+        """Whether the send failed because its peer is LOST (``down_for`` is set)."""
+        return self.down_for is not None
 
 
 class Reject(Exception):

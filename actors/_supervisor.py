@@ -16,6 +16,7 @@ manager over nested nurseries.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections import deque
 from collections.abc import AsyncIterator
@@ -35,6 +36,8 @@ R = TypeVar("R")
 
 #: (child, generation of the run that ended, its failure or None for a normal end).
 _Exit: TypeAlias = tuple[_Child, int, Exception | None]
+
+log = logging.getLogger("cellmesh.supervisor")
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +235,15 @@ class Supervisor(_Child):
             now = trio.current_time()
             self._count_restart(now, child, failure)
             delay = spec.backoff.delay(child._note_restart(now, spec.period))
+            if failure is not None:
+                log.warning(
+                    "supervisor %s: child %s crashed (%s: %s); restarting it in %.2f s",
+                    self.name,
+                    child.name,
+                    type(failure).__name__,
+                    failure,
+                    delay,
+                )
             if spec.strategy is Strategy.ONE_FOR_ONE:
                 generation = child._arm()
                 self._nursery_or_raise().start_soon(self._run_child, child, generation, True, delay)

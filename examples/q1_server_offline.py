@@ -63,6 +63,9 @@ CLIENT_CONFIG = NodeConfig(
         heartbeat_interval=0.2,
         suspect_after=0.6,
         down_after=1.2,
+        # The default 5 s would declare a server that is away longer LOST and
+        # fail the sends in flight (a dead rank); here they wait for it.
+        lost_grace=30.0,
     )
 )
 

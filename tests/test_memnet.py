@@ -353,7 +353,11 @@ def test_three_nodes_deliver_exactly_once_in_order_through_faults(seed: int) -> 
     trio.run(_mesh, seed, 25, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
-FAST = NodeConfig(sender=SenderConfig(retry_timeout=0.2, retry_ceiling=2.0, down_after=5.0))
+# The 10 s partition below outlasts the default lost_grace (DOWN at 5 s, LOST
+# at 10 s, tests/test_lost_peer.py); here the sends must wait it out.
+FAST = NodeConfig(
+    sender=SenderConfig(retry_timeout=0.2, retry_ceiling=2.0, down_after=5.0, lost_grace=30.0)
+)
 
 
 async def test_partition_then_heal(autojump_clock: trio.abc.Clock) -> None:

@@ -63,6 +63,9 @@ QUICK = SenderConfig(
     heartbeat_interval=0.2,
     suspect_after=0.6,
     down_after=1.5,
+    # Killed receivers come back after a process start, which can take
+    # seconds on a loaded machine: the sends wait it out, not fail as lost.
+    lost_grace=60.0,
     send_timeout=60.0,
 )
 

@@ -83,6 +83,12 @@ class SenderConfig:
         suspect_after: nothing heard from the peer for this long: SUSPECT
             (three missed heartbeats).
         down_after: nothing heard for this long: DOWN (ten missed heartbeats).
+        lost_grace: a peer that was heard once and then stays DOWN this long
+            is LOST: every unfinished send to it and every later one fails at
+            once (:class:`GaveUp` with ``down_for``), until it is heard again.
+            5 s: a dead rank surfaces ten seconds after its last word instead
+            of at each send's deadline. ``math.inf``: never (sends then wait
+            for their deadlines, however long the peer is away).
         send_timeout: deadline given to a ``send`` that names none, in seconds
             from the call.
         given_up_memory: per stream, how many given-up stream sequence numbers
@@ -99,6 +105,7 @@ class SenderConfig:
     heartbeat_interval: float = 0.5
     suspect_after: float = 1.5
     down_after: float = 5.0
+    lost_grace: float = 5.0
     send_timeout: float = 30.0
     given_up_memory: int = 1024
 
@@ -115,6 +122,10 @@ class SenderConfig:
             raise LocalProtocolError(f"jitter must be in [0, 1), got {self.jitter!r}")
         if self.retry_ceiling < self.retry_timeout:
             raise LocalProtocolError("retry_ceiling must be >= retry_timeout")
+        if not self.lost_grace > 0:
+            raise LocalProtocolError(
+                f"lost_grace must be > 0 seconds (math.inf: never), got {self.lost_grace!r}"
+            )
         if self.down_after <= self.suspect_after:
             raise LocalProtocolError("down_after must be greater than suspect_after")
 
@@ -191,6 +202,9 @@ class PeerState(Enum):
     SUSPECT = "suspect"
     #: Silent for ``down_after``.
     DOWN = "down"
+    #: Heard once, then DOWN for ``lost_grace`` more: every send to it fails
+    #: at once until it is heard again (then UP).
+    LOST = "lost"
 
 
 # --- sender events -------------------------------------------------------------------
@@ -221,6 +235,14 @@ class Held:
 DEADLINE_PASSED = "deadline passed without a final answer"
 
 
+def lost_reason(peer: NodeId, down_for: float, silent_for: float) -> str:
+    """Why a message to a LOST peer is given up: who, and for how long it has been away."""
+    return (
+        f"peer {peer} is lost: DOWN for {down_for:.1f} s (nothing heard for {silent_for:.1f} s); "
+        "sends to it fail until it is heard again"
+    )
+
+
 def incompatible_reason(peer_version: int) -> str:
     """Why a message to a peer of another protocol version is given up (protocol.md §5.7)."""
     return f"peer speaks protocol version {peer_version}, this node speaks {PROTOCOL_VERSION}"
@@ -231,14 +253,18 @@ class GaveUp:
     """``seq`` ended without a final answer; it is never sent again.
 
     Attributes:
-        reason: why: its deadline passed (:data:`DEADLINE_PASSED`), or the
-            peer speaks another protocol version (:func:`incompatible_reason`).
+        reason: why: its deadline passed (:data:`DEADLINE_PASSED`), the
+            peer speaks another protocol version (:func:`incompatible_reason`),
+            or the peer is LOST (:func:`lost_reason`).
+        down_for: for a LOST peer, how long it has been DOWN, in seconds;
+            None for the other reasons.
     """
 
     seq: LinkSeq
     stream: StreamId
     stream_seq: StreamSeq
     reason: str = DEADLINE_PASSED
+    down_for: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

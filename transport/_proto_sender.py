@@ -29,6 +29,10 @@ Rules that live here (design.md §3, §3.1):
   DATA: every unfinished message and every later one is given up at once,
   naming both versions, and heartbeats go on so that a peer upgraded to our
   version is taken up again (protocol.md §5.7).
+* A peer heard once and then DOWN for ``lost_grace`` is LOST: every
+  unfinished message and every later one is given up at once, saying how long
+  it has been down; heartbeats go on, and the first frame heard from it makes
+  it UP and sends work again (protocol.md §5.6).
 
 Cost per message is O(1) amortised: dicts keyed by sequence number, a deque for
 the not-yet-sent queue, and lazy-deletion heaps for retry timers and deadlines.
@@ -77,6 +81,7 @@ from ._proto_link import (
     SenderStatistics,
     incompatible_reason,
     jittered,
+    lost_reason,
 )
 
 #: RFC 6298 §2.3: SRTT <- (1 - alpha) * SRTT + alpha * R', alpha = 1/8.
@@ -827,8 +832,20 @@ class LinkSender:
             # A message accepted since: it never goes out (frames_to_send comes here first).
             self._give_up_incompatible(self._peer_version)
         self._update_state(now)
+        if self._state is PeerState.LOST and self._msgs:
+            self._give_up_lost(now)
 
-    def _give_up(self, msg: _Msg, reason: str = DEADLINE_PASSED) -> None:
+    def _give_up_lost(self, now: float) -> None:
+        # A dead rank must surface within the grace, not at each send's deadline.
+        silent = now - self._last_heard
+        down = silent - self._config.down_after
+        reason = lost_reason(self._peer, down, silent)
+        for msg in list(self._msgs.values()):
+            self._give_up(msg, reason, down)
+
+    def _give_up(
+        self, msg: _Msg, reason: str = DEADLINE_PASSED, down_for: float | None = None
+    ) -> None:
         st = msg.stream
         st.given_up[msg.stream_seq] = None
         if len(st.given_up) > self._config.given_up_memory:
@@ -836,7 +853,9 @@ class LinkSender:
         st.given_up_total += 1
         self._gave_up += 1
         self._finish(msg, self._now)
-        self._events.append(GaveUp(LinkSeq(msg.seq), st.name, StreamSeq(msg.stream_seq), reason))
+        self._events.append(
+            GaveUp(LinkSeq(msg.seq), st.name, StreamSeq(msg.stream_seq), reason, down_for)
+        )
 
     def _update_state(self, now: float) -> None:
         # Compare against the same sums next_deadline() returns, so that being
@@ -847,8 +866,11 @@ class LinkSender:
             state = PeerState.UP
         elif now < heard + cfg.down_after:
             state = PeerState.SUSPECT
-        else:
+        elif not self._heard_any or now < heard + cfg.down_after + cfg.lost_grace:
+            # Never heard: not started yet, rather than lost (wait_all_up's case).
             state = PeerState.DOWN
+        else:
+            state = PeerState.LOST
         if state is not self._state:
             self._events.append(PeerStateChanged(self._state, state))
             self._state = state
@@ -889,6 +911,8 @@ class LinkSender:
             best = min(best, self._last_heard + cfg.suspect_after)
         elif self._state is PeerState.SUSPECT:
             best = min(best, self._last_heard + cfg.down_after)
+        elif self._state is PeerState.DOWN and self._heard_any:
+            best = min(best, self._last_heard + cfg.down_after + cfg.lost_grace)
         return best
 
     # --- output ----------------------------------------------------------------------

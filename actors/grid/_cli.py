@@ -150,7 +150,17 @@ def node(args: argparse.Namespace) -> int:
         # coordinator answers it and stops this process.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     run_trio(
-        functools.partial(run_tile, topology, node_id, job, args.out, args.bind, security),
+        functools.partial(
+            run_tile,
+            topology,
+            node_id,
+            job,
+            args.out,
+            args.bind,
+            security,
+            args.metrics,
+            args.metrics_every,
+        ),
         parent=parent,
     )
     return 0
