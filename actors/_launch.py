@@ -46,6 +46,7 @@ from ._fromenv import (
     TOPOLOGY_ENV,
     local_topology,
 )
+from ._node import PLAINTEXT_WARNED_ENV
 from ._topology import NODE_ID_ENV, RANK_ENV, Topology
 
 #: Restarts per rank that ``on-failure`` allows without ``:MAX``.
@@ -158,7 +159,8 @@ def rank_environment(
     ``PMI_RANK``, ``PMIX_RANK``, ``OMPI_COMM_WORLD_RANK``) with its count
     beside it, so a value inherited from an outer launcher cannot win; and
     ``CELLMESH_NODE_ID``, ``CELLMESH_TOPOLOGY``, ``CELLMESH_KEYS`` (only with
-    keys). ``PYTHONUNBUFFERED=1`` unless set: a Python rank's lines then reach
+    keys; without them ``CELLMESH_PLAINTEXT_WARNED=1``, as the launcher has
+    warned once for the run). ``PYTHONUNBUFFERED=1`` unless set: a Python rank's lines then reach
     the terminal as it prints them, not when its pipe buffer fills.
     """
     env = dict(base)
@@ -173,6 +175,9 @@ def rank_environment(
     env[TOPOLOGY_ENV] = topology_file
     if keys is not None:
         env[KEYS_ENV] = keys
+    else:
+        # The launcher says once that the run is plaintext; its ranks need not.
+        env[PLAINTEXT_WARNED_ENV] = "1"
     return env
 
 
@@ -377,6 +382,13 @@ def launch(plan: LaunchPlan) -> int:
                 public[node_id] = pair.public
             topology = topology.with_public_keys(public)
             keys = str(keys_dir)
+        else:
+            print(
+                f"cellmesh run: {_ranks(plan.ranks)} on 127.0.0.1 without keys (plaintext, "
+                "unauthenticated); --secure gives each rank throwaway CURVE keys",
+                file=sys.stderr,
+                flush=True,
+            )
         topology_file = folder / "topology.toml"
         topology.save(topology_file)
         envs = [

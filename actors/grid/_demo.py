@@ -36,6 +36,7 @@ import trio
 from actors import (
     Actor,
     Delivery,
+    Node,
     NodeConfig,
     NodeSpec,
     SendHandle,
