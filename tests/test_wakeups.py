@@ -90,11 +90,15 @@ async def test_an_idle_node_makes_no_task_steps(autojump_clock: trio.abc.Clock) 
     # Heartbeats far apart: on a quiet link they are the only timer.
     sender = SenderConfig(heartbeat_interval=10.0, suspect_after=30.0, down_after=100.0)
     async with _pair(net, NodeConfig(sender=sender)):
+        # The warm-up's retransmission timer, disarmed by its ACK, may still
+        # wake each I/O task once: a sleep's deadline only moves earlier
+        # (actors/_dispatch.py). After that, nothing before the heartbeat.
+        await trio.sleep(2.0)
         trio.lowlevel.add_instrument(steps)
         try:
 
             async def quiet() -> None:
-                await trio.sleep(1.0)
+                await trio.sleep(5.0)
 
             took = await _counted(steps, quiet)
         finally:
