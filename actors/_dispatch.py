@@ -67,6 +67,7 @@ with fresh sockets and the same actors and cores, so pending sends resume.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -88,6 +89,11 @@ if TYPE_CHECKING:
 #: Messages taken from one socket per wake-up before the others get a turn,
 #: so one busy peer cannot starve the rest of the node.
 _RECV_BUDGET = 256
+
+#: How late a timer may fire while the I/O task is busy without a sleep
+#: (see _serve): looking at every actor's deadline each round cost more than
+#: the work of a lone message on a node with a few peers.
+_TIMER_SLACK = 0.005
 
 #: A wake-up stops taking messages once it has spent this long (seconds of
 #: time.perf_counter) and sends the answers due: a run of costly messages
@@ -256,6 +262,13 @@ class Dispatcher:
         touched: dict[SocketLike, None] = {}
         # Messages taken since the I/O task last yielded or slept.
         took = 0
+        # When to look at the actors' timers again: the earliest deadline,
+        # read before each sleep (nothing moves it earlier while this task
+        # sleeps: whoever posts to an actor wakes it, and the flush that
+        # follows is where new timers start), or _TIMER_SLACK after the last
+        # look while the task stays awake (busy, it does not read deadlines
+        # each round, and a timer started meanwhile waits at most that long).
+        timers_due = -math.inf
         self._awake = True
         try:
             while True:
@@ -273,7 +286,9 @@ class Dispatcher:
                             took += n
                         else:
                             again = []
-                        self._run_timers(now)
+                        if now >= timers_due:
+                            self._run_timers(now)
+                            timers_due = now + _TIMER_SLACK
                         if self._dirty:
                             self._flush(by_owner, touched, now)
                         ready = again
@@ -281,6 +296,9 @@ class Dispatcher:
                             if poller.ready(sock, writable=owners[sock].wants_write):
                                 ready.append(sock)
                         touched.clear()
+                        if timers_due > now + _TIMER_SLACK:
+                            # Awake on: a timer started now is not in timers_due.
+                            timers_due = now + _TIMER_SLACK
                         if ready or self._dirty:
                             self._awake = False
                             await trio.lowlevel.checkpoint()
@@ -304,7 +322,7 @@ class Dispatcher:
                         # deadlines move later (each heartbeat, each answered
                         # send). A timer that fires early finds nothing due,
                         # and the next scope starts from the true earliest.
-                        deadline = self._earliest()
+                        deadline = timers_due = self._earliest()
                         if deadline < timer.deadline:
                             timer.deadline = deadline
                         ready = await poller.wait()
