@@ -44,11 +44,13 @@ and an eventfd), and once per wake-up
 
 a. drains every socket that may be readable (at most ``_RECV_BUDGET``
    messages each, ``_RECV_SECONDS`` in all) into its owner's ``handle``,
-b. runs the timers of the actors whose ``next_deadline()`` has passed,
+b. runs the timers of the actors whose ``next_deadline()`` has passed
+   (read before each sleep, and every ``_TIMER_SLACK`` while awake),
 c. flushes each actor that asked for it (``wake``): one message per peer,
 d. re-reads ``EVENTS`` of the sockets it called zmq on (design.md §5: a call
-   may eat the fd's edge), then sleeps until a socket, a wake or the
-   earliest deadline.
+   may eat the fd's edge); if it took messages, yields once to the tasks
+   they woke (their answers come back without a wake-up), else sleeps
+   until a socket, a wake or the earliest deadline.
 
 Why one task and not one per socket: a Trio task hop costs ~10-30 µs here
 (design.md §5), so per-wake batching (every answer of a burst in one
