@@ -441,6 +441,10 @@ class PeerLink:
                 f"a batch holds 1 to Limits.max_items={self._limits.max_items} items, got {count}"
             )
 
+    def accepts_now(self) -> bool:
+        """Whether :meth:`wait_window` would return at once, without a checkpoint."""
+        return not self._closed and self._unflushed < _FLUSH_EVERY and self._core.window_open()
+
     async def wait_window(self) -> None:
         """Wait until the core accepts a new message; NodeClosed once the node closed."""
         if self._unflushed >= _FLUSH_EVERY:

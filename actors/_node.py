@@ -343,6 +343,10 @@ class Node:
         A send still waiting here when the node closes was pending at close,
         like one waiting for its answer: it ends with the same DeliveryFailed.
         """
+        if link.accepts_now():
+            # The usual case: no cancel scope (entering one costs more than
+            # the rest of a lone send's caller side).
+            return
         with trio.move_on_at(limit) as scope:
             try:
                 await link.wait_window()
