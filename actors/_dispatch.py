@@ -153,8 +153,8 @@ class SocketOwner(Protocol):
         """Handle one message of the I/O task."""
         ...
 
-    def flush(self, sock: SocketLike, now: float) -> None:
-        """Send what it has ready on ``sock``."""
+    def flush(self, sock: SocketLike, now: float) -> bool:
+        """Send what it has ready on ``sock``; whether it may have called it."""
         ...
 
 
@@ -396,10 +396,11 @@ class Dispatcher:
             sock = by_owner.get(actor)
             if sock is None:
                 continue
-            touched[sock] = None
             try:
-                actor.flush(sock, now)
+                if actor.flush(sock, now):
+                    touched[sock] = None
             except Exception as exc:
+                touched[sock] = None
                 self._boundary(actor.peer, "sending to", exc, now)
 
     def _boundary(self, peer: NodeId | None, what: str, error: Exception, now: float) -> None:

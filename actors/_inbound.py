@@ -487,8 +487,12 @@ class Receiver:
         self._route(now)
         self._dispatcher.wake(self)
 
-    def flush(self, sock: SocketLike, now: float) -> None:
-        """Send every answer the core has ready, each peer's in as few messages as fit."""
+    def flush(self, sock: SocketLike, now: float) -> bool:
+        """Send every answer the core has ready, each peer's in as few messages as fit.
+
+        Returns:
+            Whether it may have called the socket (its fd's edge may be eaten).
+        """
         inject = self._inject
         outgoing = self._core.frames_to_send(now)
         if outgoing:
@@ -518,6 +522,8 @@ class Receiver:
         if inject:
             for message in self._faults.due(now):
                 self._send(sock, message)
+            return True
+        return bool(outgoing)
 
     # -- behaviour --------------------------------------------------------------
 

@@ -531,10 +531,15 @@ class PeerLink:
         self._settle_events(now)
         self._dispatcher.wake(self)
 
-    def flush(self, sock: SocketLike, now: float) -> None:
-        """Send what the DEALER refused before, then every frame the core has ready."""
+    def flush(self, sock: SocketLike, now: float) -> bool:
+        """Send what the DEALER refused before, then every frame the core has ready.
+
+        Returns:
+            Whether it may have called the socket (its fd's edge may be eaten).
+        """
         self._unflushed = 0
         pending = self._pending
+        called = bool(pending) or self._inject
         while pending:
             try:
                 sock.send_multipart_nowait(pending[0])
@@ -547,6 +552,7 @@ class PeerLink:
             frames = core.frames_to_send(now)
             if not frames:
                 break
+            called = True
             self._count_attempts(frames)
             for wire in _encode_fitting(frames, self._limits):
                 if self._inject:
@@ -557,6 +563,7 @@ class PeerLink:
         if self._inject:
             for message in faults.due(now):
                 self._send(sock, message)
+        return called
 
     # -- behaviour --------------------------------------------------------------
 
