@@ -139,7 +139,8 @@ def _print_recoveries(outcome: DemoOutcome) -> None:
             f"{r['frames_replayed']} frames replayed by {r['node']} "
             f"({r['tile_frames_replayed']} by all tiles); "
             f"computing again after {_seconds(restart)}, "
-            f"back at frame {r['died_at_frame']} after {_seconds(back)}."
+            f"back at frame {r['died_at_frame']} after {_seconds(back)}"
+            + (f" (died during recovery {r['during_recovery']})." if r["during_recovery"] else ".")
         )
     for kill in outcome.kills_missed:
         print(f"kill {kill} not carried out: the run ended before that node reported the frame")

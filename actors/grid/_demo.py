@@ -817,7 +817,11 @@ async def _run_demo(
     security = load_security(topology, COORDINATOR, keys_dir) if keys_dir is not None else None
 
     recovering = job.checkpoint_dir is not None
-    board = RecoveryBoard(list(names)) if recovering else _Board(list(names))
+    board = (
+        RecoveryBoard(list(names), Path(job.checkpoint_dir))
+        if job.checkpoint_dir is not None
+        else _Board(list(names))
+    )
     procs: dict[str, trio.Process] = {}
     recovery: Recovery | None = None
     started = time.perf_counter()
@@ -852,10 +856,8 @@ async def _run_demo(
 
             for name in names:
                 procs[name] = await start_tile(name, [])
-            if isinstance(board, RecoveryBoard) and job.checkpoint_dir is not None:
-                recovery = Recovery(
-                    board, coordinator, procs, start_tile, Path(job.checkpoint_dir), kills
-                )
+            if isinstance(board, RecoveryBoard):
+                recovery = Recovery(board, coordinator, procs, start_tile, kills)
             try:
                 with trio.fail_after(timeout):
                     await _follow(board, job, procs, pauses, show, started, recovery)
@@ -926,8 +928,8 @@ async def _run_demo(
         if job.checkpoint_every
         else 0,
         recoveries=[r.summary() for r in board.records] if isinstance(board, RecoveryBoard) else [],
-        killed=recovery.carried_out if recovery is not None else [],
-        kills_missed=[str(k) for k in recovery.pending] if recovery is not None else [],
+        killed=board.carried_out if isinstance(board, RecoveryBoard) else [],
+        kills_missed=[str(k) for k in board.pending] if isinstance(board, RecoveryBoard) else [],
     )
 
 

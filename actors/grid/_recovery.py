@@ -31,10 +31,14 @@ rename (atomic: a tile killed mid-write leaves a stray temporary file, never
 a torn checkpoint). It is not fsync'd: it outlives the process, not the
 machine (docs/reliability.md).
 
-Halos need no epoch: a tile's halo for frame f has the same bytes in every
-epoch, so a stale copy that arrives late is still right, and the inbox keeps
-what came early. Epochs order the rollbacks and mark progress reports, so
-the coordinator ignores a report from before a rollback.
+Each rollback starts an epoch; halos carry theirs. A tile in epoch e uses
+only halos of epoch e, keeps those of a later one (the sender heard of the
+next rollback first) and drops older ones. The bytes of a halo are the same
+in every epoch, but its *arrival* is not: a tile that had not yet heard of a
+rollback would take its neighbours' resent halos for the frames it was
+about to replay anyway, and then wait for them again after the rollback, for
+ever (measured: 1 run in 4 of a kill during recovery hung so). Epochs also
+mark progress reports, so the coordinator ignores one sent before a rollback.
 """
 
 from __future__ import annotations
@@ -65,7 +69,6 @@ from ._demo import (
     Grid,
     Job,
     _Board,
-    _Inbox,
     _summary,
     auto_depth,
     tile_decomposition,
@@ -179,30 +182,62 @@ class _Rollbacks:
             self.scope.cancel()
 
 
+class _EpochInbox:
+    """Halo data by epoch, frame and sender, with a wake-up when a frame is complete."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.frames: dict[tuple[int, int], dict[str, bytes]] = {}
+        self._complete = trio.Event()
+        #: The (epoch, frame) the frame loop waits for and how many halos make it whole.
+        self._wanted: tuple[int, int, int] | None = None
+
+    def put(self, epoch: int, frame: int, peer: str, data: bytes) -> None:
+        if epoch < self.epoch:
+            return
+        halos = self.frames.setdefault((epoch, frame), {})
+        halos[peer] = data
+        if self._wanted == (epoch, frame, len(halos)):
+            self._complete.set()
+
+    def enter(self, epoch: int) -> None:
+        """A rollback to ``epoch``: the halos of earlier epochs are of no use any more."""
+        self.epoch = epoch
+        for key in [k for k in self.frames if k[0] < epoch]:
+            del self.frames[key]
+
+    async def take(self, frame: int, count: int) -> dict[str, bytes]:
+        key = (self.epoch, frame)
+        if len(self.frames.get(key, ())) < count:
+            self._complete = trio.Event()
+            self._wanted = (*key, count)
+            try:
+                await self._complete.wait()
+            finally:
+                self._wanted = None
+        return self.frames.pop(key, {})
+
+
 class _RecoveringActor(Actor[Any, None]):
     """A recoverable tile's compute actor: halos into the inbox, rollback orders."""
 
-    def __init__(self, inbox: _Inbox, rollbacks: _Rollbacks) -> None:
+    def __init__(self, inbox: _EpochInbox, rollbacks: _Rollbacks) -> None:
         self._inbox = inbox
         self._rollbacks = rollbacks
 
     async def receive(self, msg: Any) -> None:
         if not isinstance(msg, Delivery):
             return
-        if msg.stream == "halo" and msg.frame_no is not None:
-            self._inbox.put(msg.frame_no, msg.peer, bytes(msg.payload))
+        if msg.stream == "halo" and msg.frame_no is not None and isinstance(msg.payload, dict):
+            self._inbox.put(
+                int(msg.payload["epoch"]), msg.frame_no, msg.peer, bytes(msg.payload["cells"])
+            )
         elif (
             msg.stream == RECOVER_STREAM
             and msg.peer == COORDINATOR
             and isinstance(msg.payload, dict)
         ):
             self._rollbacks.order(int(msg.payload["epoch"]), int(msg.payload["frame"]))
-
-
-def _forget_before(inbox: _Inbox, frame: int) -> None:
-    """Drop halos for frames before ``frame``: no rollback goes behind it again."""
-    for old in [f for f in inbox.frames if f < frame]:
-        del inbox.frames[old]
 
 
 async def run_recovering_tile(
@@ -245,7 +280,7 @@ async def run_recovering_tile(
     depth = job.depth if job.depth is not None else auto_depth(decomp, model)
     every = checkpoint_interval(job.checkpoint_every, depth)
     store = CheckpointStore(Path(job.checkpoint_dir), node_id)
-    inbox = _Inbox()
+    inbox = _EpochInbox(resume.epoch)
     rollbacks = _Rollbacks(resume)
     config = NodeConfig(
         faults=job.fault_plan(topology.rank_of(node_id)),
@@ -282,7 +317,7 @@ async def run_recovering_tile(
                 else store.load(target.frame)
             )
             cells = DeepTile(model, decomp, tile, initial, depth)
-            _forget_before(inbox, target.frame)
+            inbox.enter(target.epoch)
             with trio.CancelScope() as scope:
                 rollbacks.scope = scope
                 if rollbacks.wanted != target:
@@ -301,7 +336,7 @@ class _TileLoop:
         job: Job,
         every: int,
         store: CheckpointStore,
-        inbox: _Inbox,
+        inbox: _EpochInbox,
         towards: dict[str, Direction],
     ) -> None:
         self.node = node
@@ -315,7 +350,12 @@ class _TileLoop:
         self.frame_ms: list[float] = []
         self.progress: list[SendHandle] = []
 
-    async def _report(self, frame: int, epoch: int, **extra: Any) -> None:
+    async def _report(self, frame: int, epoch: int, *, cue: bool = False, **extra: Any) -> None:
+        """Send a progress report; at a cue (a ``--kill`` frame) wait until it was taken.
+
+        The coordinator kills on taking the report, so a tile killed at a
+        frame dies there, not some frames on.
+        """
         node = self.node
         info = {
             "frame": frame,
@@ -325,7 +365,11 @@ class _TileLoop:
         }
         info.update(_summary(node.statistics()))
         await node.wait_window(COORDINATOR)
-        self.progress.append(node.send_nowait(COORDINATOR, info, stream="progress"))
+        handle = node.send_nowait(COORDINATOR, info, stream="progress")
+        if cue:
+            await handle.wait()
+            return
+        self.progress.append(handle)
         if len(self.progress) > 64:
             for handle in self.progress[:32]:
                 await handle.wait()
@@ -347,7 +391,12 @@ class _TileLoop:
             exchange = cells.needs_halos
             if exchange:
                 sent = [
-                    node.send_nowait(peer, cells.edge(d).tobytes(), stream="halo", frame_no=frame)
+                    node.send_nowait(
+                        peer,
+                        {"epoch": start.epoch, "cells": cells.edge(d).tobytes()},
+                        stream="halo",
+                        frame_no=frame,
+                    )
                     for peer, d in towards.items()
                 ]
                 halos = await self.inbox.take(frame, len(towards))
@@ -365,7 +414,7 @@ class _TileLoop:
             if not last and now < next_report and frame + 1 not in job.report_at:
                 continue
             next_report = now + _REPORT_EVERY
-            await self._report(frame + 1, start.epoch)
+            await self._report(frame + 1, start.epoch, cue=frame + 1 in job.report_at)
         for handle in previous:
             await handle.wait()
         result = np.ascontiguousarray(cells.cells())
@@ -422,7 +471,8 @@ class RecoveryRecord:
     node: str
     #: ``"killed"`` (a ``--kill``) or ``"exited N"`` / ``"signal N"`` (on its own).
     cause: str
-    #: The last frame the dead tile had reported.
+    #: How far the dead tile had got: its last report or checkpoint, whichever is later
+    #: (a lower bound: it may have stepped on before the kill landed).
     died_at: int
     epoch: int
     #: The checkpoint every tile went back to.
@@ -433,6 +483,9 @@ class RecoveryRecord:
     restart_seconds: float | None = None
     #: Seconds from the death until the restarted tile is back at ``died_at``.
     recovered_seconds: float | None = None
+    #: The epoch of an earlier recovery not yet back where it was when this
+    #: death came (a death during recovery), or None.
+    during: int | None = None
     died: float = 0.0
 
     def summary(self) -> dict[str, Any]:
@@ -447,6 +500,7 @@ class RecoveryRecord:
             "tile_frames_replayed": sum(self.replayed.values()),
             "restart_seconds": _round(self.restart_seconds),
             "recovered_seconds": _round(self.recovered_seconds),
+            "during_recovery": self.during,
         }
 
 
@@ -455,18 +509,83 @@ def _round(value: float | None) -> float | None:
 
 
 class RecoveryBoard(_Board):
-    """The coordinator's board for a recovering run: progress by epoch."""
+    """The coordinator's board for a recovering run: progress by epoch, deaths, kills."""
 
-    def __init__(self, names: list[str]) -> None:
+    def __init__(self, names: list[str], checkpoints: Path) -> None:
         super().__init__(names)
+        self.checkpoints = checkpoints
         self.epoch = 0
+        #: The frame the latest rollback went back to (0: none yet).
+        self.rolled_back_to = 0
         self.records: list[RecoveryRecord] = []
+        #: Deaths whose restart and rollback orders :class:`Recovery` has still to do.
+        self.to_restart: list[RecoveryRecord] = []
+        #: Kills not yet carried out, in the order given: each is armed once
+        #: the one before it was carried out, so ``--kill A@29 --kill B@26``
+        #: kills B as it replays frame 26 after A's death (a kill during
+        #: recovery).
+        self.pending: list[Kill] = []
+        #: Kills carried out, as NODE@FRAME it had reported.
+        self.carried_out: list[str] = []
+        self.procs: dict[str, trio.Process] = {}
+
+    def died(self, name: str, cause: str) -> RecoveryRecord:
+        """A tile is dead: start the next epoch, here and now.
+
+        Synchronous, so that no report is taken between the death and the
+        new epoch: a report of the old epoch would move a view (and fire a
+        kill) that the rollback is about to move back.
+        """
+        died = time.perf_counter()
+        self.epoch += 1
+        back_to = latest_common_checkpoint(self.checkpoints, list(self.nodes))
+        # Reports come ten times a second: a tile may have got further than
+        # its last one, and it was at least as far as its last checkpoint.
+        died_at = max(self.nodes[name].frame, *saved_frames(self.checkpoints, name))
+        open_ones = [r.epoch for r in self.records if r.recovered_seconds is None]
+        record = RecoveryRecord(
+            name,
+            cause,
+            died_at,
+            self.epoch,
+            back_to,
+            during=max(open_ones, default=None),
+            died=died,
+        )
+        record.replayed[name] = max(0, died_at - back_to)
+        self.records.append(record)
+        self.to_restart.append(record)
+        self.rolled_back_to = back_to
+        for view in self.nodes.values():
+            view.frame = min(view.frame, back_to)
+        self.changed.set()
+        return record
+
+    def fire_due_kills(self) -> None:
+        """SIGKILL each tile whose ``--kill`` frame has come, at once.
+
+        Called on the coordinator's compute actor as it takes a report,
+        before the report is answered: a tile waits for that answer at a
+        ``--kill`` frame (``Job.report_at``), so it dies at that frame, not
+        some frames later.
+        """
+        while self.pending:
+            kill = self.pending[0]
+            view = self.nodes[kill.node]
+            if view.frame < kill.frame:
+                return
+            self.pending.pop(0)
+            proc = self.procs[kill.node]
+            proc.send_signal(signal.SIGCONT)
+            proc.kill()
+            self.carried_out.append(f"{kill.node}@{view.frame}")
+            self.died(kill.node, "killed")
 
     def progress(self, peer: str, info: dict[str, Any]) -> None:
         epoch = int(info.get("epoch", 0))
-        if epoch < self.epoch:
-            # Sent before the tile heard of the latest rollback: its frame
-            # number is no longer where the tile is.
+        if epoch < self.epoch or any(r.node == peer for r in self.to_restart):
+            # Sent before the tile heard of the latest rollback (or by a
+            # tile now dead): its frame is no longer where the tile is.
             return
         super().progress(peer, info)
         frame = int(info["frame"])
@@ -480,12 +599,14 @@ class RecoveryBoard(_Board):
                 record.restart_seconds = now - record.died
             if record.recovered_seconds is None and frame >= record.died_at:
                 record.recovered_seconds = now - record.died
+        self.fire_due_kills()
 
 
 class Recovery:
-    """The coordinator's half: fire ``--kill``s, restart dead tiles, order rollbacks.
+    """The coordinator's half: restart dead tiles, order the rollbacks.
 
-    :meth:`tick` runs on every pass of the demo's watch loop.
+    :meth:`tick` runs on every pass of the demo's watch loop; the kills
+    themselves are fired by the board as it takes the reports.
     """
 
     def __init__(
@@ -494,41 +615,27 @@ class Recovery:
         coordinator: Node,
         procs: dict[str, trio.Process],
         start: Callable[[str, list[str]], Awaitable[trio.Process]],
-        checkpoints: Path,
         kills: list[Kill],
     ) -> None:
         self.board = board
         self.coordinator = coordinator
         self.procs = procs
         self.start = start
-        self.checkpoints = checkpoints
         self.names = list(board.nodes)
-        #: Kills not yet carried out, in the order given: each is armed once
-        #: the one before it was carried out, so ``--kill A@12 --kill B@11``
-        #: kills B while it replays frame 11 after A's death (a kill during
-        #: recovery).
-        self.pending = list(kills)
-        self.carried_out: list[str] = []
+        board.pending = list(kills)
+        board.procs = procs
         self.unplanned: dict[str, int] = dict.fromkeys(self.names, 0)
         self.orders: list[SendHandle] = []
 
     async def tick(self) -> None:
-        if self.board.done.is_set():
+        board = self.board
+        if board.done.is_set():
             return
-        while self.pending:
-            kill = self.pending[0]
-            view = self.board.nodes[kill.node]
-            if view.frame < kill.frame:
-                break
-            self.pending.pop(0)
-            proc = self.procs[kill.node]
-            proc.send_signal(signal.SIGCONT)
-            proc.kill()
-            await self._restart(kill.node, "killed", view.frame)
-            self.carried_out.append(f"{kill.node}@{view.frame}")
+        # A kill whose frame a rollback has gone back past is due at once.
+        board.fire_due_kills()
         for name in self.names:
             code = self.procs[name].poll()
-            if code is None:
+            if code is None or any(r.node == name for r in board.to_restart):
                 continue
             self.unplanned[name] += 1
             if self.unplanned[name] > MAX_UNPLANNED_RESTARTS:
@@ -536,36 +643,30 @@ class Recovery:
                     f"node {name} died {self.unplanned[name]} times on its own "
                     f"(last: exit code {code}); giving up (its own error is printed above)"
                 )
-            cause = f"signal {-code}" if code < 0 else f"exited {code}"
-            await self._restart(name, cause, self.board.nodes[name].frame)
-        prune_checkpoints(
-            self.checkpoints, self.names, latest_common_checkpoint(self.checkpoints, self.names)
-        )
+            board.died(name, f"signal {-code}" if code < 0 else f"exited {code}")
+        while board.to_restart:
+            await self._restart(board.to_restart[0])
+            board.to_restart.pop(0)
+        # Not past the latest rollback's checkpoint: a tile may not have
+        # loaded it yet, and a tile that has not heard of the rollback may
+        # still make a later one common meanwhile.
+        common = latest_common_checkpoint(board.checkpoints, self.names)
+        before = min(common, board.rolled_back_to) if board.epoch else common
+        prune_checkpoints(board.checkpoints, self.names, before)
 
-    async def _restart(self, name: str, cause: str, died_at: int) -> None:
-        old = self.procs[name]
+    async def _restart(self, record: RecoveryRecord) -> None:
+        old = self.procs[record.node]
         await old.wait()
-        died = time.perf_counter()
         if old.stdin is not None:
             await old.stdin.aclose()
-        board = self.board
-        board.epoch += 1
-        epoch = board.epoch
-        back_to = latest_common_checkpoint(self.checkpoints, self.names)
-        record = RecoveryRecord(name, cause, died_at, epoch, back_to, died=died)
-        record.replayed[name] = max(0, died_at - back_to)
-        board.records.append(record)
-        for view in board.nodes.values():
-            view.frame = min(view.frame, back_to)
-        self.procs[name] = await self.start(name, ["--resume", str(back_to), "--epoch", str(epoch)])
+        resume = ["--resume", str(record.rolled_back_to), "--epoch", str(record.epoch)]
+        self.procs[record.node] = await self.start(record.node, resume)
+        order = {"epoch": record.epoch, "frame": record.rolled_back_to}
         for other in self.names:
-            if other != name:
+            if other != record.node:
                 # Not awaited: a tile that is dead too gets its order as its
                 # restart's arguments, and its old incarnation's pending
                 # copy is resent to the new one, which finds it old news.
                 self.orders.append(
-                    self.coordinator.send_nowait(
-                        other, {"epoch": epoch, "frame": back_to}, stream=RECOVER_STREAM
-                    )
+                    self.coordinator.send_nowait(other, order, stream=RECOVER_STREAM)
                 )
-        board.changed.set()
