@@ -70,10 +70,11 @@ async def _run(tmp_path: Path, kills: list[Kill], **job: Any) -> Any:
         assert record["node"] == kill.node
         assert record["cause"] == "killed"
         assert record["died_at_frame"] >= kill.frame
-        # Back to a checkpoint (a multiple of 5) at most one interval and
-        # the tiles' spread (a frame or two at depth 1) behind the death.
-        assert record["rolled_back_to"] % 5 == 0
-        assert 0 <= record["frames_replayed"] <= 5 + 2
+        # Back to a checkpoint at most one interval and the tiles' spread
+        # (an exchange or two) behind the death.
+        every, depth = outcome.checkpoint_every, options.get("depth", 1)
+        assert record["rolled_back_to"] % every == 0
+        assert 0 <= record["frames_replayed"] <= every + 2 * depth
         assert record["restart_seconds"] is not None
         assert record["recovered_seconds"] is not None
     assert _tiles_running(tmp_path) == []
