@@ -18,10 +18,9 @@ import numpy as np
 import pytest
 import trio
 
-from actors.grid import Job, run_demo
+from actors.grid import Job, Kill, run_demo
 from actors.grid._recovery import (
     CheckpointStore,
-    Kill,
     checkpoint_interval,
     latest_common_checkpoint,
     prune_checkpoints,
