@@ -167,7 +167,16 @@ def _job_options(parser: argparse.ArgumentParser, *, size: int, frames: int) -> 
         default=[],
         metavar="FRAME",
         help="also report progress the moment FRAME is done (repeatable; the demo "
-        "passes its --pause frames)",
+        "passes its --pause and --kill frames)",
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=_whole(0),
+        default=0,
+        metavar="K",
+        help="checkpoint each tile every K frames (rounded up to a multiple of --depth) "
+        "and survive a tile process's death by rolling back to the last common one; "
+        "0: off (default; 10 with --kill)",
     )
 
 
@@ -445,6 +454,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NODE@FRAME:SECONDS",
         help="freeze NODE's process (SIGSTOP) at FRAME for SECONDS",
     )
+    demo.add_argument(
+        "--kill",
+        action="append",
+        default=[],
+        metavar="NODE@FRAME",
+        help="SIGKILL NODE's process once it reports FRAME; it is restarted from a checkpoint "
+        "and the run goes on (repeatable, carried out in order)",
+    )
     demo.add_argument("--out", default="out", help="folder for pictures and the topology")
     demo.add_argument("--json", action="store_true", help="print a JSON summary, no live view")
     demo.add_argument("--timeout", type=_POSITIVE, default=600.0, help="give up after SECONDS")
@@ -485,6 +502,10 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="seconds between --metrics lines (default 1)",
     )
+    # Set by cellmesh demo's coordinator for a recovering run; not for users.
+    node.add_argument("--checkpoint-dir", help=argparse.SUPPRESS)
+    node.add_argument("--resume", type=_whole(0), default=0, help=argparse.SUPPRESS)
+    node.add_argument("--epoch", type=_whole(0), default=0, help=argparse.SUPPRESS)
     node.set_defaults(run=_node)
 
     keys = sub.add_parser(

@@ -1,4 +1,4 @@
-"""Grid simulations on cellmesh: tiles, halos, two models and the ``cellmesh demo``.
+r"""Grid simulations on cellmesh: tiles, halos, two models and the ``cellmesh demo``.
 
 An application of the runtime, not part of it: it builds on the public
 faces of :mod:`actors` and :mod:`transport` as any user program would (two
@@ -18,7 +18,8 @@ Three parts:
 * the demo: :func:`run_demo` (``cellmesh demo``) starts one
   :func:`run_tile` process (``cellmesh node``) per tile, each stepping a
   :class:`DeepTile` and exchanging halos over cellmesh, and checks the
-  result against the serial run.
+  result against the serial run; given kills (:class:`Kill`), it kills tiles on
+  the way and recovers from checkpoints (``actors/grid/_recovery.py``).
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ from ._models import (
     run_serial,
     run_tiled,
 )
+from ._recovery import Kill
 
 __all__ = [
     "COORDINATOR",
@@ -84,6 +86,7 @@ __all__ = [
     "Direction",
     "GridError",
     "Job",
+    "Kill",
     "Model",
     "Pause",
     "RleError",

@@ -23,6 +23,7 @@ from ._demo import (
     COORDINATOR,
     PARENT_ENV,
     DemoError,
+    DemoOutcome,
     Job,
     Pause,
     outcome_json,
@@ -31,6 +32,7 @@ from ._demo import (
     tile_decomposition,
 )
 from ._models import RleError, get_model
+from ._recovery import Kill, Resume, run_recovering_tile
 
 #: The grid's errors that are bad input, not a bug: ``cellmesh`` says them in
 #: one line, exit status 2.
@@ -41,6 +43,14 @@ def _pause(text: str) -> Pause:
     """``--pause NODE@FRAME:SECONDS``, checked before anything starts."""
     try:
         return Pause.parse(text)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _kill(text: str) -> Kill:
+    """``--kill NODE@FRAME``, checked before anything starts."""
+    try:
+        return Kill.parse(text)
     except ValueError as exc:
         raise CliError(str(exc)) from None
 
@@ -58,12 +68,15 @@ def _job(args: argparse.Namespace) -> Job:
         linger=args.linger,
         depth=args.depth,
         report_at=tuple(args.report_at),
+        checkpoint_every=args.checkpoint_every,
+        checkpoint_dir=getattr(args, "checkpoint_dir", None),
     )
 
 
 def demo(args: argparse.Namespace) -> int:
     """``cellmesh demo``: run the demo, print its outcome; the exit status."""
     pauses = [_pause(text) for text in args.pause]
+    kills = [_kill(text) for text in args.kill]
     outcome = run_trio(
         functools.partial(
             run_demo,
@@ -74,6 +87,7 @@ def demo(args: argparse.Namespace) -> int:
             show=not args.json,
             timeout=args.timeout,
             secure=args.secure,
+            kills=kills,
         )
     )
     if args.json:
@@ -96,6 +110,7 @@ def demo(args: argparse.Namespace) -> int:
             print(
                 f"pause {pause} not carried out: the run ended before that node reported the frame"
             )
+        _print_recoveries(outcome)
         if outcome.secure:
             print(
                 f"security: CURVE on every link, {outcome.admitted} connections admitted "
@@ -106,6 +121,33 @@ def demo(args: argparse.Namespace) -> int:
         print(f"picture of the final grid: {outcome.pictures['grid']}")
         print(f"per-frame times:           {outcome.pictures['frame_times']}")
     return 0 if outcome.match else 1
+
+
+def _print_recoveries(outcome: DemoOutcome) -> None:
+    """The crash part of the summary: each death, how far back, how long."""
+    if outcome.checkpoint_every:
+        print(
+            f"checkpoints: every {outcome.checkpoint_every} frames; "
+            f"{len(outcome.recoveries)} tile deaths recovered."
+        )
+    for r in outcome.recoveries:
+        restart = r["restart_seconds"]
+        back = r["recovered_seconds"]
+        print(
+            f"recovery {r['epoch']}: {r['node']} {r['cause']} at frame {r['died_at_frame']}; "
+            f"every tile back to checkpoint {r['rolled_back_to']}, "
+            f"{r['frames_replayed']} frames replayed by {r['node']} "
+            f"({r['tile_frames_replayed']} by all tiles); "
+            f"computing again after {_seconds(restart)}, "
+            f"back at frame {r['died_at_frame']} after {_seconds(back)}"
+            + (f" (died during recovery {r['during_recovery']})." if r["during_recovery"] else ".")
+        )
+    for kill in outcome.kills_missed:
+        print(f"kill {kill} not carried out: the run ended before that node reported the frame")
+
+
+def _seconds(value: float | None) -> str:
+    return "(not reached)" if value is None else f"{value:.2f} s"
 
 
 def node(args: argparse.Namespace) -> int:
@@ -149,6 +191,20 @@ def node(args: argparse.Namespace) -> int:
         # A Ctrl-C at the terminal reaches the whole process group; the
         # coordinator answers it and stops this process.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if job.checkpoint_dir is not None:
+        if COORDINATOR not in topology:
+            raise CliError(
+                "--checkpoint-dir is for a tile under cellmesh demo, whose coordinator restarts "
+                "tiles; this topology has none"
+            )
+        resume = Resume(args.resume, args.epoch)
+        run_trio(
+            functools.partial(
+                run_recovering_tile, topology, node_id, job, resume, args.bind, security
+            ),
+            parent=parent,
+        )
+        return 0
     run_trio(
         functools.partial(
             run_tile,

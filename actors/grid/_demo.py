@@ -25,9 +25,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -59,6 +60,10 @@ from transport.testing import (
 
 from ._decomp import Decomposition, Direction, GridError, TilePos, assemble, interior, pad
 from ._models import Model, RleError, get_model, grid_digest, load_rle, place_center, run_serial
+
+if TYPE_CHECKING:
+    # Imported where used: actors/grid/_recovery.py builds on this module.
+    from ._recovery import Kill, Recovery
 
 COORDINATOR = "coord"
 
@@ -115,6 +120,12 @@ class Job:
     #: second: ``cellmesh demo`` passes its ``--pause`` frames, so that a
     #: pause lands near its frame even in a run shorter than a report interval.
     report_at: tuple[int, ...] = ()
+    #: Frames between a tile's checkpoints, 0 for none (``--checkpoint-every``;
+    #: rounded up to a multiple of the depth, see actors/grid/_recovery.py).
+    checkpoint_every: int = 0
+    #: The run's checkpoint folder (the demo makes a temporary one); with it
+    #: a tile process checkpoints and rolls back when the coordinator says.
+    checkpoint_dir: str | None = None
 
     def check(self) -> None:
         """Check the job, and read its pattern file, before any process starts.
@@ -136,6 +147,8 @@ class Job:
             raise DemoError(f"frames must be >= 0, got {self.frames}")
         if not self.linger >= 0:
             raise DemoError(f"linger must be >= 0 seconds, got {self.linger}")
+        if self.checkpoint_every < 0:
+            raise DemoError(f"--checkpoint-every must be >= 0 frames, got {self.checkpoint_every}")
         if self.pattern is None:
             return
         if model.name != "life":
@@ -190,6 +203,10 @@ class Job:
             out += ["--depth", str(self.depth)]
         for frame in self.report_at:
             out += ["--report-at", str(frame)]
+        if self.checkpoint_every:
+            out += ["--checkpoint-every", str(self.checkpoint_every)]
+        if self.checkpoint_dir is not None:
+            out += ["--checkpoint-dir", self.checkpoint_dir]
         return out
 
 
@@ -759,6 +776,13 @@ class DemoOutcome:
     refused: int = 0
     #: ``--pause`` requests the run ended before (NODE@FRAME:SECONDS).
     pauses_missed: list[str] = field(default_factory=list)
+    #: Frames between checkpoints as the tiles take them (0: none).
+    checkpoint_every: int = 0
+    #: Each tile death and its recovery (``RecoveryRecord.summary``).
+    recoveries: list[dict[str, Any]] = field(default_factory=list)
+    #: ``--kill`` requests carried out (NODE@FRAME it had reported) and not.
+    killed: list[str] = field(default_factory=list)
+    kills_missed: list[str] = field(default_factory=list)
 
 
 async def run_demo(
@@ -770,6 +794,7 @@ async def run_demo(
     show: bool,
     timeout: float,
     secure: bool = False,
+    kills: Sequence[Kill] = (),
 ) -> DemoOutcome:
     """Start the tile processes, follow them, gather and check the result.
 
@@ -782,6 +807,9 @@ async def run_demo(
         timeout: give up after this many seconds.
         secure: make throwaway CURVE keys for every node (in a private
             temporary folder, deleted afterwards) and run every link on them.
+        kills: tile processes to SIGKILL on the way (``--kill NODE@FRAME``),
+            in this order; with any, the run checkpoints (every
+            ``job.checkpoint_every`` frames, 10 if that is 0) and recovers.
 
     Returns:
         The outcome; ``match`` says whether it equals the serial run.
@@ -792,6 +820,8 @@ async def run_demo(
         DemoError: another bad input (checked before any process starts), a
             node process that exited early, or the run outlasting ``timeout``.
     """
+    from ._recovery import DEFAULT_CHECKPOINT_EVERY
+
     # Every input is checked before the first process starts: a bad one
     # fails here once, not in every node process.
     job.check()
@@ -807,6 +837,11 @@ async def run_demo(
     for pause in pauses:
         if pause.node not in names:
             raise DemoError(f"--pause names {pause.node!r}; the tiles are {', '.join(names)}")
+    for kill in kills:
+        if kill.node not in names:
+            raise DemoError(f"--kill names {kill.node!r}; the tiles are {', '.join(names)}")
+    if kills and not job.checkpoint_every:
+        job = replace(job, checkpoint_every=DEFAULT_CHECKPOINT_EVERY)
     if not timeout > 0:
         raise DemoError(f"the timeout must be > 0 seconds, got {timeout}")
     try:
@@ -831,12 +866,22 @@ async def run_demo(
     keys: contextlib.AbstractContextManager[str | None] = (
         tempfile.TemporaryDirectory(prefix="cellmesh-keys-") if secure else contextlib.nullcontext()
     )
-    with keys as keys_dir:
+    # One checkpoint folder per run, removed at the end (actors/grid/_recovery.py).
+    checkpoints: contextlib.AbstractContextManager[str | None] = (
+        tempfile.TemporaryDirectory(prefix="cellmesh-ckpt-")
+        if job.checkpoint_every
+        else contextlib.nullcontext()
+    )
+    with keys as keys_dir, checkpoints as checkpoint_dir:
         if keys_dir is not None:
             topology = _throwaway_keys(topology, keys_dir)
-        # Every node reports the frames a pause waits for, the moment it is there.
-        job = replace(job, report_at=tuple(sorted({*job.report_at, *(p.frame for p in pauses)})))
-        return await _run_demo(job, decomp, topology, pauses, show, timeout, out, keys_dir)
+        # Every node reports the frames a pause or a kill waits for, the
+        # moment it is there.
+        cues = {*job.report_at, *(p.frame for p in pauses), *(k.frame for k in kills)}
+        job = replace(job, report_at=tuple(sorted(cues)), checkpoint_dir=checkpoint_dir)
+        return await _run_demo(
+            job, decomp, topology, pauses, show, timeout, out, keys_dir, list(kills)
+        )
 
 
 def _throwaway_keys(topology: Topology, keys_dir: str) -> Topology:
@@ -858,7 +903,10 @@ async def _run_demo(
     timeout: float,
     out: Path,
     keys_dir: str | None,
+    kills: list[Kill],
 ) -> DemoOutcome:
+    from ._recovery import Recovery, RecoveryBoard, checkpoint_interval
+
     model = get_model(job.model)
     names = decomp.node_ids()
     endpoints = {n.id: n.endpoint for n in topology.nodes}
@@ -866,8 +914,14 @@ async def _run_demo(
     topology.save(topo_path)
     security = load_security(topology, COORDINATOR, keys_dir) if keys_dir is not None else None
 
-    board = _Board(list(names))
+    recovering = job.checkpoint_dir is not None
+    board = (
+        RecoveryBoard(list(names), Path(job.checkpoint_dir))
+        if job.checkpoint_dir is not None
+        else _Board(list(names))
+    )
     procs: dict[str, trio.Process] = {}
+    recovery: Recovery | None = None
     started = time.perf_counter()
     config = NodeConfig(
         faults=job.fault_plan(len(names)),
@@ -878,17 +932,20 @@ async def _run_demo(
         async with open_node(
             COORDINATOR,
             bind=endpoints[COORDINATOR],
-            peers=dict.fromkeys(names),
+            # A recovering run's coordinator also sends, rollback orders: it
+            # needs a link to each tile; otherwise it only receives.
+            peers={n: endpoints[n] for n in names} if recovering else dict.fromkeys(names),
             compute=lambda: _BoardActor(board),
             config=config,
             security=security,
         ) as coordinator:
-            for name in names:
+
+            async def start_tile(name: str, extra: list[str]) -> trio.Process:
                 cmd = [sys.executable, "-m", "actors._cli", "node", "--topology", str(topo_path)]
-                cmd += ["--id", name, *job.args()]
+                cmd += ["--id", name, *job.args(), *extra]
                 if keys_dir is not None:
                     cmd += ["--keys", keys_dir]
-                procs[name] = await trio.lowlevel.open_process(
+                return await trio.lowlevel.open_process(
                     cmd,
                     # Held open while we live: its end tells the tile we are gone.
                     stdin=subprocess.PIPE,
@@ -900,9 +957,14 @@ async def _run_demo(
                         PLAINTEXT_WARNED_ENV: "1",
                     },
                 )
+
+            for name in names:
+                procs[name] = await start_tile(name, [])
+            if isinstance(board, RecoveryBoard):
+                recovery = Recovery(board, coordinator, procs, start_tile, kills)
             try:
                 with trio.fail_after(timeout):
-                    await _follow(board, job, procs, pauses, show, started)
+                    await _follow(board, job, procs, pauses, show, started, recovery)
             except trio.TooSlowError:
                 if all(view.started is None for view in board.nodes.values()):
                     where = "no node had reported a frame yet; they take seconds to start"
@@ -964,6 +1026,14 @@ async def _run_demo(
         secure=security is not None,
         admitted=gate.admitted + sum(v.admitted for v in board.nodes.values()),
         refused=sum(gate.refused.values()) + sum(v.refused for v in board.nodes.values()),
+        checkpoint_every=checkpoint_interval(
+            job.checkpoint_every, job.depth or auto_depth(decomp, model)
+        )
+        if job.checkpoint_every
+        else 0,
+        recoveries=[r.summary() for r in board.records] if isinstance(board, RecoveryBoard) else [],
+        killed=board.carried_out if isinstance(board, RecoveryBoard) else [],
+        kills_missed=[str(k) for k in board.pending] if isinstance(board, RecoveryBoard) else [],
     )
 
 
@@ -974,8 +1044,13 @@ async def _follow(
     pauses: list[Pause],
     show: bool,
     started: float,
+    recovery: Recovery | None = None,
 ) -> None:
-    """Watch the run until every tile reported its result; freeze/thaw on cue."""
+    """Watch the run until every tile reported its result; freeze/thaw on cue.
+
+    With ``recovery``, a tile that dies is restarted and the run rolled back
+    (:class:`Recovery`) instead of ending the run.
+    """
     pending = list(pauses)
 
     async def thaw(name: str, seconds: float) -> None:
@@ -1001,9 +1076,11 @@ async def _follow(
                         )
                         pending.remove(pause)
                         nursery.start_soon(thaw, pause.node, pause.seconds)
+                if recovery is not None:
+                    await recovery.tick()
                 for name, proc in procs.items():
                     code = proc.poll()
-                    if code is not None and name not in board.results:
+                    if recovery is None and code is not None and name not in board.results:
                         raise DemoError(
                             f"node {name} exited with code {code} before finishing "
                             "(its own error is printed above)"
