@@ -264,7 +264,8 @@ def test_sixty_four_node_processes_equal_the_serial_run(tmp_path: Path) -> None:
     # `cellmesh demo --nodes 64`: 8x8 tiles, 65 real processes on this machine.
     # Start-up dominates (each tile process imports numpy, trio and zmq:
     # about 1 s of CPU), so a few frames: 8 frames of 64x64 halo-exchange
-    # every frame (8-cell tiles, depth 1). Measured 40-110 s on 2 shared cores.
+    # every frame (8-cell tiles, depth 1). It took 147 s with the load average
+    # near 100 from other work; at least ~35 s on 2 quiet cores (the imports).
     cmd = [sys.executable, "-m", "actors._cli", "demo", "--nodes", "64", "--size", "64"]
     cmd += ["--frames", "8", "--linger", "1", "--timeout", "280", "--out", str(tmp_path), "--json"]
     # Its own session; the tiles stop when the coordinator does (their stdin
