@@ -258,3 +258,47 @@ def test_cellmesh_keys_then_secure_nodes_and_an_open_secret_file_is_refused(
     assert refused.returncode == 2
     assert "accessible by others" in refused.stderr
     assert "chmod 600" in refused.stderr
+
+
+def test_sixty_four_node_processes_equal_the_serial_run(tmp_path: Path) -> None:
+    # `cellmesh demo --nodes 64`: 8x8 tiles, 65 real processes on this machine.
+    # Start-up dominates (each tile process imports numpy, trio and zmq:
+    # about 1 s of CPU), so a few frames: 8 frames of 64x64 halo-exchange
+    # every frame (8-cell tiles, depth 1). It took 147 s with the load average
+    # near 100 from other work; at least ~35 s on 2 quiet cores (the imports).
+    cmd = [sys.executable, "-m", "actors._cli", "demo", "--nodes", "64", "--size", "64"]
+    cmd += ["--frames", "8", "--linger", "1", "--timeout", "280", "--out", str(tmp_path), "--json"]
+    # Its own session; the tiles stop when the coordinator does (their stdin
+    # closes), so killing the coordinator on a timeout leaves no process behind.
+    with subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as proc:
+        try:
+            out, err = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            pytest.fail(f"cellmesh demo --nodes 64 did not end in 300 s\n{err[-3000:]}")
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads(out)
+    assert summary["match"] is True
+    assert summary["nodes"] == 64
+    assert len(summary["per_node"]) == 64
+    assert 0 < summary["startup_seconds"] < 300
+    # Nothing per tile grows with the node count, only with its links: a
+    # tile's file descriptors are a fixed base plus a few per link (its
+    # neighbours and the coordinator), the same for the 4 corner tiles (3
+    # neighbours), the 24 edge tiles (5) and the 36 inner ones (8).
+    by_links: dict[int, set[int]] = {}
+    for name, node in summary["per_node"].items():
+        row, col = (int(x) for x in name[1:].split("-"))
+        neighbours = (3 if 0 < row < 7 else 2) * (3 if 0 < col < 7 else 2) - 1
+        by_links.setdefault(neighbours + 1, set()).add(node["fds"])
+        assert node["rss_mb"] < 200
+    assert sorted(by_links) == [4, 6, 9]
+    assert all(len(fds) == 1 for fds in by_links.values()), by_links
+    per_link = (max(by_links[9]) - min(by_links[4])) / 5
+    assert 0 < per_link <= 6, by_links
+    # The coordinator links to all 64 tiles: its descriptors grow by about
+    # as much per link, not per link squared.
+    assert summary["coordinator_fds"] <= min(by_links[4]) + 64 * per_link + 32

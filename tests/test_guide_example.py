@@ -1,4 +1,7 @@
-"""The program docs/guide.md walks through runs, and the guide's snippets hold.
+"""The programs docs/guide.md walks through run, and the guide's snippets hold.
+
+``examples/heat.py``, the guide's whole program, runs as 3 real ranks under
+``cellmesh run`` and its rod equals a serial run computed here.
 
 ``examples/my_grid.py`` steps a tiled 2-D wave over real node processes and
 exits 0 only if the result equals a serial run bit for bit; here it runs
@@ -7,9 +10,12 @@ under a lossy wire, so the match also proves retries and dedup did their job.
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,11 +30,12 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "my_grid.py"
+HEAT = ROOT / "examples" / "heat.py"
 GUIDE = ROOT / "docs" / "guide.md"
 
 
-def _load_example() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("my_grid", EXAMPLE)
+def _load_example(path: Path = EXAMPLE) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -123,3 +130,42 @@ async def test_tiles_equal_serial_run_on_a_lossy_wire(tmp_path: Path) -> None:
                 nursery.start_soon(one, node_id)
     assert my_grid.check(topology, opts)
     assert sum(r["resent"] for r in results) > 0
+
+
+def test_the_guides_heat_listing_is_examples_heat_py() -> None:
+    listings = re.findall(r"```python\n(.*?)```", GUIDE.read_text(), flags=re.S)
+    assert HEAT.read_text() in listings, "docs/guide.md must list examples/heat.py verbatim"
+    assert len(HEAT.read_text().splitlines()) <= 60
+
+
+def test_heat_on_three_ranks_under_cellmesh_run_equals_the_serial_run(tmp_path: Path) -> None:
+    heat = _load_example(HEAT)
+    serial = heat.START
+    for _ in range(heat.STEPS):
+        serial = heat.step([0.0, *serial, 0.0])
+    launcher = [sys.executable, "-m", "actors._cli", "run", "-n", "3", "--"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CELLMESH_", "PMI"))}
+    # Its own session: on a timeout the launcher gets SIGTERM and stops its
+    # ranks (each in a session of its own) before anything is killed.
+    with subprocess.Popen(
+        [*launcher, sys.executable, str(HEAT)],
+        cwd=tmp_path,
+        env={**env, "TMPDIR": str(tmp_path)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    ) as proc:
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=10)
+            pytest.fail(f"cellmesh run -n 3 did not finish in 60 s\n{out}\n{err}")
+    assert proc.returncode == 0, f"{out}\n{err}"
+    [line] = [line for line in out.splitlines() if line.startswith("[0] MATCH")]
+    assert line.startswith("[0] MATCH: 3 ranks, 200 steps, 60 cells, rod=")
+    rod = ast.literal_eval(line.split("rod=", 1)[1])
+    assert rod == serial
+    assert max(rod) > 0
+    assert rod != heat.START

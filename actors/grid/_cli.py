@@ -104,6 +104,7 @@ def demo(args: argparse.Namespace) -> int:
         resent = sum(n["resent"] for n in outcome.per_node.values())
         dups = sum(n["duplicates_dropped"] for n in outcome.per_node.values())
         print(f"wire: {resent} retransmissions, {dups} duplicates dropped, nothing lost.")
+        print(_footprint_line(outcome))
         for pause in outcome.paused:
             print(f"paused: {pause} (node@frame it was frozen at:seconds)")
         for pause in outcome.pauses_missed:
@@ -148,6 +149,19 @@ def _print_recoveries(outcome: DemoOutcome) -> None:
 
 def _seconds(value: float | None) -> str:
     return "(not reached)" if value is None else f"{value:.2f} s"
+
+
+def _footprint_line(outcome: DemoOutcome) -> str:
+    """Start-up and what a tile process costs, as medians over the tiles."""
+    views = outcome.per_node.values()
+    rss = sorted(v["rss_mb"] for v in views if v["rss_mb"] is not None)
+    fds = sorted(v["fds"] for v in views if v["fds"] is not None)
+    line = f"start-up: {outcome.startup_seconds:.1f} s until every tile passed its start barrier"
+    if rss:
+        line += f"; per tile process: {rss[len(rss) // 2]:.0f} MB peak RSS"
+    if fds:
+        line += f", {fds[len(fds) // 2]} file descriptors (at most {fds[-1]})"
+    return line + "."
 
 
 def node(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ import contextlib
 import json
 import math
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -79,8 +80,13 @@ PARENT_ENV = "CELLMESH_DEMO_PARENT"
 #: (docs/observability.md; one warning per run, not per node).
 PLAINTEXT_WARNED_ENV = "CELLMESH_PLAINTEXT_WARNED"
 
-#: Seconds between a tile node's progress reports.
+#: Seconds between a tile node's progress reports, with up to this many tiles ...
 _REPORT_EVERY = 0.1
+_REPORTING_TILES = 8
+#: ... and proportionally longer with more: the coordinator, one process,
+#: takes at most ~80 reports a second. At 64 tiles and 10 reports a second
+#: each it fell behind on 2 cores, and the tiles' unanswered reports were
+#: resent (56,690 retransmissions in a 64-frame run, docs/performance.md).
 
 #: The automatic halo depth: at most this many frames per exchange ...
 _MAX_AUTO_DEPTH = 16
@@ -527,6 +533,9 @@ async def _run_tile(
         # many duplicates in a fault-free run).
         await node.wait_all_up()
         await node.neighbour_barrier(peers=list(towards))
+        ready_at = time.time()
+        tiles = len(topology) - (1 if coordinated else 0)
+        report_every = _REPORT_EVERY * max(1.0, tiles / _REPORTING_TILES)
         for frame in range(job.frames):
             started = time.perf_counter()
             exchange = cells.needs_halos
@@ -553,7 +562,7 @@ async def _run_tile(
             # frame halved the frame rate (bench/grid.py --profile).
             if not last and now < next_report and frame + 1 not in job.report_at:
                 continue
-            next_report = now + _REPORT_EVERY
+            next_report = now + report_every
             report = {"frame": frame + 1, "ms": frame_ms[-1], **_summary(node.statistics())}
             if coordinated:
                 await node.wait_window(COORDINATOR)
@@ -570,7 +579,12 @@ async def _run_tile(
         if coordinated:
             await node.send(
                 COORDINATOR,
-                {"data": result.tobytes(), "frame_ms": frame_ms, **_summary(node.statistics())},
+                {
+                    "data": result.tobytes(),
+                    "frame_ms": frame_ms,
+                    **_summary(node.statistics()),
+                    **_footprint(ready_at),
+                },
                 stream="result",
                 timeout=120.0,
             )
@@ -585,6 +599,23 @@ async def _run_tile(
         if metrics is not None:
             metrics.write(node)
         nursery.cancel_scope.cancel()
+
+
+def open_fds() -> int | None:
+    """How many file descriptors this process holds (None where /proc is missing)."""
+    try:
+        return len(os.listdir("/proc/self/fd")) - 1  # less the one listdir opened
+    except OSError:
+        return None
+
+
+def _footprint(ready_at: float) -> dict[str, Any]:
+    """What a tile process costs: when it passed its start barrier (wall clock), peak RSS, fds."""
+    return {
+        "ready_at": ready_at,
+        "rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        "fds": open_fds(),
+    }
 
 
 async def _leave_together(node: Node, inbox: _Inbox, neighbours: list[str], linger: float) -> None:
@@ -623,6 +654,11 @@ class _NodeView:
     refused: int = 0
     frame_ms: list[float] = field(default_factory=list)
     paused: bool = False
+    #: From the node's result: wall-clock time it passed its start barrier,
+    #: its peak RSS and its open file descriptors at the end of its frames.
+    ready_at: float | None = None
+    rss_kb: int | None = None
+    fds: int | None = None
 
 
 class _Board:
@@ -657,6 +693,11 @@ class _Board:
         view.frame_ms = [float(x) for x in info["frame_ms"]]
         for key in ("resent", "duplicates", "reordered", "in_flight", "admitted", "refused"):
             setattr(view, key, int(info[key]))
+        # A recovering tile (actors/grid/_recovery.py) reports no footprint.
+        if "ready_at" in info:
+            view.ready_at = float(info["ready_at"])
+            view.rss_kb = int(info["rss_kb"])
+            view.fds = None if info["fds"] is None else int(info["fds"])
         self.results[peer] = bytes(info["data"])
         if len(self.results) == len(self.nodes):
             self.done.set()
@@ -783,6 +824,12 @@ class DemoOutcome:
     #: ``--kill`` requests carried out (NODE@FRAME it had reported) and not.
     killed: list[str] = field(default_factory=list)
     kills_missed: list[str] = field(default_factory=list)
+    #: Seconds from starting the first tile process until the last tile
+    #: passed its start barrier (process start, imports, links up).
+    startup_seconds: float = 0.0
+    #: The coordinator's open file descriptors at the end of the run (it
+    #: links to every tile, so it holds the most).
+    coordinator_fds: int | None = None
 
 
 async def run_demo(
@@ -923,6 +970,7 @@ async def _run_demo(
     procs: dict[str, trio.Process] = {}
     recovery: Recovery | None = None
     started = time.perf_counter()
+    launched = time.time()
     config = NodeConfig(
         faults=job.fault_plan(len(names)),
         sender=SenderConfig(retry_timeout=0.1, retry_ceiling=0.5, send_timeout=120.0),
@@ -976,6 +1024,7 @@ async def _run_demo(
                     "give a larger --timeout, or fewer --frames or a smaller --size"
                 ) from None
             gate = coordinator.statistics().security
+            coordinator_fds = open_fds()
     finally:
         with trio.CancelScope(shield=True):
             for proc in procs.values():
@@ -1017,6 +1066,9 @@ async def _run_demo(
                 "median_frame_ms": round(float(np.median(view.frame_ms)), 3)
                 if view.frame_ms
                 else None,
+                "ready_s": None if view.ready_at is None else round(view.ready_at - launched, 3),
+                "rss_mb": None if view.rss_kb is None else round(view.rss_kb / 1024, 1),
+                "fds": view.fds,
             }
             for name, view in board.nodes.items()
         },
@@ -1034,6 +1086,11 @@ async def _run_demo(
         recoveries=[r.summary() for r in board.records] if isinstance(board, RecoveryBoard) else [],
         killed=board.carried_out if isinstance(board, RecoveryBoard) else [],
         kills_missed=[str(k) for k in board.pending] if isinstance(board, RecoveryBoard) else [],
+        startup_seconds=round(
+            max((v.ready_at - launched for v in board.nodes.values() if v.ready_at), default=0.0),
+            3,
+        ),
+        coordinator_fds=coordinator_fds,
     )
 
 
