@@ -97,6 +97,10 @@ _RECV_BUDGET = 256
 #: the work of a lone message on a node with a few peers.
 _TIMER_SLACK = 0.005
 
+#: Seconds libzmq may still spend sending what the last flush queued, when the
+#: I/O task stops (the context's end waits that long at most).
+_CLOSE_LINGER = 0.2
+
 #: A wake-up stops taking messages once it has spent this long (seconds of
 #: time.perf_counter) and sends the answers due: a run of costly messages
 #: (a header decode takes up to ~50 ms, Limits.max_header_bytes) then holds
@@ -447,10 +451,15 @@ class IoTask(Actor[Never, None]):
         d = self._d
         d._poller = None
         poller = self._poller
+        # Answers posted since the last wake-up (a collective's last ACKs,
+        # taken just before its caller left the node's block) still go out:
+        # flushed now, and given _CLOSE_LINGER to leave the machine.
+        by_owner = {owner: sock for sock, owner in self._sockets.items()}
+        d._flush(by_owner, {}, trio.current_time())
         for sock, owner in self._sockets.items():
             if poller is not None:
                 poller.discard(sock)
-            sock.close()
+            sock.close(linger=_CLOSE_LINGER)
             owner.handle(Detached(), trio.current_time())
         self._sockets = {}
         if poller is not None:

@@ -71,8 +71,12 @@ class SocketLike(Protocol):
         """Connect to a peer's endpoint (the peer may bind later)."""
         ...
 
-    def close(self) -> None:
-        """Close now, dropping anything unsent or unreceived. Idempotent."""
+    def close(self, *, linger: float = 0.0) -> None:
+        """Close now, dropping anything unreceived. Idempotent.
+
+        ``linger``: seconds what was sent may still take to leave (ZeroMQ's
+        I/O thread writes it after the call); 0 drops it.
+        """
         ...
 
     def recv_multipart_nowait(self) -> list[bytes]:
@@ -454,9 +458,13 @@ class MemorySocket:
         self._endpoint = endpoint
         self._net._connect(self, endpoint)
 
-    def close(self) -> None:
+    def close(self, *, linger: float = 0.0) -> None:
         """Close now; queued messages are lost and a waiting owner gets
-        :class:`trio.ClosedResourceError`. Idempotent."""
+        :class:`trio.ClosedResourceError`. Idempotent.
+
+        ``linger`` is for :class:`transport.Socket`'s sake: what this socket
+        sent is in its peer's queue already.
+        """
         if self._closed:
             return
         self._closed = True

@@ -277,11 +277,14 @@ class Socket:
         """Whether :meth:`close` has been called."""
         return self._closed
 
-    def close(self) -> None:
-        """Close the socket now, dropping anything unsent (``LINGER=0``).
+    def close(self, *, linger: float = 0.0) -> None:
+        """Close the socket now; what is unsent is dropped, or with ``linger``
+        (seconds) libzmq's I/O thread may still send it for that long.
 
         Idempotent. A task blocked in :meth:`wait_ready`, :meth:`recv_multipart`
         or :meth:`send_multipart` gets :class:`trio.ClosedResourceError`.
+        With ``linger``, terminating the context (``ZmqNetwork.close``) waits
+        for that sending, at most ``linger`` seconds.
         """
         if self._closed:
             return
@@ -292,7 +295,7 @@ class Socket:
             trio.lowlevel.notify_closing(self._wait_fd)
             if self._wait_fd != self._fd:
                 trio.lowlevel.notify_closing(self._fd)
-        self._zsock.close(linger=0)
+        self._zsock.close(linger=round(linger * 1000))
         if self._epoll is not None:
             self._release()
 

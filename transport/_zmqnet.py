@@ -119,7 +119,11 @@ class ZmqNetwork:
         return Socket(zmon)
 
     def close(self) -> None:
-        """Destroy the context if this object made it (closing its sockets)."""
+        """Destroy the context if this object made it (closing its sockets).
+
+        Sockets still open are dropped at once; one closed with a linger may
+        hold this call that long, while libzmq sends what it queued.
+        """
         if self._owned:
             self._ctx.destroy(linger=0)
 
