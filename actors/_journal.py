@@ -332,7 +332,7 @@ class JournalStore:
         """
         started = time.perf_counter()
         marks = dict(self._marks)
-        moved = {key: nxt for key, nxt in positions.items() if nxt > self._positions.get(key, 0)}
+        known = dict(self._positions)
         db = self._db
         db.execute("BEGIN")
         try:
@@ -341,16 +341,19 @@ class JournalStore:
                 if old is not None and old == (inc, watermark):
                     continue
                 if old is None or old[0] != inc:
+                    # A new session of the peer: the old one's answers and
+                    # stream positions mean nothing to it.
                     db.execute("DELETE FROM answers WHERE peer = ?", (peer,))
                     db.execute("DELETE FROM streams WHERE peer = ?", (peer,))
-                    for key in [k for k in self._positions if k[0] == peer]:
-                        del self._positions[key]
+                    for key in [k for k in known if k[0] == peer]:
+                        del known[key]
                 else:
                     db.execute("DELETE FROM answers WHERE peer = ? AND seq < ?", (peer, watermark))
                 db.execute(
                     "INSERT OR REPLACE INTO sessions VALUES (?, ?, ?)", (peer, inc, watermark)
                 )
                 marks[peer] = (inc, watermark)
+            moved = {key: nxt for key, nxt in positions.items() if nxt > known.get(key, 0)}
             rows = [(a.peer, a.seq, a.items, _stored(a.outcome)) for a in answers]
             db.executemany("INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?)", rows)
             if moved:
@@ -365,7 +368,8 @@ class JournalStore:
                 db.execute("ROLLBACK")
             raise
         self._marks = marks
-        self._positions.update(moved)
+        known.update(moved)
+        self._positions = known
         self.state = state
         took = time.perf_counter() - started
         self._commits += 1

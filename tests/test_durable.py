@@ -16,6 +16,7 @@ message exactly once.
 from __future__ import annotations
 
 import random
+import sqlite3
 import subprocess
 import sys
 from collections import Counter as Tally
@@ -26,7 +27,7 @@ from typing import Any
 
 import pytest
 import trio
-from _durable_peer import QUICK, Counter, committed_counts
+from _durable_peer import QUICK, Counter, committed, committed_counts
 from test_processes import STARTUP_TIMEOUT, endpoint_of, free_port
 from trio_util import AsyncValue
 
@@ -40,8 +41,11 @@ from actors import (
     SendHandle,
     open_node,
 )
+from actors._journal import AnswerRow, JournalStore
 from actors.journal import Durable
-from transport import ErrCode, LocalProtocolError
+from transport import ErrCode, Incarnation, LinkSeq, LocalProtocolError, NodeId, StreamId
+from transport.frames import ItemAck
+from transport.testing import FaultPlan
 
 PEER = Path(__file__).with_name("_durable_peer.py")
 
@@ -145,6 +149,77 @@ async def test_a_compute_crash_replays_the_uncommitted_messages_on_the_committed
     assert stats is not None
     assert stats.replayed == 5
     assert committed_counts(journal) == {n: 1 for n in range(10) if n != 5}
+
+
+async def test_answers_lost_with_the_process_are_given_again_from_the_journal(
+    tmp_path: Path,
+) -> None:
+    journal = tmp_path / "b.db"
+    bind = endpoint_of(free_port())
+    # b's answers are nearly all lost on the wire, so a holds unanswered
+    # messages that b has processed and committed when b's process ends.
+    lossy = NodeConfig(faults=FaultPlan(drop=0.99, seed=3))
+    first = 10
+    with trio.fail_after(60):
+        async with open_node(
+            "a", bind="tcp://127.0.0.1:*", peers={"b": bind}, config=NodeConfig(sender=QUICK)
+        ) as a:
+            async with open_node(
+                "b", bind=bind, peers={"a": None}, compute=counter, journal=journal, config=lossy
+            ):
+                handles = [a.send_nowait("b", n) for n in range(first)]
+                while len(committed_counts(journal)) < first:  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+            unanswered = sum(1 for h in handles if not h.done)
+            assert unanswered, "the faults let every answer through; pick another seed"
+            async with open_node(
+                "b", bind=bind, peers={"a": None}, compute=counter, journal=journal
+            ) as b2:
+                # Sent at once, beside the resends, so they reach b's new
+                # process while a still waits on old answers (their stream
+                # floor is behind): the stream goes on where the journal left
+                # it, with no gap for the numbers answered from it.
+                handles += [a.send_nowait("b", n) for n in range(first, first + 5)]
+                acks = [await h.wait() for h in handles]
+                stats = b2.statistics()
+    assert all(isinstance(ack, Ack) for ack in acks)
+    assert committed(journal)["gaps"] == []
+    assert committed_counts(journal) == dict.fromkeys(range(first + 5), 1)
+    (session,) = stats.inbound.protocol.sessions
+    # Each resend of a message the old process answered got the journal's answer.
+    assert session.duplicates >= unanswered
+    assert session.delivered == 5
+    assert stats.journal is not None
+    assert stats.journal.recovered_sessions == 1
+
+
+async def test_the_store_keeps_one_session_per_peer_and_rolls_back_a_failed_write(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "j.db"
+    a = NodeId("a")
+    halo = StreamId("halo")
+    store = JournalStore(path, NodeId("b"), Incarnation(1))
+    rows = [AnswerRow(a, LinkSeq(s), 0, ItemAck(None)) for s in range(1, 6)]
+    store.write(b"\x01", {a: (Incarnation(10), LinkSeq(1))}, rows, {(a, halo): 6})
+    # The watermark passes 1-3: their answers are dropped.
+    store.write(b"\x02", {a: (Incarnation(10), LinkSeq(4))}, [], {})
+    with pytest.raises(sqlite3.Error):
+        store.write(object(), {}, [], {})  # type: ignore[arg-type]
+    store.close()
+    again = JournalStore(path, NodeId("b"), Incarnation(2))
+    (session,) = again.recovered.sessions
+    assert [c.seq for c in session.answers] == [4, 5]
+    assert again.recovered.streams == {a: (10, {halo: 6})}
+    assert again.state == b"\x02"
+    # A new incarnation of the peer: its stream starts over, lower than before.
+    again.write(b"\x03", {a: (Incarnation(11), LinkSeq(1))}, rows[:1], {(a, halo): 2})
+    again.close()
+    third = JournalStore(path, NodeId("b"), Incarnation(3))
+    (session,) = third.recovered.sessions
+    assert (session.incarnation, [c.seq for c in session.answers]) == (11, [1])
+    assert third.recovered.streams == {a: (11, {halo: 2})}
+    third.close()
 
 
 class Plain(Actor[Any, None]):
@@ -266,7 +341,10 @@ async def test_receiver_killed_and_restarted_counts_every_message_once(
             "a",
             bind="tcp://127.0.0.1:*",
             peers={"b": endpoint_of(port)},
-            config=NodeConfig(sender=QUICK),
+            # Faults on a's wire too: resends overtake, duplicates come late.
+            config=NodeConfig(
+                sender=QUICK, faults=FaultPlan(drop=0.05, duplicate=0.05, delay=0.005, seed=seed)
+            ),
         ) as a:
 
             async def settle(n: int, handle: SendHandle) -> None:
@@ -286,7 +364,10 @@ async def test_receiver_killed_and_restarted_counts_every_message_once(
                 nursery.start_soon(feed)
                 for mark in marks:
                     async with durable_process(tmp_path, *rx_args) as (proc, _):
-                        await answered.wait_value(lambda v, m=mark: v >= m)
+                        # Past the mark, and this process answered some: each
+                        # kill hits a process in the middle of the stream.
+                        at = max(mark, answered.value + 20)
+                        await answered.wait_value(lambda v, m=at: v >= m)
                         # A random point inside the flow, not just after an ACK.
                         await trio.sleep(rng.uniform(0.0, 0.01))
                         proc.kill()
@@ -305,7 +386,8 @@ async def test_receiver_killed_and_restarted_counts_every_message_once(
     ][:3]
     assert (stats.acked, stats.gave_up, stats.in_flight) == (STREAM_N, 0, 0)
     assert stats.peer_restarts >= kills
-    # Exactly once in the committed state: none lost, none twice.
+    # Exactly once in the committed state: none lost, none twice, no gap.
+    assert committed(journal)["gaps"] == []
     assert committed_counts(journal) == dict.fromkeys(range(STREAM_N), 1)
     # The side effect outside the state is at least once: a kill may repeat it.
     done = Tally(int(line) for line in effects.read_text().split())
@@ -357,6 +439,9 @@ async def test_a_restarted_sender_never_gets_what_it_saw_acked_processed_again(
 
     counts = committed_counts(journal)
     assert set(counts) == set(range(total)), "a message was lost"
+    # A new sender session ends the old one: what the old one's stream held
+    # undelivered may be reported as a gap ("session-ended"), nothing else.
+    assert {gap[3] for gap in committed(journal)["gaps"]} <= {"session-ended"}
     # What a sender incarnation saw ACKed before it was killed is never
     # processed again: its next incarnations do not send it, and the
     # receiver mixes no session into another.
