@@ -15,7 +15,11 @@ Receiver: returning from ``receive`` becomes ACK, ``Reject`` becomes ERR with
 its code, a crash becomes ERR ``COMPUTE_FAILED`` (and the supervisor restarts
 the actor), a stop becomes ERR ``SHUTTING_DOWN``. Every delivered message
 gets exactly one final answer, and the answers of a burst leave together
-(one ACK_RANGE) at the I/O task's next flush.
+(one ACK_RANGE) at the I/O task's next flush. On a durable node
+(``open_node(journal=...)``, actors/_journal.py) the sinks hand the compute
+actor's outcomes to the Receiver to *hold*; the compute actor's cell posts
+:class:`Commit` between two messages, and the Receiver writes the state and
+the held outcomes to the journal before it gives them to the core.
 
 A batch (a DATA_ITEMS) is one message to the core and to the sequencer: it
 takes one place in its stream and is released as a unit. Only at the hand-over

@@ -356,7 +356,9 @@ class Node:
         is silent, and processed at most once by each receiver process: a
         receiver killed and restarted before it answered gets the message
         again, and processes it again if the dead process already had
-        (docs/reliability.md). Nothing is kept on disk.
+        (docs/reliability.md), unless the receiver keeps a journal
+        (``open_node(journal=...)``, "Durable receiving" there). Nothing of
+        the send is kept on disk here.
 
         Args: as for :meth:`send_nowait`.
 
