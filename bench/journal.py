@@ -30,7 +30,7 @@ sys.path.insert(0, str(_HERE.parent))
 import cbor2  # noqa: E402
 import trio  # noqa: E402
 
-from actors._journal import AnswerRow, JournalStore  # noqa: E402
+from actors._journal import AnswerRow, JournalStore, JournalSync  # noqa: E402
 from bench._common import machine_info, median, percentile, print_table, write_json  # noqa: E402
 from transport import Incarnation, LinkSeq, NodeId  # noqa: E402
 from transport.frames import ItemAck  # noqa: E402
@@ -66,12 +66,13 @@ def main() -> None:
     results: dict[str, Any] = {}
     rows: list[list[object]] = []
     with tempfile.TemporaryDirectory(prefix="cellmesh-bench-journal-") as folder:
-        for sync in ("normal", "full"):
+        syncs: tuple[JournalSync, ...] = ("normal", "full")
+        for sync in syncs:
             for label, value in states.items():
                 state = cbor2.dumps(value)
                 for threaded in (False, True):
                     path = Path(folder) / f"{sync}-{len(state)}-{threaded}.db"
-                    store = JournalStore(path, NodeId("b"), Incarnation(1), sync=sync)  # type: ignore[arg-type]
+                    store = JournalStore(path, NodeId("b"), Incarnation(1), sync=sync)
                     try:
                         commits = args.commits if sync == "normal" else args.commits // 10
                         times = trio.run(_measure, store, state, commits, threaded)

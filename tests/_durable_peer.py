@@ -70,7 +70,7 @@ def committed_counts(journal: Path) -> dict[int, int]:
 class Counter(Actor[Any, None]):
     """Counts each number it processes, and notes each gap; both are its durable state."""
 
-    def __init__(self, effects: IO[str]) -> None:
+    def __init__(self, effects: IO[str] | None = None) -> None:
         self.counts: dict[int, int] = {}
         self.gaps: list[list[Any]] = []
         self._effects = effects
@@ -84,7 +84,8 @@ class Counter(Actor[Any, None]):
         n = msg.payload
         assert isinstance(n, int)
         self.counts[n] = self.counts.get(n, 0) + 1
-        self._effects.write(f"{n}\n")
+        if self._effects is not None:
+            self._effects.write(f"{n}\n")
 
     def snapshot(self) -> dict[str, Any]:
         return {"counts": [[n, c] for n, c in self.counts.items()], "gaps": self.gaps}
