@@ -188,6 +188,7 @@ async def open_node_from_env(
     network: Network | None = None,
     incarnation: int | None = None,
     environ: Mapping[str, str] | None = None,
+    journal: str | os.PathLike[str] | None = None,
 ) -> AsyncIterator[Node]:
     """Open this rank's node, whoever launched the program.
 
@@ -207,6 +208,8 @@ async def open_node_from_env(
         network: as for :func:`open_node` (tests).
         incarnation: as for :func:`open_node` (tests).
         environ: the environment to read; default ``os.environ``.
+        journal: as for :func:`open_node`: durable receiving (give each rank
+            its own file, e.g. named by its node id).
 
     Yields:
         The running :class:`Node`.
@@ -235,5 +238,6 @@ async def open_node_from_env(
         incarnation=incarnation,
         network=network,
         security=security,
+        journal=journal,
     ) as node:
         yield node

@@ -15,7 +15,11 @@ Receiver: returning from ``receive`` becomes ACK, ``Reject`` becomes ERR with
 its code, a crash becomes ERR ``COMPUTE_FAILED`` (and the supervisor restarts
 the actor), a stop becomes ERR ``SHUTTING_DOWN``. Every delivered message
 gets exactly one final answer, and the answers of a burst leave together
-(one ACK_RANGE) at the I/O task's next flush.
+(one ACK_RANGE) at the I/O task's next flush. On a durable node
+(``open_node(journal=...)``, actors/_journal.py) the sinks hand the compute
+actor's outcomes to the Receiver to *hold*; the compute actor's cell posts
+:class:`Commit` between two messages, and the Receiver writes the state and
+the held outcomes to the journal before it gives them to the core.
 
 A batch (a DATA_ITEMS) is one message to the core and to the sequencer: it
 takes one place in its stream and is released as a unit. Only at the hand-over
@@ -107,6 +111,7 @@ from transport.testing import (
 from ._actor import ActorRef
 from ._dispatch import Attached, Detached, Input, InternalError
 from ._errors import ActorStopped
+from ._journal import AnswerRow, JournalStore
 from ._outcomes import Delivery, Gap, Reject
 from ._security import SecurityState
 
@@ -227,6 +232,17 @@ class Failed:
 
 
 @dataclass(frozen=True, slots=True)
+class Commit:
+    """A durable node's compute actor is between messages: commit ``state`` and what it answered.
+
+    Posted from the compute actor's task (actors/_journal.py); the answers
+    held since the last commit go to the core only once the journal has them.
+    """
+
+    state: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Refuse:
     """``item`` was not processed and will not be: answer RETRY_LATER (buffer full)."""
 
@@ -266,6 +282,7 @@ ReceiverMessage = (
     | CompletedItems
     | Failed
     | Refuse
+    | Commit
     | Ask
     | Query
     | ForgetQuery
@@ -291,6 +308,19 @@ class _Completion:
     def fail(self, error: BaseException) -> None:
         code, detail = _err_of(error)
         self._receiver.handle(Failed(self._item, code, detail), trio.current_time())
+
+
+class _HeldCompletion(_Completion):
+    """A durable node's reply sink: the outcome waits in the Receiver for the next commit."""
+
+    __slots__ = ()
+
+    def set_result(self, value: Any) -> None:
+        self._receiver.hold(Completed(self._item, value))
+
+    def fail(self, error: BaseException) -> None:
+        code, detail = _err_of(error)
+        self._receiver.hold(Failed(self._item, code, detail))
 
 
 #: The outcome of an item processed without a result: one shared value.
@@ -332,10 +362,24 @@ class _ItemsCompletion:
         self._left -= 1
         if not self._left:
             done: tuple[ItemOutcome, ...] = tuple(outcomes)  # type: ignore[arg-type]
-            self._receiver.handle(CompletedItems(self._item, done), trio.current_time())
+            self._done(CompletedItems(self._item, done))
+
+    def _done(self, msg: CompletedItems) -> None:
+        self._receiver.handle(msg, trio.current_time())
 
 
-def _expand(receiver: Receiver, item: Admitted) -> tuple[list[Delivery], _ItemsCompletion]:
+class _HeldItemsCompletion(_ItemsCompletion):
+    """A durable node's batch reply sink: the batch's answer waits for the next commit."""
+
+    __slots__ = ()
+
+    def _done(self, msg: CompletedItems) -> None:
+        self._receiver.hold(msg)
+
+
+def _expand(
+    receiver: Receiver, item: Admitted, sink: type[_ItemsCompletion]
+) -> tuple[list[Delivery], _ItemsCompletion]:
     """One Delivery per item of a batch, in item order, and the batch's reply sink."""
     peer = item.peer
     stream = item.stream
@@ -346,7 +390,7 @@ def _expand(receiver: Receiver, item: Admitted) -> tuple[list[Delivery], _ItemsC
         Delivery(peer, stream, stream_seq, frame_no, payload, seq, index)
         for index, payload in enumerate(item.payload)
     ]
-    return deliveries, _ItemsCompletion(receiver, item)
+    return deliveries, sink(receiver, item)
 
 
 class Receiver:
@@ -369,11 +413,20 @@ class Receiver:
         faults: FaultPlan,
         limits: Limits,
         security: SecurityState | None = None,
+        journal: JournalStore | None = None,
     ) -> None:
         self._node = node
         self._dispatcher = dispatcher
         self._limits = limits
         self._core = LinkReceiver(node, incarnation, config=config)
+        self._peers = peers
+        # A durable node (actors/_journal.py): the sessions its previous
+        # process committed continue here, and the compute actor's outcomes
+        # are held until the commit that covers them.
+        self._journal = journal
+        self._held: list[Completed | CompletedItems | Failed] = []
+        if journal is not None:
+            self._core.restore(journal.recovered.sessions)
         self._faults: FaultInjector[list[Any]] = FaultInjector(faults, salt=f"{node}<-")
         self._inject = self._faults.active
         # Plaintext: routing ids are the peers' node ids (design.md §5);
@@ -429,6 +482,15 @@ class Receiver:
             faults=self._faults.statistics(),
         )
 
+    @property
+    def durable(self) -> bool:
+        """Whether the compute actor's answers wait for a journal commit."""
+        return self._journal is not None
+
+    def hold(self, msg: Completed | CompletedItems | Failed) -> None:
+        """Keep a compute outcome for the next :class:`Commit` (durable nodes only)."""
+        self._held.append(msg)
+
     def adopt(self, sequencers: dict[NodeId, Sequencer]) -> None:
         """Set the per-peer sequencers this Receiver routes to (once, at setup)."""
         self._sequencers = sequencers
@@ -458,6 +520,9 @@ class Receiver:
         elif kind is Refuse:
             assert isinstance(msg, Refuse)
             self._refuse(msg.item)
+        elif kind is Commit:
+            assert isinstance(msg, Commit)
+            self._commit(msg.state)
         elif kind is Ask:
             assert isinstance(msg, Ask)
             core.request(msg.peer, msg.stream, msg.missing, now)
@@ -526,6 +591,103 @@ class Receiver:
         return bool(outgoing)
 
     # -- behaviour --------------------------------------------------------------
+
+    def _commit(self, state: bytes) -> None:
+        """Write the state and the held outcomes to the journal, then answer them.
+
+        Only outcomes the core will answer are written: one for an ended
+        session or below the sender's watermark is nobody's any more. If the
+        write fails nothing is answered, the outcomes stay held, and the
+        error crashes the compute actor, whose next instance replays from
+        the last commit and commits again.
+        """
+        journal = self._journal
+        assert journal is not None
+        held = self._held
+        self._held = []
+        core = self._core
+        rows: list[AnswerRow] = []
+        positions: dict[tuple[NodeId, StreamId], int] = {}
+        try:
+            for outcome in held:
+                item = outcome.item
+                peer = item.peer
+                if core.session_incarnation(peer) != item.peer_incarnation:
+                    continue
+                watermark = core.session_watermark(peer)
+                if watermark is None or item.seq < watermark:
+                    continue
+                rows.append(self._answer_row(outcome))
+                key = (peer, item.stream)
+                nxt = item.stream_seq + 1
+                if nxt > positions.get(key, 0):
+                    positions[key] = nxt
+            sessions = {}
+            for peer in self._peers:
+                inc = core.session_incarnation(peer)
+                watermark = core.session_watermark(peer)
+                if inc is not None and watermark is not None:
+                    sessions[peer] = (inc, watermark)
+            journal.write(state, sessions, rows, positions)
+        except BaseException:
+            self._held = held + self._held
+            raise
+        for outcome in held:
+            item = outcome.item
+            if type(outcome) is Completed:
+                core.complete(item.peer, item.peer_incarnation, item.seq, outcome.result)
+            elif type(outcome) is CompletedItems:
+                core.complete_items(item.peer, item.peer_incarnation, item.seq, outcome.outcomes)
+            else:
+                assert isinstance(outcome, Failed)
+                core.fail(item.peer, item.peer_incarnation, item.seq, outcome.code, outcome.detail)
+
+    def _answer_row(self, outcome: Completed | CompletedItems | Failed) -> AnswerRow:
+        """The journal's copy of an answer: what the wire will carry, results encoded.
+
+        A result the codec refuses is journaled as the ERR it goes out as
+        (``_fallback``), so a resend after a restart gets the same answer.
+        """
+        item = outcome.item
+        items = len(item.payload) if item.items else 0
+        if type(outcome) is Failed:
+            return AnswerRow(item.peer, item.seq, items, ItemErr(outcome.code, outcome.detail))
+        frame: Frame
+        if type(outcome) is Completed:
+            if outcome.result is None:
+                return AnswerRow(item.peer, item.seq, items, _ITEM_ACK)
+            # Only the result matters here; the other fields are the
+            # answer's own, credit aside (it is made fresh at each send).
+            frame = AckFrame(
+                self._node,
+                self._core.incarnation,
+                item.peer_incarnation,
+                item.seq,
+                item.seq,
+                outcome.result,
+            )
+        else:
+            assert isinstance(outcome, CompletedItems)
+            if all(o == _ITEM_ACK for o in outcome.outcomes):
+                return AnswerRow(item.peer, item.seq, items, _ITEM_ACK)
+            frame = AckItems(
+                self._node,
+                self._core.incarnation,
+                item.peer_incarnation,
+                item.seq,
+                item.seq,
+                outcome.outcomes,
+            )
+        try:
+            parts = encode(frame, limits=self._limits)
+        except Exception as exc:
+            fallback = _fallback(frame, exc, self._limits)
+            assert fallback is not None
+            parts = fallback
+            answer = decode(parts, self._limits)
+            if isinstance(answer, ErrFrame):
+                return AnswerRow(item.peer, item.seq, items, ItemErr(answer.code, answer.detail))
+        return AnswerRow(item.peer, item.seq, items, [bytes(p) for p in parts])
 
     def _on_input(self, msg: Input, now: float) -> None:
         """Identify, budget, decode and take one message the ROUTER received."""
@@ -688,10 +850,19 @@ class Sequencer:
         streams: dict[StreamId, SequencerConfig],
         default: SequencerConfig,
         own: Mapping[StreamId, OwnStream] | None = None,
+        resume: tuple[Incarnation, Mapping[StreamId, StreamSeq]] | None = None,
     ) -> None:
         self._receiver = receiver
         self._peer = peer
         self._compute = compute
+        # A durable node's compute outcomes wait for the journal's commit.
+        durable = receiver.durable
+        self._completion = _HeldCompletion if durable else _Completion
+        self._items_completion = _HeldItemsCompletion if durable else _ItemsCompletion
+        # Where each stream of the peer's session stood at the journal's last
+        # commit: a durable node's streams go on from there, not from the
+        # sender's floor (which lags when answers were lost with the process).
+        self._resume = resume
         self._own: Mapping[StreamId, OwnStream] = own or {}
         self._configs = streams
         self._default = default
@@ -749,7 +920,11 @@ class Sequencer:
         stream = self._streams.get(item.stream)
         if stream is None:
             config = self._configs.get(item.stream, self._default)
-            stream = StreamSequencer(config=config, first=item.stream_floor)
+            first = item.stream_floor
+            resume = self._resume
+            if resume is not None and resume[0] == item.peer_incarnation:
+                first = max(first, resume[1].get(item.stream, first))
+            stream = StreamSequencer(config=config, first=first)
             self._streams[item.stream] = stream
         result = stream.offer(item.stream_seq, item.stream_floor, item, now)
         if result is OfferResult.ACCEPTED:
@@ -832,10 +1007,10 @@ class Sequencer:
             return
         try:
             if item.items:
-                deliveries, batch = _expand(receiver, item)
+                deliveries, batch = _expand(receiver, item, self._items_completion)
                 compute.send_items_nowait(deliveries, reply=batch)
             else:
-                compute.send_nowait(_delivery(item), reply=_Completion(receiver, item))
+                compute.send_nowait(_delivery(item), reply=self._completion(receiver, item))
         except trio.WouldBlock:
             # Sized so that the protocol bounds it (module docstring): only a
             # misconfigured node gets here. The sender resends.

@@ -57,7 +57,16 @@ from ._actor import Actor, ActorRef
 from ._collectives import COLLECTIVE_STREAM, Collectives, CollectiveStatistics, ReduceOp
 from ._dispatch import Dispatcher
 from ._errors import ActorCrashed, BindError, NodeClosed, PeersNotUp
-from ._inbound import ForgetQuery, InboundStatistics, Query, QueryWaiter, Receiver, Sequencer
+from ._inbound import (
+    Commit,
+    ForgetQuery,
+    InboundStatistics,
+    Query,
+    QueryWaiter,
+    Receiver,
+    Sequencer,
+)
+from ._journal import DurableCell, JournalStatistics, JournalStore, JournalSync
 from ._link import BatchHandle, Close, LinkStatistics, PeerLink, SendHandle, Submit, SubmitItems
 from ._outcomes import Ack, DeliveryFailed, PeerError, SendError
 from ._security import Gatekeeper, SecurityState, SecurityStatistics
@@ -96,6 +105,10 @@ class NodeConfig:
             the actor class's ``max_concurrency``. Ordered streams are still
             handed over in order.
         seed: seeds the retry jitter and the fault injection.
+        journal_sync: with ``open_node(journal=...)``, how hard each commit
+            goes to disk: ``"normal"`` (survives the process's death, not
+            the OS's) or ``"full"`` (an fsync per commit: survives power
+            loss too). See docs/reliability.md, "Durable receiving".
     """
 
     sender: SenderConfig = field(default_factory=SenderConfig)
@@ -108,6 +121,7 @@ class NodeConfig:
     restart_period: float = 10.0
     compute_concurrency: int | None = None
     seed: int = 0
+    journal_sync: JournalSync = "normal"
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +141,8 @@ class NodeStatistics:
     streams: dict[NodeId, dict[StreamId, SequencerStatistics]]
     security: SecurityStatistics
     collectives: CollectiveStatistics
+    #: The journal of a durable node (``open_node(journal=...)``), else None.
+    journal: JournalStatistics | None = None
 
     def links_summary(self) -> dict[str, dict[str, Any]]:
         """Per peer, the counters one watches, as plain JSON-ready values.
@@ -232,6 +248,7 @@ class Node:
         self._dispatcher = parts.dispatcher
         self._security = parts.security
         self._collectives = parts.collectives
+        self._journal = parts.journal
         self._supervisor = supervisor
         self._closed = False
         #: The cancel scopes of the calls waiting now (see _waiting).
@@ -427,7 +444,9 @@ class Node:
         is silent, and processed at most once by each receiver process: a
         receiver killed and restarted before it answered gets the message
         again, and processes it again if the dead process already had
-        (docs/reliability.md). Nothing is kept on disk.
+        (docs/reliability.md), unless the receiver keeps a journal
+        (``open_node(journal=...)``, "Durable receiving" there). Nothing of
+        the send is kept on disk here.
 
         Args: as for :meth:`send_nowait`.
 
@@ -844,6 +863,7 @@ class Node:
             streams={peer: seq.statistics() for peer, seq in self._sequencers.items()},
             security=self._security.statistics(),
             collectives=self._collectives.statistics(),
+            journal=None if self._journal is None else self._journal.statistics(),
         )
 
 
@@ -861,6 +881,7 @@ async def open_node(
     incarnation: int | None = None,
     network: Network | None = None,
     security: Security | None = None,
+    journal: str | os.PathLike[str] | None = None,
 ) -> AsyncIterator[Node]:
     """Open a node inside any Trio program; leaving the block shuts it down.
 
@@ -888,6 +909,13 @@ async def open_node(
             in a warning on the ``cellmesh.security`` logger, once per process
             (none at all when ``CELLMESH_PLAINTEXT_WARNED=1`` is set: a parent
             process already said it).
+        journal: a sqlite file that makes receiving durable: the compute
+            actor's state (it must be an ``actors.journal.Durable``, one
+            message at a time) and the node's receive state are committed
+            together, each answer leaves only after its commit, and a node
+            restarted with the same id and file resumes where the last
+            commit left it: a message it answered is not processed again.
+            See docs/reliability.md, "Durable receiving".
 
     Yields:
         The running :class:`Node`.
@@ -898,7 +926,9 @@ async def open_node(
         BindError: ``bind`` could not be bound (the port is in use, or the
             endpoint is malformed); it names the endpoint.
         LocalProtocolError: ``security`` lacks a peer's key, or comes with
-            a ``network`` (give the keys to ``ZmqNetwork(security=...)``).
+            a ``network`` (give the keys to ``ZmqNetwork(security=...)``);
+            ``journal`` without ``compute``, or a journal of another node
+            or of a later incarnation.
     """
     cfg = config if config is not None else NodeConfig()
     me = NodeId(node_id)
@@ -908,11 +938,19 @@ async def open_node(
         raise LocalProtocolError(f"node {node_id!r} lists itself among its peers")
     keys = _keys(node_id, bind, peer_map, network, security)
     guard = SecurityState(me, keys, frozenset(peer_map))
+    store: JournalStore | None = None
+    if journal is not None:
+        if compute is None:
+            raise LocalProtocolError(
+                "a journal makes a compute actor's state durable: give open_node a compute= "
+                "factory too"
+            )
+        store = JournalStore(journal, me, inc, sync=cfg.journal_sync, limits=cfg.limits)
     # The node closes only a network it made; a network passed in is the caller's.
     owned: ZmqNetwork | None = None
-    if network is None:
-        network = owned = ZmqNetwork(security=security)
     try:
+        if network is None:
+            network = owned = ZmqNetwork(security=security)
         async with open_supervisor(
             name=f"node:{node_id}",
             strategy=Strategy.ONE_FOR_ONE,
@@ -921,17 +959,24 @@ async def open_node(
             backoff=Backoff(initial=0.05, factor=2.0, maximum=2.0),
         ) as sup:
             compute_ref: ActorRef[Any, Any] | None = None
+            cell: DurableCell | None = None
             if compute is not None:
-                compute_ref = await sup.start_child(
-                    ChildSpec(
-                        "compute",
-                        compute,
-                        restart=Restart.PERMANENT,
-                        mailbox_size=_compute_mailbox(cfg, len(peer_map)),
-                        max_concurrency=cfg.compute_concurrency,
-                    )
+                spec = ChildSpec(
+                    "compute",
+                    compute,
+                    restart=Restart.PERMANENT,
+                    mailbox_size=_compute_mailbox(cfg, len(peer_map)),
+                    max_concurrency=cfg.compute_concurrency,
                 )
-            parts = _build(me, inc, bind, peer_map, cfg, network, guard, compute_ref)
+                if store is None:
+                    compute_ref = await sup.start_child(spec)
+                else:
+                    cell = DurableCell(spec, store)
+                    compute_ref = await sup._start_cell(cell)
+            parts = _build(me, inc, bind, peer_map, cfg, network, guard, compute_ref, store)
+            if cell is not None:
+                receiver = parts.receiver
+                cell.bind(lambda state: receiver.handle(Commit(state), trio.current_time()))
             await _start_io(sup, parts, network, guard)
             node = Node(me, inc, cfg, parts, sup)
             try:
@@ -941,6 +986,8 @@ async def open_node(
     finally:
         if owned is not None:
             owned.close()
+        if store is not None:
+            store.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -953,6 +1000,7 @@ class _Parts:
     links: dict[NodeId, PeerLink]
     security: SecurityState
     collectives: Collectives
+    journal: JournalStore | None
 
 
 def _keys(
@@ -1009,6 +1057,7 @@ def _build(
     network: Network,
     guard: SecurityState,
     compute: ActorRef[Any, Any] | None,
+    journal: JournalStore | None,
 ) -> _Parts:
     """Make the node's protocol actors and the dispatcher that will run them."""
     dispatcher = Dispatcher(network, bind, me.encode(), guard)
@@ -1021,12 +1070,15 @@ def _build(
         faults=cfg.faults,
         limits=cfg.limits,
         security=guard,
+        journal=journal,
     )
     streams = {StreamId(name): sc for name, sc in cfg.streams.items()}
+    resume = {} if journal is None else journal.recovered.streams
     collectives = Collectives(receiver)
     own = {COLLECTIVE_STREAM: collectives}
     sequencers = {
-        peer: Sequencer(receiver, peer, compute, streams, cfg.stream, own) for peer in peer_map
+        peer: Sequencer(receiver, peer, compute, streams, cfg.stream, own, resume.get(peer))
+        for peer in peer_map
     }
     receiver.adopt(sequencers)
     links = {
@@ -1045,7 +1097,7 @@ def _build(
         if endpoint is not None
     }
     dispatcher.serve(receiver, list(links.values()), list(sequencers.values()))
-    return _Parts(dispatcher, receiver, sequencers, links, guard, collectives)
+    return _Parts(dispatcher, receiver, sequencers, links, guard, collectives, journal)
 
 
 async def _start_io(sup: Supervisor, parts: _Parts, network: Network, guard: SecurityState) -> None:

@@ -283,10 +283,23 @@ class Supervisor(_Child):
             generation = child._arm()
             await self._nursery_or_raise().start(self._run_child, child, generation, True, 0.0)
 
-    async def _start_new(self, spec: ChildSpec[Any, Any] | SupervisorSpec) -> _Child:
+    async def _start_cell(self, cell: _ActorCell[M, R]) -> ActorRef[M, R]:
+        """Add and start an actor whose cell the runtime made (a durable node's compute)."""
+        if not self._accepting:
+            raise ActorStopped(self.name, f"supervisor {self.name!r} is not running")
+        await self._start_new(cell.spec, cell)
+        return cell.ref
+
+    async def _start_new(
+        self, spec: ChildSpec[Any, Any] | SupervisorSpec, made: _Child | None = None
+    ) -> _Child:
         if spec.name in self._children:
             raise ValueError(f"supervisor {self.name!r} already has a child {spec.name!r}")
-        child: _Child = _ActorCell(spec) if isinstance(spec, ChildSpec) else Supervisor(spec)
+        child: _Child
+        if made is not None:
+            child = made
+        else:
+            child = _ActorCell(spec) if isinstance(spec, ChildSpec) else Supervisor(spec)
         self._children[spec.name] = child
         generation = child._arm()
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from ._actor import ActorStatistics
 from ._collectives import CollectiveStatistics
 from ._inbound import InboundStatistics
+from ._journal import JournalStatistics
 from ._link import LinkStatistics
 from ._node import NodeStatistics
 from ._security import SecurityStatistics
@@ -19,6 +20,7 @@ __all__ = [
     "ActorStatistics",
     "CollectiveStatistics",
     "InboundStatistics",
+    "JournalStatistics",
     "LinkStatistics",
     "NodeStatistics",
     "SecurityStatistics",

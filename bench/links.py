@@ -26,6 +26,13 @@ With ``--secure`` the default window is measured once more with CURVE on
 the link (throwaway keys, ZAP authentication, per-message User-Id), so the
 cost of encryption shows against plaintext in the same run.
 
+The ``durable`` rows measure the default window once more against a node "b"
+opened with ``journal=`` (issue 18): its compute actor's state (a count) and
+its receive state are committed to sqlite before each ACK leaves, with
+``journal_sync="normal"`` (the default) and ``"full"`` (an fsync per
+commit). Throughput and send -> ACK latency are reported beside the
+in-memory mode's of the same run; the goal is >= 0.5x its throughput.
+
 Each figure is the median over the repetitions, after one warm-up repetition.
 
 Run: ``.venv/bin/python bench/links.py [--secure]``; writes ``bench/results/links.json``.
@@ -39,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +118,27 @@ class _Sink(Actor[Delivery, None]):
         return None
 
 
+class _DurableSink(Actor[Delivery, None]):
+    """Node b's compute actor on a durable node: counts messages; the count is its state."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    async def receive(self, msg: Delivery) -> None:
+        self.count += 1
+
+    def snapshot(self) -> int:
+        return self.count
+
+    def restore(self, state: int) -> None:
+        self.count = state
+
+
+#: The durable rows: label -> the journal's sync mode (default window).
+DURABLE: dict[str, str] = {"durable": "normal", "durable, sync=full": "full"}
+DURABLE_CONFIG = "window 256"
+
+
 #: The configuration measured once more over CURVE with ``--secure``.
 SECURE_CONFIG = "window 256"
 
@@ -127,16 +156,21 @@ def _make_keys(keys_dir: str) -> None:
         write_key_pair(keys_dir, name, generate_key_pair())
 
 
-async def _serve_node(config_name: str, keys_dir: str | None = None) -> None:
+async def _serve_node(
+    config_name: str, keys_dir: str | None = None, journal: str | None = None, sync: str = ""
+) -> None:
     config = CONFIGS[config_name]
+    if journal:
+        config = replace(config, journal_sync=sync)
     with trio.fail_after(RUN_DEADLINE * 10):
         async with open_node(
             "b",
             bind="tcp://127.0.0.1:*",
             peers={"a": None},
-            compute=_Sink,
+            compute=_DurableSink if journal else _Sink,
             config=config,
-            security=_security(keys_dir, "b", "a"),
+            security=_security(keys_dir or None, "b", "a"),
+            journal=journal or None,
         ) as node:
             print(node.endpoint, flush=True)
             await _wait_stdin_closed()
@@ -318,16 +352,42 @@ def _measure_cellmesh(
     Returns:
         throughput by label, and latency by label.
     """
-    runs: list[tuple[str, str, str | None, bool, int]] = [
-        (name, name, None, index == 0, 0) for index, name in enumerate(CONFIGS)
+    runs: list[tuple[str, str, str | None, bool, int, str]] = [
+        (name, name, None, index == 0, 0, "") for index, name in enumerate(CONFIGS)
     ]
-    runs.extend((label, BATCH_CONFIG, None, False, size) for label, size in BATCHES.items())
+    # Right after the in-memory row they are compared with: on a shared
+    # machine the load drifts over a run.
+    after = list(CONFIGS).index(DURABLE_CONFIG) + 1
+    runs[after:after] = [
+        (label, DURABLE_CONFIG, None, True, 0, sync) for label, sync in DURABLE.items()
+    ]
+    runs.extend((label, BATCH_CONFIG, None, False, size, "") for label, size in BATCHES.items())
     if keys_dir is not None:
-        runs.append((f"{SECURE_CONFIG}, CURVE", SECURE_CONFIG, keys_dir, True, 0))
+        runs.append((f"{SECURE_CONFIG}, CURVE", SECURE_CONFIG, keys_dir, True, 0, ""))
     throughput: dict[str, Any] = {}
     latency: dict[str, Any] = {}
-    for label, name, keys, with_latency, batch in runs:
-        child = _Child("node", name, *([keys] if keys else []))
+    journals = tempfile.TemporaryDirectory(prefix="cellmesh-bench-journal-")
+    try:
+        _run_rows(args, runs, journals.name, throughput, latency)
+    finally:
+        journals.cleanup()
+    return throughput, latency
+
+
+def _run_rows(
+    args: argparse.Namespace,
+    runs: list[tuple[str, str, str | None, bool, int, str]],
+    journals: str,
+    throughput: dict[str, Any],
+    latency: dict[str, Any],
+) -> None:
+    """Measure each row against a fresh node "b" (durable rows: a fresh journal)."""
+    for label, name, keys, with_latency, batch, sync in runs:
+        if sync:
+            journal = str(Path(journals) / f"{label}.db")
+            child = _Child("node", name, "", journal, sync)
+        else:
+            child = _Child("node", name, *([keys] if keys else []))
         try:
             rates, rtts, counters = trio.run(
                 _cellmesh,
@@ -355,7 +415,6 @@ def _measure_cellmesh(
                 "median_p50_us": median(p50s),
                 "median_p99_us": median(p99s),
             }
-    return throughput, latency
 
 
 def _measure_references(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -455,6 +514,21 @@ def _report(
             f"  CURVE costs: throughput x{ratios['curve_vs_plaintext_throughput']:.2f}, "
             f"latency p50 x{ratios['curve_vs_plaintext_latency_p50']:.2f} of plaintext"
         )
+    for label in DURABLE:
+        if label not in throughput:
+            continue
+        ratios[f"{label}_vs_memory_throughput"] = _ratio(
+            throughput[label]["median_msgs_per_s"],
+            throughput[DURABLE_CONFIG]["median_msgs_per_s"],
+        )
+        ratios[f"{label}_vs_memory_latency_p50"] = _ratio(
+            latency[label]["median_p50_us"], latency[DURABLE_CONFIG]["median_p50_us"]
+        )
+        print(
+            f"  {label}: throughput x{ratios[f'{label}_vs_memory_throughput']:.2f} of "
+            f"in-memory, send -> ACK p50 {latency[label]['median_p50_us']:.0f} us "
+            f"(in-memory {latency[DURABLE_CONFIG]['median_p50_us']:.0f} us)"
+        )
     plaintext = [name for name in throughput if name in CONFIGS]
     best = max(plaintext, key=lambda name: throughput[name]["median_msgs_per_s"])
     batched = [name for name in throughput if name in BATCHES]
@@ -465,6 +539,9 @@ def _report(
             ratios[best_batch]["vs_raw_one_way"] >= 1.0
         ),
         "latency p50 <= 1.5x raw round trip": ratios["latency_p50_vs_raw_rtt"] <= 1.5,
+        "durable confirmed throughput >= 0.5x in-memory": (
+            ratios["durable_vs_memory_throughput"] >= 0.5
+        ),
     }
     for goal, met in goals.items():
         print(f"  {'met ' if met else 'MISS'} {goal}")
@@ -516,6 +593,7 @@ def main() -> None:
                 "reps": args.reps,
                 "warmup_reps": 1,
                 "secure": args.secure,
+                "durable": DURABLE,
             },
             "cellmesh_throughput": throughput,
             "cellmesh_latency": latency,

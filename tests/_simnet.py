@@ -119,6 +119,9 @@ class SimResult:
     died: int = 0
     #: (receiver generation, sender incarnation, seq) of every Admitted.
     deliveries: set[tuple[int, int, int]] = field(default_factory=set)
+    #: (sender incarnation, seq) -> how many times a receiver process finished
+    #: it (completed or failed it while the core still waited for its answer).
+    finished: dict[tuple[int, int], int] = field(default_factory=dict)
     sessions_ended: list[SessionEnded] = field(default_factory=list)
     max_sender_in_flight: int = 0
     max_receiver_entries: int = 0
@@ -138,6 +141,9 @@ class SimNet:
         compute: (min, max) processing time of one message on ``b``.
         timeout: per-message deadline relative to its send, or ``math.inf``.
         restart_receiver_at, restart_sender_at: virtual times of process restarts.
+        durable: the restarted receiver takes back the dead one's sessions
+            (``snapshot`` / ``restore``), as a node with a journal does; the
+            sim's completions stand for committed ones.
         batch: probability that a send is a batch (``send_items``) of 1..``MAX_BATCH``
             items rather than a single message; ``count`` counts messages either way.
     """
@@ -157,6 +163,7 @@ class SimNet:
         restart_receiver_at: float | None = None,
         restart_sender_at: float | None = None,
         batch: float = 0.0,
+        durable: bool = False,
     ) -> None:
         self.rng = random.Random(seed)
         self.jitter_rng = random.Random(seed + 1)
@@ -171,6 +178,7 @@ class SimNet:
         self.restart_receiver_at = restart_receiver_at
         self.restart_sender_at = restart_sender_at
         self.batch = batch
+        self.durable = durable
         # Its own stream, so a run without batches replays the same faults as before.
         self.batch_rng = random.Random(seed + 2)
 
@@ -352,10 +360,18 @@ class SimNet:
             return
         kind, value = decision(event.payload)
         if kind == "ack":
-            self.receiver.complete(event.peer, event.peer_incarnation, event.seq, result=value)
+            taken = self.receiver.complete(
+                event.peer, event.peer_incarnation, event.seq, result=value
+            )
         else:
             assert value is not None
-            self.receiver.fail(event.peer, event.peer_incarnation, event.seq, value, "odd")
+            taken = self.receiver.fail(event.peer, event.peer_incarnation, event.seq, value, "odd")
+        self._finished(event, taken)
+
+    def _finished(self, event: Admitted, taken: bool) -> None:
+        if taken:
+            key = (event.peer_incarnation, event.seq)
+            self.result.finished[key] = self.result.finished.get(key, 0) + 1
 
     def _finish_batch(self, event: Admitted) -> None:
         items = event.payload
@@ -373,17 +389,22 @@ class SimNet:
                 assert value is not None
                 outcomes.append(ItemErr(value, "odd"))
         if batch_refused(items):
-            self.receiver.fail(event.peer, event.peer_incarnation, event.seq, BATCH_ERR, "all")
+            taken = self.receiver.fail(
+                event.peer, event.peer_incarnation, event.seq, BATCH_ERR, "all"
+            )
         else:
-            self.receiver.complete_items(
+            taken = self.receiver.complete_items(
                 event.peer, event.peer_incarnation, event.seq, tuple(outcomes)
             )
+        self._finished(event, taken)
 
     def _restart_receiver(self) -> None:
+        sessions = self.receiver.snapshot() if self.durable else ()
         self.receiver_gen += 1
         self.receiver = LinkReceiver(
             B, Incarnation(1000 + self.receiver_gen), config=self.receiver_config
         )
+        self.receiver.restore(sessions)
 
     def _restart_sender(self) -> None:
         in_flight = self.sender.statistics().in_flight

@@ -25,6 +25,7 @@ FACES = [
     "transport.testing",
     "actors",
     "actors.collectives",
+    "actors.journal",
     "actors.statistics",
     "actors.launch",
     "actors.testing",

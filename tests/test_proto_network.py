@@ -118,6 +118,36 @@ def test_receiver_restart_mid_run(
     seed=seeds,
     drop=st.floats(0.0, 0.4),
     dup=st.floats(0.0, 0.3),
+    restart_receiver_at=st.floats(0.0, 2.0),
+    batch=st.sampled_from([0.0, 0.3]),
+)
+def test_durable_receiver_restart_finishes_each_message_exactly_once(
+    seed: int, drop: float, dup: float, restart_receiver_at: float, batch: float
+) -> None:
+    # The restarted receiver restores the dead one's sessions (a node with a
+    # journal): what the old process finished is answered from them, never
+    # finished again, while what it held unfinished is delivered once more.
+    sim = SimNet(
+        seed,
+        count=300,
+        drop=drop,
+        dup=dup,
+        restart_receiver_at=restart_receiver_at,
+        batch=batch,
+        durable=True,
+    )
+    result = sim.run()
+    assert len(result.outcomes) == 300
+    assert "gave_up" not in _outcome_kinds(sim)
+    assert sorted(result.finished) == [(100, seq) for seq in range(1, 301)]
+    assert set(result.finished.values()) == {1}
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    seed=seeds,
+    drop=st.floats(0.0, 0.4),
+    dup=st.floats(0.0, 0.3),
     restart_sender_at=st.floats(0.01, 1.0),
 )
 def test_sender_restart_mid_run(

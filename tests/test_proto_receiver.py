@@ -33,6 +33,8 @@ from transport._proto_receiver import LinkReceiver
 from transport._proto_sender import LinkSender
 from transport.events import (
     Admitted,
+    CachedAnswer,
+    SessionSnapshot,
 )
 from transport.frames import (
     AckFrame,
@@ -44,6 +46,7 @@ from transport.frames import (
     Frame,
     Hello,
     ItemAck,
+    ItemErr,
     MissingItem,
     MissingStatus,
     Received,
@@ -667,3 +670,97 @@ def test_every_frame_the_core_emits_encodes_with_every_field_at_its_limits(
         drain()
     now += 1.0
     drain()
+
+
+# --- surviving a restart: snapshot and restore (a durable node's journal) -------------
+
+
+def _answered(r: LinkReceiver) -> LinkReceiver:
+    """``r`` with seqs 1..4 from A delivered: 1 ACK, 2 ERR, 3 ACK with a result, 4 processing."""
+    for seq in range(1, 5):
+        r.receive_frame(A, data(seq), 0.0)
+    r.take_events()
+    r.complete(A, INC_A, LinkSeq(1))
+    r.fail(A, INC_A, LinkSeq(2), APP_ERR_MIN, "no")
+    r.complete(A, INC_A, LinkSeq(3), result={"x": 1})
+    flush(r)
+    return r
+
+
+def test_snapshot_holds_final_answers_not_work_in_progress() -> None:
+    (snap,) = _answered(make()).snapshot()
+    assert (snap.peer, snap.incarnation, snap.watermark) == (A, INC_A, 1)
+    assert [(a.seq, a.items, a.outcome) for a in snap.answers] == [
+        (1, 0, ItemAck(None)),
+        (2, 0, ItemErr(APP_ERR_MIN, "no")),
+        (3, 0, ItemAck({"x": 1})),
+    ]
+
+
+def test_restored_receiver_answers_resends_from_the_snapshot_and_delivers_the_rest() -> None:
+    snap = _answered(make()).snapshot()
+    # The node's next process: a new incarnation of B, the same sessions.
+    r = LinkReceiver(B, Incarnation(INC_B + 1), config=ReceiverConfig(window=8, max_entries=16))
+    r.restore(snap)
+    for seq in range(1, 6):
+        r.receive_frame(A, data(seq), 1.0)
+    admitted = [e for e in r.take_events() if isinstance(e, Admitted)]
+    # 1-3 were answered by the previous process: answered again, not delivered.
+    assert [e.seq for e in admitted] == [4, 5]
+    out = flush(r, 1.0)
+    finals = {f.seq: f for f in out if isinstance(f, AckFrame | ErrFrame)}
+    assert isinstance(finals[2], ErrFrame)
+    assert finals[2].code == APP_ERR_MIN
+    assert isinstance(finals[3], AckFrame)
+    assert finals[3].result == {"x": 1}
+    assert any(isinstance(f, AckRange | AckFrame) and f.seq == 1 for f in out)
+    # Every answer comes from the new incarnation; the floor is past 1-3.
+    assert all(f.incarnation == INC_B + 1 for f in out)
+    assert session(r).floor == 4
+    assert r.statistics().sessions[0].duplicates == 3
+
+
+def test_restored_session_refuses_an_older_incarnation_and_ends_for_a_newer() -> None:
+    r = make()
+    r.restore(_answered(make()).snapshot())
+    r.receive_frame(A, data(9, inc=Incarnation(INC_A - 1)), 0.0)
+    (stale,) = flush(r)
+    assert isinstance(stale, ErrFrame)
+    assert stale.code == ErrCode.STALE_SESSION
+    r.receive_frame(A, data(1, inc=Incarnation(INC_A + 1)), 0.0)
+    events = r.take_events()
+    # The restored session held nothing unfinished: 4 was never journaled.
+    assert SessionEnded(A, INC_A, ()) in events
+    assert any(isinstance(e, Admitted) and e.seq == 1 for e in events)
+
+
+def test_snapshot_of_a_batch_answer_round_trips() -> None:
+    r = make()
+    frame = DataItems(
+        A, INC_A, LinkSeq(1), HALO, StreamSeq(1), StreamSeq(1), 0, ("x", "y"), LinkSeq(1)
+    )
+    r.receive_frame(A, frame, 0.0)
+    r.take_events()
+    outcomes = (ItemAck(None), ItemErr(APP_ERR_MIN, "bad"))
+    r.complete_items(A, INC_A, LinkSeq(1), outcomes)
+    snap = r.snapshot()
+    assert snap[0].answers[0].outcome == outcomes
+    fresh = make()
+    fresh.restore(snap)
+    assert fresh.snapshot() == snap
+
+
+def test_restore_misuse_raises() -> None:
+    r = make()
+    r.receive_frame(A, data(1), 0.0)
+    with pytest.raises(LocalProtocolError, match="before the receiver takes its first frame"):
+        r.restore(())
+    far = SessionSnapshot(A, INC_A, LinkSeq(1), (CachedAnswer(LinkSeq(99), 0, ItemAck(None)),))
+    with pytest.raises(LocalProtocolError, match="outside"):
+        make().restore((far,))
+    misfit = SessionSnapshot(A, INC_A, LinkSeq(1), (CachedAnswer(LinkSeq(1), 2, (ItemAck(),)),))
+    with pytest.raises(LocalProtocolError, match="does not fit"):
+        make().restore((misfit,))
+    twice = SessionSnapshot(A, INC_A, LinkSeq(1), ())
+    with pytest.raises(LocalProtocolError, match="twice"):
+        make().restore((twice, twice))

@@ -34,7 +34,16 @@ from enum import Enum
 from typing import TypeAlias
 
 from ._errors import LocalProtocolError
-from ._frames import PROTOCOL_VERSION, AckFrame, AckItems, AckRange, ErrFrame, Payload, ReqAnswer
+from ._frames import (
+    PROTOCOL_VERSION,
+    AckFrame,
+    AckItems,
+    AckRange,
+    ErrFrame,
+    ItemOutcome,
+    Payload,
+    ReqAnswer,
+)
 from ._ids import Incarnation, LinkSeq, NodeId, StreamId, StreamSeq
 
 #: A source of uniform floats in ``[0, 1)``, e.g. ``random.Random(seed).random``.
@@ -464,3 +473,37 @@ class ReceiverStatistics:
     queries_answered: int
     held_bytes: Mapping[NodeId, int] = field(default_factory=dict)
     over_budget: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CachedAnswer:
+    """The final answer a receiver holds for one message (docs/protocol.md §6.1).
+
+    Attributes:
+        seq: the message's link sequence number.
+        items: 0 for a DATA; the item count of a DATA_ITEMS.
+        outcome: an ACK (``ItemAck``, with its result) or an ERR (``ItemErr``)
+            for the whole message; for a DATA_ITEMS answered per item, one
+            outcome per item.
+    """
+
+    seq: LinkSeq
+    items: int
+    outcome: ItemOutcome | tuple[ItemOutcome, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSnapshot:
+    """What a receiver must keep of one peer's session to survive its own restart.
+
+    Plain data, made by ``LinkReceiver.snapshot`` and taken back by
+    ``LinkReceiver.restore`` (a durable node keeps it in its journal): the
+    peer's incarnation, the sender's watermark and every final answer at or
+    above it. Messages still processing are not part of it: a receiver that
+    restarts has not answered them, so their senders send them again.
+    """
+
+    peer: NodeId
+    incarnation: Incarnation
+    watermark: LinkSeq
+    answers: tuple[CachedAnswer, ...]

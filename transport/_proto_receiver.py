@@ -74,12 +74,14 @@ from ._frames import (
 from ._ids import Incarnation, LinkSeq, NodeId, StreamId, StreamSeq
 from ._proto_link import (
     Admitted,
+    CachedAnswer,
     QueryAnswered,
     ReceiverConfig,
     ReceiverEvent,
     ReceiverStatistics,
     Rejected,
     SessionEnded,
+    SessionSnapshot,
     SessionStarted,
     SessionStatistics,
 )
@@ -266,6 +268,87 @@ class LinkReceiver:
         """
         session = self._sessions.get(peer)
         return None if session is None else session.incarnation
+
+    def session_watermark(self, peer: NodeId) -> LinkSeq | None:
+        """The sender's watermark in ``peer``'s live session, if any.
+
+        Every final answer below it is forgotten: the sender needs none of them.
+
+        Args:
+            peer: a peer node id.
+
+        Returns:
+            The watermark, or None if no DATA from ``peer`` arrived yet.
+        """
+        session = self._sessions.get(peer)
+        return None if session is None else LinkSeq(session.watermark)
+
+    # --- surviving a restart ---------------------------------------------------------
+
+    def snapshot(self) -> tuple[SessionSnapshot, ...]:
+        """Every live session as plain data: incarnation, watermark, final answers.
+
+        What a durable node journals so that its next process answers the
+        resends of messages this one finished from the same cached answers,
+        instead of processing them again (:meth:`restore`). Messages still
+        processing are left out: nobody was told they were processed.
+
+        Returns:
+            One :class:`SessionSnapshot` per peer with a live session.
+        """
+        out = []
+        for session in self._sessions.values():
+            answers = tuple(
+                CachedAnswer(LinkSeq(seq), entry.items, _outcome_of(entry))
+                for seq, entry in sorted(session.entries.items())
+                if entry.state != _PROCESSING
+            )
+            out.append(
+                SessionSnapshot(
+                    session.peer, session.incarnation, LinkSeq(session.watermark), answers
+                )
+            )
+        return tuple(out)
+
+    def restore(self, sessions: Iterable[SessionSnapshot]) -> None:
+        """Take back the sessions a previous process of this node journaled.
+
+        Each session continues as if this process had never stopped: a resend
+        of a message it answered gets the cached answer again and is not
+        delivered; the session's floor and credit follow from its answers;
+        DATA of an older incarnation of the peer is refused as stale. Only
+        a receiver that has taken no frame yet may restore.
+
+        Args:
+            sessions: from :meth:`snapshot` (of this node's previous process).
+
+        Raises:
+            LocalProtocolError: this receiver already took frames, a peer
+                appears twice, or a snapshot is inconsistent (an answer below
+                its watermark or beyond ``max_entries`` above it, an outcome
+                that does not fit its item count).
+        """
+        if self._sessions or self._newest:
+            raise LocalProtocolError("restore() sessions before the receiver takes its first frame")
+        restored: dict[NodeId, _Session] = {}
+        for snap in sessions:
+            if snap.peer in restored:
+                raise LocalProtocolError(f"the snapshot names peer {snap.peer!r} twice")
+            if snap.watermark < 1:
+                raise LocalProtocolError(f"watermark {snap.watermark} is below 1")
+            session = _Session(snap.peer, snap.incarnation, snap.watermark)
+            for answer in snap.answers:
+                seq = answer.seq
+                if not snap.watermark <= seq < snap.watermark + self._max_entries:
+                    raise LocalProtocolError(
+                        f"answer for link seq {seq} lies outside [watermark, watermark + "
+                        f"max_entries) = [{snap.watermark}, {snap.watermark + self._max_entries})"
+                    )
+                session.entries[seq] = _entry_of(answer)
+            session.advance_floor()
+            restored[snap.peer] = session
+        self._sessions = restored
+        self._newest = {peer: s.incarnation for peer, s in restored.items()}
 
     # --- receiving -------------------------------------------------------------------
 
@@ -916,3 +999,41 @@ def _misfit(seq: int, peer: NodeId, delivered: int, answered: int) -> str:
     return (
         f"{what} has {delivered} items: complete_items() needs {delivered} outcomes, not {answered}"
     )
+
+
+def _outcome_of(entry: _Entry) -> ItemOutcome | tuple[ItemOutcome, ...]:
+    """The final answer an entry holds, as plain data (:class:`CachedAnswer`)."""
+    if entry.state == _ACKED:
+        return ItemAck(entry.result)
+    if entry.state == _ERRED:
+        return ItemErr(entry.code, entry.detail)
+    result: tuple[ItemOutcome, ...] = entry.result
+    return result
+
+
+def _entry_of(answer: CachedAnswer) -> _Entry:
+    """The table entry of a journaled answer; LocalProtocolError if it does not fit."""
+    entry = _Entry(answer.items)
+    outcome = answer.outcome
+    if isinstance(outcome, ItemAck):
+        if answer.items and outcome.result is not None:
+            raise LocalProtocolError(
+                f"the answer for link seq {answer.seq} is a plain ACK of {answer.items} items: "
+                "it carries no result (per-item results are a tuple of outcomes)"
+            )
+        entry.state = _ACKED
+        entry.result = outcome.result
+    elif isinstance(outcome, ItemErr):
+        entry.state = _ERRED
+        entry.code = outcome.code
+        entry.detail = outcome.detail
+    elif isinstance(outcome, tuple) and answer.items == len(outcome) and outcome:
+        if not all(isinstance(o, ItemAck | ItemErr) for o in outcome):
+            raise LocalProtocolError("per-item outcomes are ItemAck or ItemErr")
+        entry.state = _ITEMS
+        entry.result = outcome
+    else:
+        raise LocalProtocolError(
+            f"the answer for link seq {answer.seq} does not fit its {answer.items} items"
+        )
+    return entry

@@ -6,6 +6,10 @@ to clash with what a compute actor receives: :class:`Admitted` (the receiving
 core took a new message in; the compute actor later gets an
 ``actors.Delivery``) and :class:`GapEvent` (the sequencer's record of a lost
 run; the compute actor gets an ``actors.Gap``).
+
+Beside them, the plain data a receiving core hands out and takes back to
+survive a restart (``LinkReceiver.snapshot`` / ``restore``):
+:class:`SessionSnapshot` and its :class:`CachedAnswer` values.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 from ._proto_link import (
     Admitted,
     Answered,
+    CachedAnswer,
     GaveUp,
     Held,
     PeerRestarted,
@@ -22,6 +27,7 @@ from ._proto_link import (
     Rejected,
     SenderEvent,
     SessionEnded,
+    SessionSnapshot,
     SessionStarted,
 )
 from ._proto_sequencer import (
@@ -38,6 +44,7 @@ __all__ = [
     "Admitted",
     "Answered",
     "AskMissing",
+    "CachedAnswer",
     "GapEvent",
     "GapReason",
     "GaveUp",
@@ -52,6 +59,7 @@ __all__ = [
     "SenderEvent",
     "SequencerEvent",
     "SessionEnded",
+    "SessionSnapshot",
     "SessionStarted",
     "StreamFailed",
 ]
