@@ -16,11 +16,17 @@ Each rank runs in its own session, so a terminal's Ctrl-C reaches the
 launcher alone and the ranks stop in one way, by the launcher's signals; a
 signal goes to the rank's whole process group, which also stops what a shell
 wrapper (``sh -c ...``) started.
+
+At the end the launcher says in one line on stderr how many ranks finished,
+failed, were stopped and restarted, and how long the job took. On a terminal
+a job that runs past ``_LIVE_AFTER`` seconds also shows a live line below the
+ranks' output (rich, the ``grid`` extra; without it, the summary alone).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 import shutil
@@ -29,10 +35,10 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Final
+from typing import TYPE_CHECKING, BinaryIO, Final
 
 import trio
 
@@ -49,6 +55,12 @@ from ._fromenv import (
 from ._node import PLAINTEXT_WARNED_ENV
 from ._topology import NODE_ID_ENV, RANK_ENV, Topology
 
+if TYPE_CHECKING:
+    # Only for the types: the runtime loads rich lazily, and only on a
+    # terminal (tests/test_layering.py: ``import actors`` loads no rich).
+    from rich.console import RenderableType
+    from rich.live import Live
+
 #: Restarts per rank that ``on-failure`` allows without ``:MAX``.
 DEFAULT_MAX_RESTARTS: Final = 3
 
@@ -59,6 +71,13 @@ _DRAIN: Final = 1.0
 #: A line longer than this is cut and written in pieces, so that a rank that
 #: never writes a newline cannot grow the launcher's buffer without bound.
 _LINE_MAX: Final = 64 * 1024
+
+#: Seconds a job runs before its live line shows on a terminal: a short job
+#: ends before it would be read, and its summary line says it all.
+_LIVE_AFTER: Final = 2.0
+
+#: Seconds between redraws of the live line (its elapsed time counts seconds).
+_LIVE_EVERY: Final = 0.25
 
 _SIGNAL_STATUS: Final = {signal.SIGINT: 130, signal.SIGTERM: 143}
 _SIGNAL_SAYS: Final = {
@@ -195,6 +214,21 @@ def _ranks(count: int) -> str:
     return f"{count} rank" if count == 1 else f"{count} ranks"
 
 
+def _restarts(count: int) -> str:
+    return f"{count} restart" if count == 1 else f"{count} restarts"
+
+
+def _same_terminal(a: BinaryIO, b: BinaryIO) -> bool:
+    """Whether ``a`` is a terminal and ``b`` writes to that same terminal."""
+    try:
+        if not a.isatty():
+            return False
+        sa, sb = os.fstat(a.fileno()), os.fstat(b.fileno())
+    except (OSError, ValueError):
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
 class _Job:
     """The running ranks, and how the job ends."""
 
@@ -209,17 +243,32 @@ class _Job:
         self._signal: int | None = None
         self._out = sys.stdout.buffer
         self._err = sys.stderr.buffer
+        #: For the live line and the summary: ranks that exited 0, the one
+        #: that failed the job, those stopped by the launcher, restarts made.
+        self._finished = 0
+        self._failed = 0
+        self._stopped = 0
+        self._restarts = 0
+        self._started = 0.0
+        #: The live line while it shows; then every line goes through its console.
+        self._live: Live | None = None
+        #: The ranks' stdout shares the live line's terminal: through its console too.
+        self._out_with_live = _same_terminal(self._err, self._out)
 
     async def run(self) -> int:
         """Run every rank to its end; returns the launcher's exit status."""
+        self._started = trio.current_time()
         async with trio.open_nursery() as nursery:
             # Listening before the first spawn: a Ctrl-C during start-up stops
             # the ranks already started too.
             await nursery.start(self._watch_signals)
+            if self._err.isatty():
+                nursery.start_soon(self._show_live_line)
             async with trio.open_nursery() as ranks:
                 for rank in range(self._plan.ranks):
                     ranks.start_soon(self._rank, rank)
             nursery.cancel_scope.cancel()
+        self._say(self._summary())
         if self._signal is not None:
             return _SIGNAL_STATUS[signal.Signals(self._signal)]
         if self._failure is not None:
@@ -232,7 +281,75 @@ class _Job:
         return f"rank {rank}" if node_id == str(rank) else f"rank {rank} ({node_id})"
 
     def _say(self, text: str) -> None:
-        _write(self._err, f"cellmesh run: {text}\n".encode())
+        self._emit(self._err, f"cellmesh run: {text}\n".encode())
+
+    def _emit(self, out: BinaryIO, data: bytes) -> None:
+        """Write ``data`` (whole lines) to ``out``, above the live line if it shows there."""
+        live = self._live
+        if live is not None and (out is self._err or self._out_with_live):
+            # The console erases the live line, writes, and draws it again below.
+            text = data.decode(errors="replace").removesuffix("\n")
+            live.console.out(text, highlight=False)
+        else:
+            _write(out, data)
+
+    def _elapsed(self) -> float:
+        return trio.current_time() - self._started
+
+    def _state(self) -> str:
+        """The live line's text: the ranks running, finished, failed, restarts, time."""
+        return (
+            f"{len(self._running)} running, {self._finished} finished, {self._failed} failed, "
+            f"{_restarts(self._restarts)}; {self._elapsed():.0f} s"
+        )
+
+    def _summary(self) -> str:
+        """The last line: how the ranks ended, and how long the job took."""
+        ranks = self._plan.ranks
+        took = f"in {self._elapsed():.1f} s"
+        if self._finished == ranks:
+            return f"{_ranks(ranks)} finished {took} (0 failed, {_restarts(self._restarts)})"
+        return (
+            f"{self._finished} of {_ranks(ranks)} finished {took} ({self._failed} failed, "
+            f"{self._stopped} stopped, {_restarts(self._restarts)})"
+        )
+
+    def _render(self) -> RenderableType:
+        from rich.progress_bar import ProgressBar
+        from rich.table import Table
+
+        line = Table.grid(padding=(0, 1))
+        done = self._finished + self._failed + self._stopped
+        bar = ProgressBar(total=self._plan.ranks, completed=done, width=20)
+        line.add_row("cellmesh run:", bar, self._state())
+        return line
+
+    async def _show_live_line(self) -> None:
+        """From ``_LIVE_AFTER`` seconds on, the live line below the ranks' output.
+
+        Redrawn by this task, not by rich's refresh thread: every write to
+        the terminal then happens on the launcher's one Trio thread.
+        """
+        await trio.sleep(_LIVE_AFTER)
+        try:
+            from rich.console import Console
+            from rich.live import Live
+        except ImportError:
+            # rich comes with the grid extra; without it the summary line says enough.
+            return
+        console = Console(file=sys.stderr)
+        if not console.is_terminal:
+            return
+        live = Live(self._render(), console=console, auto_refresh=False, transient=True)
+        live.start(refresh=True)
+        self._live = live
+        try:
+            while True:
+                await trio.sleep(_LIVE_EVERY)
+                live.update(self._render(), refresh=True)
+        finally:
+            self._live = None
+            live.stop()
 
     async def _watch_signals(
         self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -253,16 +370,22 @@ class _Job:
         restarts = 0
         while not self._stop.is_set():
             status = await self._run_once(rank)
-            if status == 0 or self._stop.is_set():
+            if status == 0:
+                self._finished += 1
+                return
+            if self._stop.is_set():
+                self._stopped += 1
                 return
             if restarts < self._plan.restart.max_restarts:
                 restarts += 1
+                self._restarts += 1
                 self._say(
                     f"{self._label(rank)} {_describe(status)}; restarting it "
                     f"(restart {restarts} of {self._plan.restart.max_restarts})"
                 )
                 continue
             self._failure = (rank, status)
+            self._failed += 1
             others = len(self._running)
             stopping = {0: "no other rank runs", 1: "stopping the other rank"}.get(
                 others, f"stopping the other {others} ranks"
@@ -295,8 +418,8 @@ class _Job:
         assert stderr is not None
         try:
             async with stdout, stderr, trio.open_nursery() as io:
-                io.start_soon(_pump, stdout, self._out, prefix)
-                io.start_soon(_pump, stderr, self._err, prefix)
+                io.start_soon(_pump, stdout, functools.partial(self._emit, self._out), prefix)
+                io.start_soon(_pump, stderr, functools.partial(self._emit, self._err), prefix)
                 async with trio.open_nursery() as life:
                     life.start_soon(self._stop_when_told, proc)
                     status = await proc.wait()
@@ -339,8 +462,10 @@ def _write(out: BinaryIO, data: bytes) -> None:
         pass
 
 
-async def _pump(stream: trio.abc.ReceiveStream, out: BinaryIO, prefix: bytes) -> None:
-    """Copy ``stream`` to ``out`` line by line, each line behind ``prefix``.
+async def _pump(
+    stream: trio.abc.ReceiveStream, write: Callable[[bytes], None], prefix: bytes
+) -> None:
+    """Copy ``stream`` to ``write`` line by line, each line behind ``prefix``.
 
     Whole lines only, so the lines of two ranks never mix mid-line; the
     unfinished last line is written when the stream ends or is cancelled.
@@ -354,10 +479,10 @@ async def _pump(stream: trio.abc.ReceiveStream, out: BinaryIO, prefix: bytes) ->
                 lines.append(pending)
                 pending = b""
             if lines:
-                _write(out, b"".join(prefix + line + b"\n" for line in lines))
+                write(b"".join(prefix + line + b"\n" for line in lines))
     finally:
         if pending:
-            _write(out, prefix + pending + b"\n")
+            write(prefix + pending + b"\n")
 
 
 def launch(plan: LaunchPlan) -> int:

@@ -11,14 +11,18 @@ with ``--restart on-failure``; and ``mpiexec -n 3`` (mpich from PyPI, the
 
 from __future__ import annotations
 
+import fcntl
 import os
 import random
 import re
+import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -257,10 +261,13 @@ def _by_prefix(text: str) -> dict[str, list[str]]:
 
 
 def _launcher_lines(stderr: str) -> list[str]:
-    """The launcher's own lines on ``stderr`` (the ranks' are prefixed), but the plaintext one."""
+    """The launcher's own lines on ``stderr`` (the ranks' are prefixed), but the plaintext one;
+    the summary's time reads ``in T s``."""
     assert "Traceback" not in stderr, stderr
     return [
-        line for line in stderr.splitlines() if not line.startswith("[") and PLAINTEXT not in line
+        re.sub(r" in \d+\.\d s ", " in T s ", line)
+        for line in stderr.splitlines()
+        if not line.startswith("[") and PLAINTEXT not in line
     ]
 
 
@@ -276,7 +283,9 @@ def test_three_ranks_greet_each_other_with_prefixed_output(tmp_path: Path) -> No
             *(f"rank {rank} ({rank}): {o} says 'hello from rank {o}'" for o in others),
             f"rank {rank} of 3: greeted by all 2 neighbours",
         ]
-    assert _launcher_lines(done.stderr) == []
+    assert _launcher_lines(done.stderr) == [
+        "cellmesh run: 3 ranks finished in T s (0 failed, 0 restarts)"
+    ]
     # One warning for the run, from the launcher; none from the ranks.
     assert [line for line in done.stderr.splitlines() if PLAINTEXT in line] == [
         "cellmesh run: 3 ranks on 127.0.0.1 without keys (plaintext, unauthenticated); "
@@ -295,7 +304,10 @@ def test_a_secure_grid_of_ranks(tmp_path: Path) -> None:
     for rank, node_id in enumerate(["t0-0", "t0-1", "t1-0", "t1-1"]):
         assert out[node_id][-1] == f"rank {rank} of 4: greeted by all 3 neighbours"
     # Every link is CURVE: no rank warns that it runs unauthenticated.
-    assert done.stderr == ""
+    assert _launcher_lines(done.stderr) == [
+        "cellmesh run: 4 ranks finished in T s (0 failed, 0 restarts)"
+    ]
+    assert done.stderr.count("\n") == 1, done.stderr
     assert not list(tmp_path.glob("cellmesh-run-*"))
 
 
@@ -305,8 +317,12 @@ def test_every_line_is_prefixed_even_an_unfinished_one(tmp_path: Path) -> None:
     done = _launch(["-n", "2", "--", "sh", "-c", script], tmp_path)
     assert done.returncode == 0, done.stderr
     assert _by_prefix(done.stdout) == {"0": ["one", "0 0/2"], "1": ["one", "1 1/2"]}
-    ranks_stderr = "\n".join(line for line in done.stderr.splitlines() if PLAINTEXT not in line)
+    ranks_stderr = "\n".join(line for line in done.stderr.splitlines() if line.startswith("["))
     assert _by_prefix(ranks_stderr) == {"0": ["two", "three"], "1": ["two", "three"]}
+    # Not a terminal: no live line, only the summary.
+    assert _launcher_lines(done.stderr) == [
+        "cellmesh run: 2 ranks finished in T s (0 failed, 0 restarts)"
+    ]
 
 
 def _pids(folder: Path, count: int, proc: subprocess.Popen[str] | None = None) -> list[int]:
@@ -356,7 +372,8 @@ def test_the_first_failed_rank_ends_the_job_with_one_line(tmp_path: Path) -> Non
         # The others sleep 120 s: the launcher returning at all says they were stopped.
         assert done.returncode == 3, done.stderr
         assert _launcher_lines(done.stderr) == [
-            "cellmesh run: rank 2 exited with status 3; stopping the other 3 ranks"
+            "cellmesh run: rank 2 exited with status 3; stopping the other 3 ranks",
+            "cellmesh run: 0 of 4 ranks finished in T s (1 failed, 3 stopped, 0 restarts)",
         ]
         assert _alive(_pids(pids_dir, 4)) == []
     finally:
@@ -398,7 +415,10 @@ def test_a_signal_stops_every_rank_even_one_that_ignores_sigterm(
             proc.send_signal(signal.SIGTERM if "sigterm" in how else signal.SIGINT)
         _, err = proc.communicate(timeout=TIMEOUT)
         assert proc.returncode == status, err
-        assert _launcher_lines(err) == [f"cellmesh run: {says}; stopping 3 ranks"]
+        assert _launcher_lines(err) == [
+            f"cellmesh run: {says}; stopping 3 ranks",
+            "cellmesh run: 0 of 3 ranks finished in T s (0 failed, 3 stopped, 0 restarts)",
+        ]
         assert _alive(pids) == []
     finally:
         proc.kill()
@@ -418,7 +438,8 @@ def test_a_rank_that_fails_once_is_restarted_and_the_job_succeeds(tmp_path: Path
     assert done.returncode == 0, done.stderr
     assert marker.exists()
     assert _launcher_lines(done.stderr) == [
-        "cellmesh run: rank 1 exited with status 3; restarting it (restart 1 of 3)"
+        "cellmesh run: rank 1 exited with status 3; restarting it (restart 1 of 3)",
+        "cellmesh run: 3 ranks finished in T s (0 failed, 1 restart)",
     ]
     out = _by_prefix(done.stdout)
     for rank in range(3):
@@ -436,6 +457,7 @@ def test_a_rank_that_keeps_failing_fails_the_job_after_max_restarts(tmp_path: Pa
         "cellmesh run: rank 1 exited with status 4; restarting it (restart 1 of 2)",
         "cellmesh run: rank 1 exited with status 4; restarting it (restart 2 of 2)",
         "cellmesh run: rank 1 exited with status 4; stopping the other rank",
+        "cellmesh run: 0 of 2 ranks finished in T s (1 failed, 1 stopped, 2 restarts)",
     ]
 
 
@@ -444,8 +466,80 @@ def test_a_rank_killed_by_a_signal_is_named_with_it(tmp_path: Path) -> None:
     done = _launch(["-n", "1", "--", "sh", "-c", "kill -9 $$"], tmp_path)
     assert done.returncode == 128 + 9
     assert _launcher_lines(done.stderr) == [
-        "cellmesh run: rank 0 was killed by signal 9 (SIGKILL); no other rank runs"
+        "cellmesh run: rank 0 was killed by signal 9 (SIGKILL); no other rank runs",
+        "cellmesh run: 0 of 1 rank finished in T s (1 failed, 0 stopped, 0 restarts)",
     ]
+
+
+#: Escape sequences rich writes to draw, erase and redraw its live line.
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def _read_terminal(master: int, proc: subprocess.Popen[bytes]) -> str:
+    """All the launcher writes to the terminal ``master`` until it exits (at most TIMEOUT s)."""
+    deadline = time.monotonic() + TIMEOUT
+    got = b""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.5)
+        if not ready:
+            if proc.poll() is not None:
+                break
+            continue
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: every end of the terminal's other side is closed
+            break
+        if not chunk:
+            break
+        got += chunk
+    proc.wait(timeout=TIMEOUT)
+    return got.decode(errors="replace")
+
+
+@pytest.mark.slow
+def test_on_a_terminal_a_live_line_shows_and_the_ranks_lines_stay_whole(tmp_path: Path) -> None:
+    pytest.importorskip("rich")
+    master, slave = os.openpty()
+    # A terminal 100 columns wide: the live line fits on one row.
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+    script = 'echo "start $PMI_RANK"; sleep 3; echo "end $PMI_RANK"'
+    try:
+        proc = subprocess.Popen(
+            [*CELLMESH, "run", "-n", "2", "--", "sh", "-c", script],
+            stdin=subprocess.DEVNULL,
+            stdout=slave,
+            stderr=slave,
+            env=_env(TERM="xterm-256color", COLUMNS="100", LINES="30"),
+            cwd=tmp_path,
+            start_new_session=True,
+        )
+        os.close(slave)
+        slave = -1
+        try:
+            text = _read_terminal(master, proc)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    assert proc.returncode == 0, text
+    rows = re.split(r"\r\n|\r|\n", _ANSI.sub("", text))
+    # The live line while both ranks sleep: past 2 s, before the end.
+    live = [row for row in rows if row.startswith("cellmesh run:") and "running" in row]
+    assert any("2 running, 0 finished, 0 failed, 0 restarts" in row for row in live), rows
+    # Every rank line is whole, on a row of its own, and each came once.
+    for rank in ("0", "1"):
+        for word in ("start", "end"):
+            assert rows.count(f"[{rank}] {word} {rank}") == 1, rows
+    assert rows.index("[0] start 0") < rows.index("[0] end 0")
+    summary = [row for row in rows if "finished in" in row]
+    assert len(summary) == 1, rows
+    assert re.fullmatch(
+        r"cellmesh run: 2 ranks finished in \d+\.\d s \(0 failed, 0 restarts\)", summary[0]
+    ), summary
 
 
 BAD_RUN = {

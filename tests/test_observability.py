@@ -4,10 +4,16 @@ one plaintext warning per run, and a linger that ends when the neighbours are do
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
+import re
+import select
+import struct
 import subprocess
 import sys
+import termios
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -125,7 +131,7 @@ def test_node_metrics_lines_and_a_linger_that_ends_when_the_neighbours_are_done(
 
     from actors.grid import Job
 
-    _, path = _two_tiles(tmp_path)
+    decomp, path = _two_tiles(tmp_path)
     # A linger of 300 s is only an upper bound: each node leaves once its
     # neighbour said done. The 120 s timeout fails the test if it waited it out.
     job = Job(size=32, frames=10, seed=4, linger=300.0)
@@ -149,12 +155,27 @@ def test_node_metrics_lines_and_a_linger_that_ends_when_the_neighbours_are_done(
         for rank in range(2)
     ]
     try:
-        for p in procs:
-            p.communicate(timeout=120)
+        outputs = [p.communicate(timeout=120)[0] for p in procs]
     finally:
         for p in procs:
             p.kill()
     assert [p.returncode for p in procs] == [0, 0]
+    for node_id, out in zip(decomp.node_ids(), outputs, strict=True):
+        # Not a terminal: the lines of progress as before, then one summary line.
+        lines = out.splitlines()
+        assert lines[0].startswith(f"{node_id}: frame 1/10 "), out
+        assert lines[-2].startswith(f"{node_id}: wrote "), out
+        summary = re.fullmatch(
+            rf"{node_id}: 10 frames in (\d+\.\d\d) s \((\d+\.\d) frames/s\), "
+            r"(\d+) resent, (\d+) duplicates",
+            lines[-1],
+        )
+        assert summary is not None, out
+        # The rate is the frames over the seconds, up to the rounding of both.
+        seconds, rate = float(summary[1]), float(summary[2])
+        assert rate > 0, out
+        if seconds >= 0.01:
+            assert 10 / (seconds + 0.005) - 0.05 <= rate <= 10 / (seconds - 0.005) + 0.05, out
     for rank in range(2):
         lines = [json.loads(x) for x in (tmp_path / f"m{rank}.jsonl").read_text().splitlines()]
         assert len(lines) >= 2
@@ -178,3 +199,65 @@ async def test_the_demos_tiles_do_not_repeat_the_plaintext_warning(
     outcome = await run_demo(job, nodes=2, out=tmp_path, pauses=[], show=False, timeout=90)
     assert outcome.match
     assert "UNAUTHENTICATED" not in capfd.readouterr().err
+
+
+@pytest.mark.slow
+def test_node_on_a_terminal_shows_a_bar_of_frames_then_its_summary(tmp_path: Path) -> None:
+    pytest.importorskip("rich")
+    from test_demo import _two_tiles
+
+    from actors.grid import Job
+
+    decomp, path = _two_tiles(tmp_path)
+    first, second = decomp.node_ids()
+    job = Job(size=32, frames=40, seed=4, linger=5.0)
+    master, slave = os.openpty()
+    # 100 columns: the bar's line fits on one row.
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+    procs: list[subprocess.Popen[bytes]] = []
+    got = b""
+    try:
+        for rank, stdout in enumerate([slave, subprocess.PIPE]):
+            procs.append(
+                subprocess.Popen(
+                    _node_cmd(path, tmp_path, job.args()),
+                    stdin=subprocess.DEVNULL,
+                    stdout=stdout,
+                    stderr=subprocess.DEVNULL,
+                    env={**os.environ, "SLURM_PROCID": str(rank), "TERM": "xterm-256color"},
+                )
+            )
+        os.close(slave)
+        slave = -1
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if not select.select([master], [], [], 0.5)[0]:
+                if procs[0].poll() is not None:
+                    break
+                continue
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the node closed the terminal's other side
+                break
+            if not chunk:
+                break
+            got += chunk
+        piped = procs[1].communicate(timeout=120)[0].decode()
+        procs[0].wait(timeout=120)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    assert [p.returncode for p in procs] == [0, 0]
+    rows = re.split(r"\r\n|\r|\n", re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", got.decode()))
+    # The bar in place of the lines of progress, the last frame drawn.
+    assert any(re.match(rf"{first}: frame +\d+/40 ", row) for row in rows), rows
+    assert any(row.startswith(f"{first}: frame 40/40 ") for row in rows), rows
+    assert not any(row.startswith(f"{first}: frame 1/40 {{") for row in rows), rows
+    assert rows[-3].startswith(f"{first}: wrote "), rows
+    assert re.fullmatch(rf"{first}: 40 frames in .* duplicates", rows[-2]), rows
+    # Its neighbour, on a pipe, printed its lines of progress as before.
+    assert piped.splitlines()[0].startswith(f"{second}: frame 1/40 {{"), piped

@@ -64,6 +64,8 @@ from ._models import Model, RleError, get_model, grid_digest, load_rle, place_ce
 
 if TYPE_CHECKING:
     # Imported where used: actors/grid/_recovery.py builds on this module.
+    from rich.progress import Progress, TaskID
+
     from ._recovery import Kill, Recovery
 
 COORDINATOR = "coord"
@@ -446,6 +448,67 @@ async def run_tile(
             metrics_file.close()
 
 
+class _FrameBar:
+    """A tile node's bar of frames on a terminal, in place of its lines of progress.
+
+    rich's, redrawn at each report (about ten a second), not by its refresh
+    thread; rich is loaded only here, so a node runs without it (``cellmesh
+    node`` needs numpy alone) and then prints its lines as on a pipe.
+    """
+
+    def __init__(self, progress: Progress, task: TaskID) -> None:
+        self._progress = progress
+        self._task = task
+
+    @classmethod
+    def open(cls, node_id: str, frames: int) -> _FrameBar | None:
+        """A shown bar of ``frames`` frames if stdout is a terminal and rich is installed."""
+        if not sys.stdout.isatty():
+            return None
+        try:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+        except ImportError:
+            return None
+        progress = Progress(
+            TextColumn(f"{node_id}: frame"),
+            MofNCompleteColumn(),
+            BarColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[wire]}"),
+            auto_refresh=False,
+            transient=True,
+        )
+        if not progress.console.is_terminal:
+            return None
+        task = progress.add_task(node_id, total=frames, wire="")
+        progress.start()
+        return cls(progress, task)
+
+    def show(self, frame: int, report: dict[str, Any]) -> None:
+        """Frame ``frame`` is done; ``report`` has the wire's counters."""
+        wire = f"{report['resent']} resent, {report['duplicates']} duplicates"
+        self._progress.update(self._task, completed=frame, wire=wire)
+        self._progress.refresh()
+
+    def close(self) -> None:
+        self._progress.stop()
+
+
+def _node_summary(node_id: str, frames: int, seconds: float, stats: dict[str, int]) -> str:
+    """A tile node's last line: its frames, how long they took, and the wire's counters."""
+    rate = frames / seconds if seconds > 0 else 0.0
+    return (
+        f"{node_id}: {frames} frames in {seconds:.2f} s ({rate:.1f} frames/s), "
+        f"{stats['resent']} resent, {stats['duplicates']} duplicates"
+    )
+
+
 class _MetricsFile:
     """``--metrics FILE``: JSON lines of a node's link counters, appended as the run goes."""
 
@@ -534,47 +597,60 @@ async def _run_tile(
         await node.wait_all_up()
         await node.neighbour_barrier(peers=list(towards))
         ready_at = time.time()
+        frames_from = time.perf_counter()
         tiles = len(topology) - (1 if coordinated else 0)
         report_every = _REPORT_EVERY * max(1.0, tiles / _REPORTING_TILES)
-        for frame in range(job.frames):
-            started = time.perf_counter()
-            exchange = cells.needs_halos
-            if exchange:
-                sent = [
-                    node.send_nowait(peer, cells.edge(d).tobytes(), stream="halo", frame_no=frame)
-                    for peer, d in towards.items()
-                ]
-                halos = await inbox.take(frame, len(towards))
-                for peer, data in halos.items():
-                    cells.fill(towards[peer], data)
-            cells.step()
-            if exchange:
-                # Keep one exchange of halos in flight, confirm the one before.
-                for handle in previous:
-                    await handle.wait()
-                previous = sent
-            frame_ms.append((time.perf_counter() - started) * 1000.0)
-            if metrics is not None:
-                metrics.frame = frame + 1
-            now = time.perf_counter()
-            last = frame + 1 == job.frames
-            # Report about ten times a second, not every frame: a report per
-            # frame halved the frame rate (bench/grid.py --profile).
-            if not last and now < next_report and frame + 1 not in job.report_at:
-                continue
-            next_report = now + report_every
-            report = {"frame": frame + 1, "ms": frame_ms[-1], **_summary(node.statistics())}
-            if coordinated:
-                await node.wait_window(COORDINATOR)
-                progress.append(node.send_nowait(COORDINATOR, report, stream="progress"))
-                if len(progress) > 64:
-                    for handle in progress[:32]:
+        # Under cellmesh demo the tiles share the demo's terminal, where its
+        # coordinator draws the run: only a node on its own shows a bar.
+        bar = None if coordinated else _FrameBar.open(node_id, job.frames)
+        try:
+            for frame in range(job.frames):
+                started = time.perf_counter()
+                exchange = cells.needs_halos
+                if exchange:
+                    sent = [
+                        node.send_nowait(
+                            peer, cells.edge(d).tobytes(), stream="halo", frame_no=frame
+                        )
+                        for peer, d in towards.items()
+                    ]
+                    halos = await inbox.take(frame, len(towards))
+                    for peer, data in halos.items():
+                        cells.fill(towards[peer], data)
+                cells.step()
+                if exchange:
+                    # Keep one exchange of halos in flight, confirm the one before.
+                    for handle in previous:
                         await handle.wait()
-                    del progress[:32]
-            else:
-                print(f"{node_id}: frame {frame + 1}/{job.frames} {report}", flush=True)
+                    previous = sent
+                frame_ms.append((time.perf_counter() - started) * 1000.0)
+                if metrics is not None:
+                    metrics.frame = frame + 1
+                now = time.perf_counter()
+                last = frame + 1 == job.frames
+                # Report about ten times a second, not every frame: a report per
+                # frame halved the frame rate (bench/grid.py --profile).
+                if not last and now < next_report and frame + 1 not in job.report_at:
+                    continue
+                next_report = now + report_every
+                report = {"frame": frame + 1, "ms": frame_ms[-1], **_summary(node.statistics())}
+                if coordinated:
+                    await node.wait_window(COORDINATOR)
+                    progress.append(node.send_nowait(COORDINATOR, report, stream="progress"))
+                    if len(progress) > 64:
+                        for handle in progress[:32]:
+                            await handle.wait()
+                        del progress[:32]
+                elif bar is not None:
+                    bar.show(frame + 1, report)
+                else:
+                    print(f"{node_id}: frame {frame + 1}/{job.frames} {report}", flush=True)
+        finally:
+            if bar is not None:
+                bar.close()
         for handle in previous + progress:
             await handle.wait()
+        frames_took = time.perf_counter() - frames_from
         result = np.ascontiguousarray(cells.cells())
         if coordinated:
             await node.send(
@@ -596,6 +672,10 @@ async def _run_tile(
             np.save(path, result)
             print(f"{node_id}: wrote {path} (sha256 {grid_digest(result)[:16]})", flush=True)
         await _leave_together(node, inbox, list(towards), job.linger)
+        if not coordinated:
+            # The coordinator says the run's summary for the demo's tiles.
+            summary = _summary(node.statistics())
+            print(_node_summary(node_id, job.frames, frames_took, summary), flush=True)
         if metrics is not None:
             metrics.write(node)
         nursery.cancel_scope.cancel()
