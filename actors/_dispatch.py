@@ -270,8 +270,15 @@ class Dispatcher:
             raise
         return sockets
 
+    @trio.lowlevel.enable_ki_protection
     async def _serve(self, poller: Poller, sockets: dict[SocketLike, SocketOwner]) -> None:
-        """The I/O loop: drain, timers, flush, sleep (module docstring, a-d)."""
+        """The I/O loop: drain, timers, flush, sleep (module docstring, a-d).
+
+        Protected from KeyboardInterrupt (Trio delivers a Ctrl-C to the main
+        task instead): raised inside a protocol step it would leave an actor
+        half-updated, and raised inside cbor2's C encoder it was swallowed
+        ("Exception ignored in ...") and the program hung.
+        """
         owners = sockets
         by_owner = {owner: sock for sock, owner in sockets.items()}
         # Every socket once: what a crash left queued is taken at once.

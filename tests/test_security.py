@@ -15,6 +15,7 @@ import zmq
 import zmq.auth
 from zmq.utils import z85
 
+import actors._node
 from actors import (
     Actor,
     Delivery,
@@ -222,7 +223,12 @@ async def test_secure_nodes_exchange_encrypted_and_authenticated() -> None:
             assert sec.refused == {}
 
 
-async def test_plaintext_node_warns_loudly(caplog: pytest.LogCaptureFixture) -> None:
+async def test_plaintext_node_warns_loudly(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Once per process: as if no node of this test process had warned yet.
+    monkeypatch.setattr(actors._node, "_plaintext_warned", False)
+    monkeypatch.delenv("CELLMESH_PLAINTEXT_WARNED", raising=False)
     with caplog.at_level(logging.WARNING, logger="cellmesh.security"):
         async with open_node("solo", bind="tcp://127.0.0.1:*") as node:
             assert not node.statistics().security.secure
