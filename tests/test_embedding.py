@@ -69,8 +69,9 @@ def test_ctrl_c_closes_the_node_and_ends_every_pending_send(tmp_path: Path) -> N
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
     finally:
-        proc.kill()
-        proc.wait()
+        if proc.returncode is None:
+            proc.kill()
+            proc.communicate()  # reaps it and closes its pipes
     assert proc.returncode == 130, err
     assert out.splitlines() == [
         "send #1: the sending node shut down",
