@@ -106,7 +106,7 @@ _CLOSE_LINGER = 0.2
 #: that long has passed without a send, at most _CLOSE_GRACE: a peer's
 #: DEALER (ZMQ_IMMEDIATE) drops what it has not read yet when the
 #: connection closes, so answers sent just before a close were lost
-#: (measured: 1 run in 5 of the guide's collectives, ended by LOST).
+#: (measured: 2-3 runs in 10 of the guide's collectives example, ended by LOST).
 _CLOSE_QUIET = 0.1
 _CLOSE_GRACE = 0.5
 
