@@ -50,7 +50,8 @@ c. flushes each actor that asked for it (``wake``): one message per peer,
 d. re-reads ``EVENTS`` of the sockets it called zmq on (design.md §5: a call
    may eat the fd's edge); if it took messages, yields once to the tasks
    they woke (their answers come back without a wake-up), else sleeps
-   until a socket, a wake or the earliest deadline.
+   until a socket, a wake or the earliest deadline, polling for up to
+   ``spin`` seconds first when nothing else can run (transport/_spin.py).
 
 Why one task and not one per socket: a Trio task hop costs ~10-30 µs here
 (design.md §5), so per-wake batching (every answer of a burst in one
@@ -197,12 +198,21 @@ class Dispatcher:
         routing_id: this node's DEALERs' routing id.
         security: the node's security state (a secure ROUTER's handshakes
             are watched on its monitor socket).
+        spin: seconds the I/O task may poll its sockets before it sleeps
+            (``NodeConfig.spin``, :mod:`transport._spin`).
     """
 
     def __init__(
-        self, network: Network, bind: str, routing_id: bytes, security: SecurityState
+        self,
+        network: Network,
+        bind: str,
+        routing_id: bytes,
+        security: SecurityState,
+        *,
+        spin: float = 0.0,
     ) -> None:
         self._network = network
+        self._spin = spin
         self._bind = bind
         self._routing_id = routing_id
         self._security = security
@@ -349,7 +359,7 @@ class Dispatcher:
                         deadline = timers_due = self._earliest()
                         if deadline < timer.deadline:
                             timer.deadline = deadline
-                        ready = await poller.wait()
+                        ready = await poller.wait(spin=self._spin)
                 # The timer fired, in the sleep or in the checkpoint above:
                 # ``ready`` keeps the sockets found ready before it (their
                 # EVENTS read took the fd's edge; dropped, they would wait

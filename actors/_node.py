@@ -109,6 +109,11 @@ class NodeConfig:
             goes to disk: ``"normal"`` (survives the process's death, not
             the OS's) or ``"full"`` (an fsync per commit: survives power
             loss too). See docs/reliability.md, "Durable receiving".
+        spin: seconds the node's I/O task may poll its sockets before it
+            sleeps, when nothing else in the process is ready to run: an
+            answer that comes within it is taken without a trip through
+            the kernel and Trio's scheduler. Adaptive (an idle node does not
+            spin); 0 turns it off. docs/performance.md measures both.
     """
 
     sender: SenderConfig = field(default_factory=SenderConfig)
@@ -122,6 +127,9 @@ class NodeConfig:
     compute_concurrency: int | None = None
     seed: int = 0
     journal_sync: JournalSync = "normal"
+    #: About one far side's turn of a loopback round trip: a lockstep
+    #: exchange catches its answer; a spin that misses costs at most this.
+    spin: float = 0.0002
 
 
 @dataclass(frozen=True, slots=True)
@@ -1060,7 +1068,7 @@ def _build(
     journal: JournalStore | None,
 ) -> _Parts:
     """Make the node's protocol actors and the dispatcher that will run them."""
-    dispatcher = Dispatcher(network, bind, me.encode(), guard)
+    dispatcher = Dispatcher(network, bind, me.encode(), guard, spin=cfg.spin)
     receiver = Receiver(
         me,
         inc,

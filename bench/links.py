@@ -101,6 +101,9 @@ CONFIGS: dict[str, NodeConfig] = {
     ),
 }
 
+#: ``--spin``: NodeConfig.spin of both nodes, None for the default.
+_SPIN: list[float | None] = [None]
+
 #: Batched rows: label -> items per batch, sent with the default window.
 BATCHES: dict[str, int] = {"batch 64": 64, "batch 256": 256}
 BATCH_CONFIG = "window 256"
@@ -215,7 +218,8 @@ class _Child:
     """A child process that prints its endpoint and lives until we close its stdin."""
 
     def __init__(self, *role: str) -> None:
-        argv = [sys.executable, __file__, "--child", *role]
+        spin = [] if _SPIN[0] is None else ["--spin", str(_SPIN[0])]
+        argv = [sys.executable, __file__, *spin, "--child", *role]
         self._proc = subprocess.Popen(
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
@@ -557,8 +561,19 @@ def main() -> None:
     parser.add_argument(
         "--secure", action="store_true", help="also measure the default window over CURVE"
     )
+    parser.add_argument(
+        "--spin",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="NodeConfig.spin of both nodes (0 turns polling before parking off)",
+    )
     parser.add_argument("--child", nargs="+", metavar="ROLE", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.spin is not None:
+        _SPIN[0] = args.spin
+        for name, config in CONFIGS.items():
+            CONFIGS[name] = replace(config, spin=args.spin)
     if args.child:
         if args.child[0] == "node":
             trio.run(_serve_node, *args.child[1:])
@@ -584,6 +599,7 @@ def main() -> None:
                 "trio": trio.__version__,
             },
             "params": {
+                "spin": CONFIGS["window 256"].spin,
                 "payload_bytes": len(PAYLOAD),
                 "throughput_n": args.throughput_n,
                 "latency_n": args.latency_n,

@@ -34,6 +34,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +149,8 @@ async def _side(me: str, ports: dict[str, int], args: argparse.Namespace) -> dic
     config = NodeConfig(
         sender=SenderConfig(retry_timeout=0.1, retry_ceiling=0.5, send_timeout=120.0)
     )
+    if args.spin is not None:
+        config = replace(config, spin=args.spin)
     payload = bytes(args.size)
     counter = _Counter(args.by_task)
     with trio.fail_after(RUN_DEADLINE):
@@ -253,6 +256,13 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gap-ms", type=float, default=5.0)
     parser.add_argument("--mode", choices=("busy", "sleep", "none"), default="busy")
     parser.add_argument("--by-task", action="store_true")
+    parser.add_argument(
+        "--spin",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="NodeConfig.spin of both nodes (default: NodeConfig's; 0: never poll before parking)",
+    )
     parser.add_argument("--no-json", action="store_true", help="print only")
     parser.add_argument("--child", nargs=2, metavar=("PORT_A", "PORT_B"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -334,7 +344,10 @@ def main() -> None:
             "sparse",
             {
                 "machine": machine_info(),
-                "params": {k: getattr(args, k) for k in ("rounds", "k", "size", "gap_ms", "mode")},
+                "params": {
+                    **{k: getattr(args, k) for k in ("rounds", "k", "size", "gap_ms", "mode")},
+                    "spin": NodeConfig().spin if args.spin is None else args.spin,
+                },
                 "sides": sides,
             },
         )

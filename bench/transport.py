@@ -9,7 +9,9 @@ driver (a ROUTER here, a DEALER in a child process), one driver at a time:
   echoes it, repeat; p50 and p99 per repetition.
 
 Drivers: ``pyzmq`` (blocking calls), ``trio-nowait`` (the owner-task drain
-loop the node's socket actors use: ``_nowait`` calls plus ``wait_ready``),
+loop the node's I/O task uses: ``_nowait`` calls plus ``wait_ready``, which
+polls for up to ``--spin`` seconds before it parks, as the node does:
+default ``NodeConfig.spin``, 0 parks at once),
 ``trio-async`` (``await send_multipart`` / ``recv_multipart``) and
 ``trio-floor``: not our code at all, the least any Trio glue must do
 (NOBLOCK pyzmq calls, ``EVENTS``, ``trio.lowlevel.wait_readable(ZMQ_FD)``),
@@ -43,6 +45,7 @@ sys.path.insert(0, str(_HERE.parent))
 import trio  # noqa: E402
 import zmq  # noqa: E402
 
+from actors import NodeConfig  # noqa: E402
 from bench._common import machine_info, median, percentile, print_table, write_json  # noqa: E402
 from transport import Socket, dealer_socket, router_socket  # noqa: E402
 
@@ -58,6 +61,9 @@ ROUNDS = 3
 BLOCKING_TIMEOUT_MS = 20_000
 #: Bound on each driver's whole measurement, so ``make bench`` always ends.
 RUN_DEADLINE = 40.0
+
+#: ``--spin``: seconds ``trio-nowait`` polls before parking (the node's default).
+_SPIN = [NodeConfig().spin]
 
 Ctx = zmq.Context[zmq.Socket[bytes]]
 
@@ -106,7 +112,7 @@ async def _peer_trio(sock: Socket, driver: str, test: str, n: int, reps: int) ->
                     try:
                         sock.send_multipart_nowait(message)
                     except trio.WouldBlock:
-                        await sock.wait_ready(readable=False, writable=True)
+                        await sock.wait_ready(readable=False, writable=True, spin=_SPIN[0])
                         continue
                     sent += 1
                 await sock.recv_multipart()
@@ -159,7 +165,7 @@ async def _recv_owner(sock: Socket) -> list[bytes]:
         try:
             return sock.recv_multipart_nowait()
         except trio.WouldBlock:
-            await sock.wait_ready()
+            await sock.wait_ready(spin=_SPIN[0])
 
 
 # -- this process: the ROUTER that counts and times ---------------------------
@@ -232,7 +238,8 @@ def _measure(driver: str, test: str, n: int, reps: int) -> list[Any]:
     ctx: Ctx = zmq.Context()
     router = router_socket(ctx)
     endpoint = router.bind("tcp://127.0.0.1:*")
-    argv = [sys.executable, __file__, "--peer", driver, test, endpoint, str(n), str(reps + 1)]
+    argv = [sys.executable, __file__, "--spin", str(_SPIN[0])]
+    argv += ["--peer", driver, test, endpoint, str(n), str(reps + 1)]
     peer = subprocess.Popen(argv)
     try:
         if driver == "pyzmq":
@@ -262,8 +269,16 @@ def main() -> None:
     )
     parser.add_argument("--throughput-n", type=int, default=THROUGHPUT_N)
     parser.add_argument("--latency-n", type=int, default=LATENCY_N)
+    parser.add_argument(
+        "--spin",
+        type=float,
+        default=_SPIN[0],
+        metavar="SECONDS",
+        help="how long trio-nowait polls before parking (default: NodeConfig.spin; 0: never)",
+    )
     parser.add_argument("--peer", nargs=5, metavar=("DRIVER", "TEST", "ENDPOINT", "N", "REPS"))
     args = parser.parse_args()
+    _SPIN[0] = args.spin
     if args.peer:
         driver, test, endpoint, n, reps = args.peer
         _peer(driver, test, endpoint, int(n), int(reps))
@@ -350,6 +365,7 @@ def main() -> None:
                 "trio": trio.__version__,
             },
             "params": {
+                "spin": _SPIN[0],
                 "payload_bytes": len(PAYLOAD),
                 "throughput_n": args.throughput_n,
                 "latency_n": args.latency_n,

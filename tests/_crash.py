@@ -55,7 +55,7 @@ class _CrashingPoller:
         self._nodes.add(getattr(sock, "node", None))
         self._inner.add(sock)
 
-    async def wait(self) -> list[Any]:
+    async def wait(self, *, spin: float = 0.0) -> list[Any]:
         if self._crashes._take(self._nodes):
             raise RuntimeError("the I/O task crashed on purpose")
-        return await self._inner.wait()
+        return await self._inner.wait(spin=spin)

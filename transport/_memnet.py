@@ -127,8 +127,12 @@ class Poller(Protocol):
         """The sockets that may have become ready since the last look, without sleeping."""
         ...
 
-    async def wait(self) -> list[Any]:
-        """Sleep until a watched socket may be ready or a wake; those sockets."""
+    async def wait(self, *, spin: float = 0.0) -> list[Any]:
+        """Sleep until a watched socket may be ready or a wake; those sockets.
+
+        ``spin``: seconds a real-time poller may poll before parking
+        (:mod:`transport._spin`); a virtual-time one ignores it.
+        """
         ...
 
     def close(self) -> None:
@@ -692,7 +696,7 @@ class MemoryPoller:
         """Whether ``sock`` has a message due (or room to send, if asked)."""
         return bool(sock._due(trio.current_time()) or (writable and sock._writable()))
 
-    async def wait(self) -> list[Any]:
+    async def wait(self, *, spin: float = 0.0) -> list[Any]:
         """Sleep until a socket may be ready or :meth:`wake`; the sockets that may be.
 
         Always a checkpoint. The caller's cancel scope bounds the sleep.

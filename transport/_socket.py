@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import select
+import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ from typing import TYPE_CHECKING, Any, Final, Self, TypeAlias, cast
 
 import trio
 import zmq
+
+from ._spin import Spin
 
 if TYPE_CHECKING:
     from typing import Protocol
@@ -261,6 +264,7 @@ class Socket:
         self._received = 0
         self._fd_waits = 0
         self._wakes = 0
+        self._spin = Spin(0.0)
 
     # -- lifetime ---------------------------------------------------------
 
@@ -491,7 +495,9 @@ class Socket:
             raise
         self._sent += 1
 
-    async def wait_ready(self, *, readable: bool = True, writable: bool = False) -> None:
+    async def wait_ready(
+        self, *, readable: bool = True, writable: bool = False, spin: float = 0.0
+    ) -> None:
         """Wait until the socket is readable/writable, or :meth:`wake` is called.
 
         Returns at once if the condition already holds or a wake is pending.
@@ -506,6 +512,9 @@ class Socket:
             readable: Return when a message can be received.
             writable: Return when a message can be sent. With both False,
                 only :meth:`wake` (or close/cancel) ends the wait.
+            spin: poll ``EVENTS`` for up to this many seconds before parking,
+                when no other task is runnable (:mod:`transport._spin` has the
+                rules; 0, the default, parks at once).
 
         Raises:
             trio.ClosedResourceError: The socket is closed, before or during
@@ -525,7 +534,23 @@ class Socket:
             self._readable = bool(events & _POLLIN)
             await trio.lowlevel.cancel_shielded_checkpoint()
             return
+        if spin != self._spin.limit:
+            self._spin.reset(spin)
+        if want and self._spin.armed:
+            # As in SocketPoller.wait: let this scheduler batch's other tasks
+            # run first, then poll while nothing else can.
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            if self._take_wake():
+                return
+            zsock = self._zsock
+            found = self._spin.poll(lambda: cast(int, zsock.getsockopt(_EVENTS)) & want)
+            if found:
+                self._readable = bool(found & _POLLIN)
+                await trio.lowlevel.checkpoint_if_cancelled()
+                return
+        since = time.perf_counter()
         await self._sleep_until(want, wakeable=True)
+        self._spin.parked(since, by_message=not self._wake_pending)
         self._wake_pending = False
 
     def wake(self) -> None:
@@ -623,6 +648,11 @@ class Socket:
 
     # -- internals --------------------------------------------------------
 
+    def _take_wake(self) -> bool:
+        """Whether a wake came (while the owner yielded), clearing it."""
+        pending, self._wake_pending = self._wake_pending, False
+        return pending
+
     def _check_open(self) -> None:
         if self._closed:
             raise trio.ClosedResourceError("socket is closed")
@@ -696,10 +726,14 @@ class PollerStatistics:
         sleeps: Times its owner slept on the poller (each is a trip through
             Trio's I/O manager: few per message means batching works).
         wakes: Calls to ``wake()`` that found the owner asleep or about to sleep.
+        spins: Times its owner polled before parking (``wait(spin=...)``).
+        spin_hits: Spins that found a socket ready, so the owner did not park.
     """
 
     sleeps: int
     wakes: int
+    spins: int = 0
+    spin_hits: int = 0
 
 
 class SocketPoller:
@@ -728,6 +762,7 @@ class SocketPoller:
         self._signalled = False
         self._sleeps = 0
         self._wakes = 0
+        self._spin = Spin(0.0)
 
     def add(self, sock: Any) -> None:
         """Watch ``sock`` (a :class:`Socket`) too."""
@@ -771,11 +806,16 @@ class SocketPoller:
             return True
         return bool(writable and events & _POLLOUT)
 
-    async def wait(self) -> list[Any]:
+    async def wait(self, *, spin: float = 0.0) -> list[Any]:
         """Sleep until a watched socket's fd fires or :meth:`wake` is called.
 
         Returns at once (after a checkpoint) if a wake is pending. The
         caller's cancel scope bounds the sleep (its timers).
+
+        Args:
+            spin: poll the sockets for up to this many seconds before
+                parking, when no other task is runnable (:mod:`transport._spin`
+                has the rules; 0, the default, parks at once).
 
         Returns:
             The sockets whose fd fired: each may be readable or writable.
@@ -784,10 +824,28 @@ class SocketPoller:
             self._pending = False
             await trio.lowlevel.checkpoint()
             return []
+        by_fd = self._by_fd
+        epoll = self._epoll
+        if spin != self._spin.limit:
+            self._spin.reset(spin)
+        if self._spin.armed:
+            # Tasks woken in this scheduler batch run after this one, and
+            # Trio's count of runnable tasks does not see them: yield once so
+            # that the spin cannot hold them up (it did, 1 ms at a time).
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            if self._take_pending():
+                return []
+        events = self._spin.poll(self._poll_sockets)
+        if events:
+            # Still a cancellation point, without the trip through Trio's
+            # scheduler the spin saved.
+            await trio.lowlevel.checkpoint_if_cancelled()
+            return [by_fd[fd] for fd, _ in events if fd in by_fd]
         self._sleeping = True
         self._sleeps += 1
+        since = time.perf_counter()
         try:
-            await trio.lowlevel.wait_readable(self._epoll.fileno())
+            await trio.lowlevel.wait_readable(epoll.fileno())
         finally:
             self._sleeping = False
             self._pending = False
@@ -795,8 +853,18 @@ class SocketPoller:
                 self._signalled = False
                 if not self._closed:
                     os.eventfd_read(self._event_fd)
-        by_fd = self._by_fd
-        return [by_fd[fd] for fd, _ in self._epoll.poll(0) if fd in by_fd]
+        ready = [by_fd[fd] for fd, _ in epoll.poll(0) if fd in by_fd]
+        self._spin.parked(since, by_message=bool(ready))
+        return ready
+
+    def _take_pending(self) -> bool:
+        """Whether a wake came (while the owner yielded), clearing it."""
+        pending, self._pending = self._pending, False
+        return pending
+
+    def _poll_sockets(self) -> list[tuple[int, int]]:
+        """The fds that fired, without sleeping (the spin's probe; the eventfd cannot fire then)."""
+        return self._epoll.poll(0)
 
     def close(self) -> None:
         """Release the epoll set and the eventfd. Idempotent."""
@@ -810,7 +878,8 @@ class SocketPoller:
 
     def statistics(self) -> PollerStatistics:
         """A snapshot of this poller's counters."""
-        return PollerStatistics(sleeps=self._sleeps, wakes=self._wakes)
+        spin = self._spin
+        return PollerStatistics(self._sleeps, self._wakes, spin.spins, spin.hits)
 
 
 def _close_wake_fds(epoll: select.epoll, event_fd: int) -> None:
