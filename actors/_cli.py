@@ -146,6 +146,14 @@ def _job_options(parser: argparse.ArgumentParser, *, size: int, frames: int) -> 
         help="delay each message by up to MS milliseconds (reorders)",
     )
     parser.add_argument(
+        "--spin",
+        type=_NON_NEGATIVE,
+        default=None,
+        metavar="SECONDS",
+        help="how long a node polls its sockets before it sleeps, when it has nothing else "
+        "to do (default NodeConfig.spin, 0.0002; 0 turns it off)",
+    )
+    parser.add_argument(
         "--linger",
         type=_NON_NEGATIVE,
         default=10.0,

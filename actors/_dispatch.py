@@ -146,6 +146,32 @@ class InternalError:
     error: Exception
 
 
+@dataclass(frozen=True, slots=True)
+class IoStatistics:
+    """How a node's I/O task waited, since the node opened (``node.statistics().io``).
+
+    Attributes:
+        sleeps: Times it parked on its sockets (a trip through the kernel and
+            Trio's scheduler each; few per message means batching works).
+        wakes: Times another task woke it to flush (a send, an answer).
+        spins: Times it polled its sockets before parking (``NodeConfig.spin``).
+        spin_hits: Spins that found a socket ready, so it did not park.
+    """
+
+    sleeps: int = 0
+    wakes: int = 0
+    spins: int = 0
+    spin_hits: int = 0
+
+    def __add__(self, other: IoStatistics) -> IoStatistics:
+        return IoStatistics(
+            self.sleeps + other.sleeps,
+            self.wakes + other.wakes,
+            self.spins + other.spins,
+            self.spin_hits + other.spin_hits,
+        )
+
+
 #: What the I/O task posts to a socket's owner.
 SocketMessage = Input | Attached | Detached
 
@@ -227,6 +253,8 @@ class Dispatcher:
         # True while the I/O task runs (not awaiting): a wake from its own
         # handlers then needs no poller wake, the loop looks at _dirty anyway.
         self._awake = False
+        #: The counters of the pollers of I/O tasks that have stopped.
+        self._retired = IoStatistics()
 
     @property
     def endpoint(self) -> str | None:
@@ -238,6 +266,11 @@ class Dispatcher:
         self._receiver = receiver
         self._links = links
         self._timers = [receiver, *links, *sequencers]
+
+    def statistics(self) -> IoStatistics:
+        """How the I/O task waited, over all its restarts."""
+        poller = self._poller
+        return self._retired if poller is None else self._retired + _io_of(poller)
 
     def wake(self, actor: SocketOwner) -> None:
         """Ask for ``actor`` to be flushed on the next wake-up. Sync, cheap, idempotent."""
@@ -518,8 +551,14 @@ class IoTask(Actor[Never, None]):
             owner.handle(Detached(), trio.current_time())
         self._sockets = {}
         if poller is not None:
+            d._retired += _io_of(poller)
             poller.close()
             self._poller = None
         if self._monitor is not None:
             self._monitor.close()
             self._monitor = None
+
+
+def _io_of(poller: Poller) -> IoStatistics:
+    st = poller.statistics()
+    return IoStatistics(st.sleeps, st.wakes, st.spins, st.spin_hits)

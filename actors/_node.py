@@ -55,7 +55,7 @@ from transport.testing import (
 from . import _collectives
 from ._actor import Actor, ActorRef
 from ._collectives import COLLECTIVE_STREAM, Collectives, CollectiveStatistics, ReduceOp
-from ._dispatch import Dispatcher
+from ._dispatch import Dispatcher, IoStatistics
 from ._errors import ActorCrashed, BindError, NodeClosed, PeersNotUp
 from ._inbound import (
     Commit,
@@ -151,6 +151,8 @@ class NodeStatistics:
     collectives: CollectiveStatistics
     #: The journal of a durable node (``open_node(journal=...)``), else None.
     journal: JournalStatistics | None = None
+    #: How the node's I/O task waited: parks, wakes, spins (``NodeConfig.spin``).
+    io: IoStatistics = field(default_factory=IoStatistics)
 
     def links_summary(self) -> dict[str, dict[str, Any]]:
         """Per peer, the counters one watches, as plain JSON-ready values.
@@ -872,6 +874,7 @@ class Node:
             security=self._security.statistics(),
             collectives=self._collectives.statistics(),
             journal=None if self._journal is None else self._journal.statistics(),
+            io=self._dispatcher.statistics(),
         )
 
 
@@ -944,6 +947,10 @@ async def open_node(
     peer_map = {NodeId(p): e for p, e in (peers or {}).items()}
     if me in peer_map:
         raise LocalProtocolError(f"node {node_id!r} lists itself among its peers")
+    if not 0.0 <= cfg.spin <= 1.0:
+        raise LocalProtocolError(
+            f"NodeConfig.spin must be 0 (off) to 1 second, got {cfg.spin!r} (default 0.0002)"
+        )
     keys = _keys(node_id, bind, peer_map, network, security)
     guard = SecurityState(me, keys, frozenset(peer_map))
     store: JournalStore | None = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ._actor import ActorStatistics
 from ._collectives import CollectiveStatistics
+from ._dispatch import IoStatistics
 from ._inbound import InboundStatistics
 from ._journal import JournalStatistics
 from ._link import LinkStatistics
@@ -20,6 +21,7 @@ __all__ = [
     "ActorStatistics",
     "CollectiveStatistics",
     "InboundStatistics",
+    "IoStatistics",
     "JournalStatistics",
     "LinkStatistics",
     "NodeStatistics",

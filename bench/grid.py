@@ -226,12 +226,16 @@ def measure_mpi(
     return result
 
 
+#: ``--spin``: the demo nodes' NodeConfig.spin, None for the default.
+_SPIN: list[float | None] = [None]
+
+
 def measure_cellmesh(
     size: int, frames: int, nodes: int, reps: int, depth: int
 ) -> list[dict[str, Any]]:
     """``reps`` runs of the demo at ``depth`` frames per exchange; per run its figures."""
     runs: list[dict[str, Any]] = []
-    job = Job(model="life", size=size, frames=frames, seed=1, depth=depth)
+    job = Job(model="life", size=size, frames=frames, seed=1, depth=depth, spin=_SPIN[0])
     for _ in range(reps):
         with tempfile.TemporaryDirectory(prefix="cellmesh-grid-") as out:
             outcome = trio.run(
@@ -880,6 +884,13 @@ def main(argv: list[str] | None = None) -> int:
         help="override frames per run (every row; default by size, past "
         f"{MAX_FEW_NODES} nodes by node count: {FRAMES_MANY})",
     )
+    parser.add_argument(
+        "--spin",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="the cellmesh nodes' NodeConfig.spin (default: NodeConfig's; 0: never poll)",
+    )
     parser.add_argument("--no-mpi", action="store_true", help="skip the mpi4py column")
     parser.add_argument("--profile", action="store_true", help="also run the per-phase probe")
     parser.add_argument("--probe-tile", help=argparse.SUPPRESS)
@@ -887,6 +898,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--depth", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    _SPIN[0] = args.spin
     if args.probe_tile is not None:
         trio.run(_probe_tile, args.topology, args.probe_tile, args.size, args.frames, args.depth)
         return 0
@@ -1067,6 +1079,7 @@ def main(argv: list[str] | None = None) -> int:
             "reps": args.reps,
             "depth1_reps": depth1_reps,
             "reps_many": reps_many,
+            "spin": NodeConfig().spin if _SPIN[0] is None else _SPIN[0],
             "max_few_nodes": MAX_FEW_NODES,
             "depth_gains": gains,
             "ray_reference_fps": RAY_REFERENCE_FPS,

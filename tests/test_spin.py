@@ -12,17 +12,26 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 import zmq
 
-from transport import Socket, dealer_socket, router_socket
+from actors import Actor, Delivery, NodeConfig, open_node
+from transport import LocalProtocolError, Socket, _spin, dealer_socket, router_socket
 from transport._socket import SocketPoller
-from transport._spin import Spin
+from transport._spin import Spin, _CpuPressure
 
 Ctx = zmq.Context[zmq.Socket[bytes]]
+
+
+@pytest.fixture(autouse=True)
+def _no_cpu_pressure(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The spin's rules apart from the machine's load: a machine without PSI
+    (polling allowed), so a busy CI host does not decide these tests."""
+    monkeypatch.setattr(_spin, "_PRESSURE", _CpuPressure(str(tmp_path / "no-psi")))
 
 
 @pytest.fixture
@@ -71,6 +80,43 @@ async def test_no_spin_while_another_task_is_runnable() -> None:
         assert spin.poll(lambda: 1 // 0) is None
     assert spin.spins == 0
     assert spin.armed
+
+
+def test_cpu_pressure_stops_polling_while_others_wait_for_a_cpu(tmp_path: Path) -> None:
+    psi = tmp_path / "cpu"
+
+    def report(waited_us: int) -> None:
+        psi.write_text(
+            f"some avg10=0.00 avg60=0.00 avg300=0.00 total={waited_us}\n"
+            "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
+        )
+
+    report(1_000_000)
+    pressure = _CpuPressure(str(psi))
+    assert pressure.available
+    assert not pressure.contended(10.0)  # the first sample only sets the base
+    report(1_020_000)  # 20 ms of waiting in 100 ms: 20%, below 30%
+    assert not pressure.contended(10.1)
+    report(1_060_000)  # 40 ms in 100 ms
+    assert pressure.contended(10.2)
+    assert pressure.contended(10.22), "sampled at most every 50 ms: the answer holds"
+    report(1_060_100)
+    assert not pressure.contended(10.3)
+    assert not _CpuPressure(str(tmp_path / "missing")).contended(1.0)
+
+
+async def test_no_spin_while_the_machine_is_contended(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    psi = tmp_path / "cpu"
+    psi.write_text("some avg10=0 avg60=0 avg300=0 total=0\n")
+    pressure = _CpuPressure(str(psi))
+    assert not pressure.contended(time.perf_counter() - 1.0)
+    psi.write_text("some avg10=0 avg60=0 avg300=0 total=900000\n")  # 0.9 s of 1 s
+    monkeypatch.setattr(_spin, "_PRESSURE", pressure)
+    spin = Spin(0.05)
+    assert spin.poll(lambda: 1 // 0) is None
+    assert spin.spins == 0
 
 
 async def test_a_spin_limit_of_zero_never_polls() -> None:
@@ -153,3 +199,38 @@ async def test_socket_wait_ready_spins_into_a_waiting_message(ctx: Ctx) -> None:
     finally:
         router.close()
         dealer.close()
+
+
+@pytest.mark.parametrize("spin", [-0.001, 2.0, float("nan")])
+async def test_a_node_refuses_a_spin_out_of_range(spin: float) -> None:
+    with pytest.raises(LocalProtocolError, match=r"NodeConfig\.spin must be"):
+        async with open_node("a", bind="tcp://127.0.0.1:*", config=NodeConfig(spin=spin)):
+            pass
+
+
+async def test_a_lockstep_exchange_is_answered_by_spins_and_spin_zero_never_polls() -> None:
+    """Two real nodes over tcp: with the default spin, most round trips are
+    caught polling; with spin=0 the I/O task only ever parks."""
+
+    class Echo(Actor[Delivery, bytes]):
+        async def receive(self, msg: Delivery) -> bytes:
+            return bytes(msg.payload)
+
+    for spin, polls in ((NodeConfig().spin, True), (0.0, False)):
+        config = NodeConfig(spin=spin)
+        async with open_node(
+            "b", bind="tcp://127.0.0.1:*", peers={"a": None}, compute=Echo, config=config
+        ) as b:
+            assert b.endpoint is not None
+            async with open_node(
+                "a", bind="tcp://127.0.0.1:*", peers={"b": b.endpoint}, config=config
+            ) as a:
+                with trio.fail_after(20):
+                    for i in range(200):
+                        await a.send("b", b"%d" % i)
+                stats = a.statistics().io
+        if polls:
+            assert stats.spins > 0
+        else:
+            assert stats.spins == 0
+            assert stats.sleeps > 0

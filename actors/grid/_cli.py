@@ -66,6 +66,7 @@ def _job(args: argparse.Namespace) -> Job:
         dup=args.dup,
         delay_ms=args.delay,
         linger=args.linger,
+        spin=args.spin,
         depth=args.depth,
         report_at=tuple(args.report_at),
         checkpoint_every=args.checkpoint_every,

@@ -122,6 +122,8 @@ class Job:
     dup: float = 0.0
     delay_ms: float = 0.0
     linger: float = 10.0
+    #: ``NodeConfig.spin`` of every node (``--spin``), None for the default.
+    spin: float | None = None
     #: Frames per halo exchange (None: :func:`auto_depth` picks it).
     depth: int | None = None
     #: Frames whose end every node reports at once, on top of ten reports a
@@ -190,6 +192,15 @@ class Job:
             seed=self.seed * 7919 + salt,
         )
 
+    def node_config(self, salt: int) -> NodeConfig:
+        """The node settings of one process (``salt`` seeds its faults)."""
+        config = NodeConfig(
+            faults=self.fault_plan(salt),
+            sender=SenderConfig(retry_timeout=0.1, retry_ceiling=0.5, send_timeout=120.0),
+            seed=self.seed,
+        )
+        return config if self.spin is None else replace(config, spin=self.spin)
+
     def initial_grid(self) -> Grid:
         """The start state: a pattern at the centre, or the model's seeded default."""
         model = get_model(self.model)
@@ -209,6 +220,8 @@ class Job:
             out += ["--pattern", self.pattern]
         if self.depth is not None:
             out += ["--depth", str(self.depth)]
+        if self.spin is not None:
+            out += ["--spin", str(self.spin)]
         for frame in self.report_at:
             out += ["--report-at", str(frame)]
         if self.checkpoint_every:
@@ -565,11 +578,7 @@ async def _run_tile(
         decomp.node_id(other): d for d, other in cells.neighbours.items()
     }
     inbox = _Inbox()
-    config = NodeConfig(
-        faults=job.fault_plan(topology.rank_of(node_id)),
-        sender=SenderConfig(retry_timeout=0.1, retry_ceiling=0.5, send_timeout=120.0),
-        seed=job.seed,
-    )
+    config = job.node_config(topology.rank_of(node_id))
     peers: dict[str, str | None] = dict(topology.peers_of(node_id))
     async with (
         open_node(
@@ -1051,11 +1060,7 @@ async def _run_demo(
     recovery: Recovery | None = None
     started = time.perf_counter()
     launched = time.time()
-    config = NodeConfig(
-        faults=job.fault_plan(len(names)),
-        sender=SenderConfig(retry_timeout=0.1, retry_ceiling=0.5, send_timeout=120.0),
-        seed=job.seed,
-    )
+    config = job.node_config(len(names))
     try:
         async with open_node(
             COORDINATOR,

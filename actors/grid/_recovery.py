@@ -56,8 +56,7 @@ from typing import Any, Final
 import numpy as np
 import trio
 
-from actors import Actor, Delivery, Node, NodeConfig, SendHandle, Topology, open_node
-from transport import SenderConfig
+from actors import Actor, Delivery, Node, SendHandle, Topology, open_node
 from transport.security import Security
 
 from ._decomp import Direction
@@ -282,11 +281,7 @@ async def run_recovering_tile(
     store = CheckpointStore(Path(job.checkpoint_dir), node_id)
     inbox = _EpochInbox(resume.epoch)
     rollbacks = _Rollbacks(resume)
-    config = NodeConfig(
-        faults=job.fault_plan(topology.rank_of(node_id)),
-        sender=SenderConfig(retry_timeout=0.1, retry_ceiling=0.5, send_timeout=120.0),
-        seed=job.seed,
-    )
+    config = job.node_config(topology.rank_of(node_id))
     peers: dict[str, str | None] = dict(topology.peers_of(node_id))
     towards: dict[str, Direction] = {
         decomp.node_id(other): d for d, other in decomp.neighbours(tile).items()
